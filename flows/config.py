@@ -1,0 +1,400 @@
+"""The one configuration object of a Thresher run.
+
+It is the `curate` flow's parameter set, the CLI's `key=value` surface and the
+`config/config.yaml` written into every run directory. Key names and defaults follow
+the Lightly Worker (Docker) parameter list, so a Lightly user's overrides work as they are:
+
+    >>> cfg = config_from_overrides(["input_dir=images", "output_dir=out",
+    ...                              "stopping_condition.n_samples=0.3"])
+    >>> cfg.stopping_condition.n_samples
+    0.3
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote is wrong; the message names the key and says what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StoppingCondition(_Section):
+    n_samples: int | float = Field(
+        -1, description="Float in (0, 1] for a fraction of the input, int for a number of samples, -1 means inactive."
+    )
+    min_distance: float = Field(
+        -1.0, description="Minimum distance between two samples in the selected set; -1 means inactive."
+    )
+
+
+class CorruptnessCheck(_Section):
+    corruption_threshold: float = Field(
+        0.1, ge=0, le=1, description="Video frames whose corruptness score exceeds this are corrupt (video input)."
+    )
+    max_pixels: int = Field(
+        178_956_970,
+        gt=0,
+        description="Images that declare more pixels are rejected as decompression bombs before any pixel is decoded.",
+    )
+    allow_extension_mismatch: bool = Field(
+        False,
+        description="Keep images whose content format differs from their file extension "
+        "(by default they are listed as corrupt, since a wrong extension usually means a broken export).",
+    )
+
+
+class Datapool(_Section):
+    name: str | None = Field(None, description="Name of the datapool in shared_dir: selections grow it across runs.")
+    keep_history: bool = Field(True, description="Keep a backup of every previous datapool state.")
+    dataset_id: str | None = Field(None, description="Lightly Platform only; not applicable to Thresher.")
+
+
+class Datasource(_Section):
+    dataset_id: str | None = Field(None, description="Lightly Platform only; not applicable to Thresher.")
+    process_all: bool = Field(False, description="Reprocess every file, not only files no earlier run processed.")
+    enable_datapool_update: bool = Field(True, description="Add this run's selection to the datapool.")
+    use_frame_count_metadata: bool = Field(False, description="Trust the container's frame count for videos.")
+
+
+class ScorerConfig(_Section):
+    frequency_penalty: float = Field(0.25, description="Lightly active-learning scorer; not applicable.")
+    min_score: float = Field(0.9, description="Lightly active-learning scorer; not applicable.")
+
+
+class Loader(_Section):
+    batch_size: int = Field(16, gt=0, description="Images per batch for embedding (and training).")
+    shuffle: bool = Field(True, description="Shuffle training batches (embedding keeps input order).")
+    num_workers: int = Field(-1, ge=-1, description="Decoding threads per embedding task; -1 means one per CPU core.")
+    drop_last: bool = Field(True, description="Drop the last incomplete training batch.")
+
+
+class Model(_Section):
+    name: Literal["efficientnet-lite0", "resnet-18", "resnet-34", "resnet-50", "resnet-101", "resnet-152"] = Field(
+        "efficientnet-lite0",
+        description="Backbone. efficientnet-lite0 carries ImageNet weights from an installed package; "
+        "resnet-* start from random weights unless `checkpoint` is given.",
+    )
+    out_dim: int = Field(128, gt=0, description="Projection head output size (training).")
+    num_ftrs: int = Field(32, gt=0, description="Embedding size of resnet-* backbones (1x1 conv after the trunk).")
+    width: int = Field(1, gt=0, description="Width multiplier (training).")
+
+
+class Trainer(_Section):
+    gpus: int = Field(1, ge=0, description="GPUs used when present.")
+    max_epochs: int = Field(100, ge=0, description="Training epochs.")
+    precision: Literal[16, 32] = Field(32, description="16 runs the model in mixed precision (bf16 on CPU, fp16 on GPU).")
+
+
+class Criterion(_Section):
+    temperature: float = Field(0.5, gt=0, description="NT-Xent temperature (training).")
+    memory_bank_size: int = Field(0, ge=0, description="Memory bank size (training).")
+
+
+class Optimizer(_Section):
+    lr: float = Field(1.0, gt=0, description="Learning rate (training).")
+    weight_decay: float = Field(1e-5, ge=0, description="Weight decay (training).")
+
+
+class Collate(_Section):
+    input_size: int = Field(64, gt=0, description="Images are resized to input_size x input_size for the model.")
+    cj_prob: float = Field(0.8, ge=0, le=1, description="Colour-jitter probability (training).")
+    cj_bright: float = Field(0.7, ge=0, description="Colour-jitter brightness (training).")
+    cj_contrast: float = Field(0.7, ge=0, description="Colour-jitter contrast (training).")
+    cj_sat: float = Field(0.7, ge=0, description="Colour-jitter saturation (training).")
+    cj_hue: float = Field(0.2, ge=0, le=0.5, description="Colour-jitter hue (training).")
+    min_scale: float = Field(0.15, gt=0, le=1, description="Smallest random-crop scale (training).")
+    random_gray_scale: float = Field(0.2, ge=0, le=1, description="Grey-scale probability (training).")
+    gaussian_blur: float = Field(0.5, ge=0, le=1, description="Gaussian-blur probability (training).")
+    kernel_size: float = Field(0.1, gt=0, description="Blur kernel size relative to input_size (training).")
+    sigmas: tuple[float, float] = Field((0.2, 2.0), description="Blur sigma range (training).")
+    vf_prob: float = Field(0.0, ge=0, le=1, description="Vertical-flip probability (training).")
+    hf_prob: float = Field(0.5, ge=0, le=1, description="Horizontal-flip probability (training).")
+    rr_prob: float = Field(0.0, ge=0, le=1, description="Random-rotation probability (training).")
+
+
+class Lightly(_Section):
+    loader: Loader = Field(default_factory=Loader)
+    model: Model = Field(default_factory=Model)
+    trainer: Trainer = Field(default_factory=Trainer)
+    criterion: Criterion = Field(default_factory=Criterion)
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    collate: Collate = Field(default_factory=Collate)
+    seed: int = Field(1, description="Seed for training, random selection and the first coreset center.")
+
+
+class Dask(_Section):
+    address: str = Field("", description="Scheduler of an existing Dask cluster (tcp://host:8786); empty starts a local one.")
+    n_workers: int = Field(0, ge=0, description="Local cluster worker processes; 0 means one per CPU core.")
+    threads_per_worker: int = Field(1, gt=0, description="Threads per local worker (also torch's intra-op threads).")
+    shard_size: int = Field(256, gt=0, description="Files per mapped task; smaller shards spread small inputs over all workers.")
+
+
+class Selection(_Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where selection runs; auto uses a GPU when present.")
+
+
+class ThresherConfig(_Section):
+    input_dir: str = Field(description="Folder of images to curate (flat, or one level of subfolders as labels).")
+    output_dir: str = Field(description="Where run directories are written.")
+    shared_dir: str = Field(
+        "", description="Folder that checkpoint, embeddings, relevant_filenames_file and datapools are relative to; "
+        "empty means the current directory."
+    )
+    run_directory: str | None = Field(None, description="Run folder name inside output_dir; default is a timestamp.")
+
+    token: SecretStr = Field(SecretStr(""), description="Lightly Platform token; not applicable (never written out).")
+    worker_id: str = Field("", description="Lightly Platform worker id; not applicable.")
+    sanity_check: bool = Field(False, description="Check the installation (model, cluster, flow) on a few files and stop.")
+    relevant_filenames_file: str = Field(
+        "", description="File (relative to shared_dir) listing the input files to use, one per line, relative to input_dir."
+    )
+    enable_corruptness_check: bool = Field(True, description="Fully decode every image and list broken ones as corrupt.")
+    corruptness_check: CorruptnessCheck = Field(default_factory=CorruptnessCheck)
+    remove_exact_duplicates: bool = Field(True, description="Remove files whose bytes equal an earlier file's.")
+    checkpoint: str = Field("", description="Backbone checkpoint relative to shared_dir.")
+    embeddings: str = Field("", description="Embeddings CSV relative to shared_dir; skips embedding and selects from it.")
+    enable_training: bool = Field(False, description="Train a self-supervised model before embedding.")
+    dump_dataset: bool = Field(False, description="Copy the selected images to data/sampled/.")
+    dump_sampled_embeddings: bool = Field(True, description="Write data/selected_embeddings.csv.")
+    output_image_size: int | tuple[int, int] = Field(
+        -1, description="Size of dumped images: x matches the shortest edge to x, [h,w] resizes, -1 keeps the original."
+    )
+    output_image_format: Literal["png", "jpg", "jpeg", "webp", "bmp", "tiff"] = Field(
+        "png", description="Format of dumped images."
+    )
+    upload_dataset: bool = Field(False, description="Lightly Platform upload; not applicable.")
+    upload_report: bool = Field(True, description="Lightly Platform upload; not applicable.")
+    pretagging: bool = Field(False, description="Lightly's proprietary detector; not applicable.")
+    pretagging_debug: bool = Field(False, description="Lightly's proprietary detector; not applicable.")
+    pretagging_config: str = Field("", description="Lightly's proprietary detector; not applicable.")
+    append_weak_labels: bool = Field(False, description="Weak labels from pretagging; not applicable.")
+    normalize_embeddings: bool = Field(True, description="Normalise embeddings to unit length before selection.")
+    scorer: str = Field("object-frequency", description="Lightly active-learning scorer; not applicable.")
+    scorer_config: ScorerConfig = Field(default_factory=ScorerConfig)
+    method: Literal["coreset", "random"] = Field("coreset", description="Selection method.")
+    stopping_condition: StoppingCondition = Field(default_factory=StoppingCondition)
+    selected_sequence_length: int = Field(1, ge=1, description="Select whole sequences of this many consecutive frames.")
+    datapool: Datapool = Field(default_factory=Datapool)
+    datasource: Datasource = Field(default_factory=Datasource)
+    n_example_images: int = Field(6, ge=0, description="Retained/removed image pairs shown in the report.")
+    memory_requirement_in_GB: float = Field(2, gt=0, description="Memory cap for the report's distance statistics.")
+    show_video_sampling_timeline: bool = Field(True, description="Show selected frame timestamps per video in the report.")
+    lightly: Lightly = Field(default_factory=Lightly)
+    dask: Dask = Field(default_factory=Dask)
+    selection: Selection = Field(default_factory=Selection)
+
+    @field_validator("output_image_size")
+    @classmethod
+    def _check_output_image_size(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        if isinstance(value, int) and not (value == -1 or value > 0):
+            raise ValueError("use x > 0 (shortest edge), [height,width], or -1 (original size)")
+        if isinstance(value, tuple) and min(value) <= 0:
+            raise ValueError("height and width must be positive")
+        return value
+
+    @field_validator("n_example_images")
+    @classmethod
+    def _check_even(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError("must be an even number (pairs are shown two per row)")
+        return value
+
+    def shared_path(self, relative: str, key: str) -> Path:
+        """Resolve a path given relative to shared_dir, refusing paths that escape it."""
+        base = Path(self.shared_dir or os.getcwd()).resolve()
+        path = (base / relative).resolve()
+        if not path.is_relative_to(base):
+            raise ConfigError(f"{key}={relative!r} points outside shared_dir ({base}); give a path inside it.")
+        if not path.exists():
+            raise ConfigError(f"{key}={relative!r}: {path} does not exist (paths are relative to shared_dir={base}).")
+        return path
+
+
+# Keys that only make sense with the Lightly Platform; accepted so Lightly commands run unchanged.
+NOT_APPLICABLE = {
+    "token": "Thresher is self-hosted and never contacts the Lightly Platform",
+    "worker_id": "Thresher runs on your Dask cluster, not as a Lightly Platform worker",
+    "upload_dataset": "Thresher keeps data where it is; the selection is in filenames/ and data/sampled/",
+    "upload_report": "the report is written to the run directory",
+    "pretagging": "Lightly's pretagging detector is proprietary",
+    "pretagging_debug": "Lightly's pretagging detector is proprietary",
+    "pretagging_config": "Lightly's pretagging detector is proprietary",
+    "append_weak_labels": "weak labels come from Lightly's proprietary pretagging",
+    "scorer": "active-learning scorers need Lightly Platform predictions",
+    "scorer_config": "active-learning scorers need Lightly Platform predictions",
+    "datapool.dataset_id": "datapools live in shared_dir, not on the Lightly Platform",
+    "datasource.dataset_id": "the datasource is input_dir, not a Lightly Platform dataset",
+}
+
+# Keys whose capability is not in this version yet: a non-default value stops the run before any work.
+NOT_YET_SUPPORTED = {
+    "enable_training": False,
+    "datapool.name": None,
+    "selected_sequence_length": 1,
+}
+
+
+def all_keys(model: type[BaseModel] = ThresherConfig, prefix: str = "") -> list[str]:
+    """Every dotted key the configuration accepts, e.g. 'stopping_condition.n_samples'."""
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(all_keys(annotation, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def field_help(key: str) -> tuple[Any, str]:
+    """Default value and description of a dotted key."""
+    model: type[BaseModel] = ThresherConfig
+    *sections, leaf = key.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation  # type: ignore[assignment]
+    field = model.model_fields[leaf]
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, SecretStr):
+        default = ""
+    return default, field.description or ""
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn Hydra-style `a.b=value` strings into a nested dict; values are read as YAML scalars or lists."""
+    valid = all_keys()
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"{item!r} is not a key=value override (for example stopping_condition.n_samples=0.3).")
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=3, cutoff=0.6) or difflib.get_close_matches(
+                key.split(".")[-1], [k.split(".")[-1] for k in valid], n=3, cutoff=0.6
+            )
+            hint = f" Did you mean: {', '.join(near)}?" if near else ""
+            raise ConfigError(f"Unknown key {key!r}.{hint} `thresher run --help` lists every key.")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        *sections, leaf = key.split(".")
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return nested
+
+
+def _describe_errors(error: ValidationError) -> str:
+    # Union and validator members add loc parts such as 'int' or 'function-after[...]'; keep field names only.
+    type_parts = {"int", "float", "str", "bool", "tuple[int,int]"}
+    lines: dict[str, str] = {}
+    for item in error.errors():
+        parts = [str(p) for p in item["loc"] if isinstance(p, str) and p not in type_parts and "[" not in p]
+        key = ".".join(parts)
+        if key in lines:
+            continue
+        if item["type"] == "missing":
+            lines[key] = f"{key}: required, e.g. {key}=path/to/folder"
+        else:
+            lines[key] = f"{key}={item.get('input')!r}: {item['msg']}"
+    return "Invalid configuration:\n  " + "\n  ".join(lines.values())
+
+
+def validate_config(data: dict[str, Any]) -> ThresherConfig:
+    """Build and check a config from nested values; raises ConfigError naming the key and value."""
+    try:
+        config = ThresherConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe_errors(error)) from None
+    check_consistency(config)
+    return config
+
+
+def config_from_overrides(overrides: list[str]) -> ThresherConfig:
+    config = validate_config(parse_overrides(overrides))
+    explain_not_applicable(overrides)
+    return config
+
+
+def explain_not_applicable(overrides: list[str]) -> None:
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        reason = NOT_APPLICABLE.get(key) or NOT_APPLICABLE.get(key.split(".")[0])
+        if reason:
+            log.warning("%s is accepted but not applicable: %s. The value is ignored.", key, reason)
+
+
+def _get(config: BaseModel, key: str) -> Any:
+    value: Any = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check_consistency(config: ThresherConfig) -> None:
+    """Rules that span several keys, checked before any work starts."""
+    for key, default in NOT_YET_SUPPORTED.items():
+        if _get(config, key) != default:
+            raise ConfigError(f"{key}={_get(config, key)!r} is not supported in this version of Thresher yet.")
+    stop = config.stopping_condition
+    if stop.n_samples == -1 and stop.min_distance == -1:
+        raise ConfigError(
+            "Set a stopping condition: stopping_condition.n_samples (count, or fraction in (0, 1]) "
+            "and/or stopping_condition.min_distance."
+        )
+    n = stop.n_samples
+    if isinstance(n, float) and not 0 < n <= 1:
+        raise ConfigError(f"stopping_condition.n_samples={n}: a float must be a fraction in (0, 1]; use an int for a count.")
+    if isinstance(n, int) and n < 0 and n != -1:
+        raise ConfigError(f"stopping_condition.n_samples={n}: use a count >= 0, a fraction in (0, 1], or -1.")
+    if stop.min_distance != -1 and stop.min_distance < 0:
+        raise ConfigError(f"stopping_condition.min_distance={stop.min_distance}: use a distance >= 0 or -1.")
+    if config.normalize_embeddings and stop.min_distance > 2:
+        raise ConfigError(
+            f"stopping_condition.min_distance={stop.min_distance}: normalised embeddings are at most 2 apart, "
+            "so nothing past the first sample could be selected; use a value in [0, 2]."
+        )
+    if config.method == "random" and stop.min_distance != -1:
+        raise ConfigError("stopping_condition.min_distance needs method=coreset; random selection ignores distances.")
+    if config.enable_training and config.embeddings:
+        raise ConfigError("enable_training=True needs images to train on; it cannot be combined with embeddings=.")
+
+
+def _flatten(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            items.extend(_flatten(value, f"{prefix}{key}."))
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def overrides_of(config: ThresherConfig) -> list[str]:
+    """The `key=value` overrides that rebuild this config from the defaults (secrets left out)."""
+    data = config.model_dump(mode="json", exclude_defaults=True, exclude={"token"})
+    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for key, value in _flatten(data)]
+
+
+def dump_config(config: ThresherConfig) -> str:
+    """YAML of the full configuration, secrets masked."""
+    data = config.model_dump(mode="json")
+    data["token"] = "***" if config.token.get_secret_value() else ""
+    return yaml.safe_dump(data, sort_keys=False)
