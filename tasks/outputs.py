@@ -1,0 +1,80 @@
+"""Stage 7: write the run directory's lists and tables in the Lightly Worker's layout.
+
+    filenames/{corrupt,duplicate,removed,sampled}_filenames.txt
+    data/embeddings.csv, data/normalized_embeddings.csv, data/selected_embeddings.csv
+    data/corruptness_check_information.json
+
+Every input file lands in exactly one filename list; the lists follow listing order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from prefect import task
+
+from tasks.embeddings_csv import write_embeddings_csv
+from tasks.gathering import load_embeddings
+from tasks.selection import selected_filenames
+from tasks.storage import read_parquet, write_text
+
+LISTS = ("corrupt", "duplicate", "removed", "sampled")
+
+
+def partition(samples: pa.Table, selected: set[str]) -> dict[str, list[str]]:
+    """The four filename lists: each sample in exactly one, in listing order."""
+    lists: dict[str, list[str]] = {name: [] for name in LISTS}
+    for filename, status in zip(samples.column("filename").to_pylist(), samples.column("status").to_pylist()):
+        if status == "ok":
+            lists["sampled" if filename in selected else "removed"].append(filename)
+        else:
+            lists[status].append(filename)
+    return lists
+
+
+def corruptness_information(samples: pa.Table) -> dict:
+    """Lightly's format: {"corrupt_samples": {filename: reason}, "corrupt_videos": {...}}."""
+    corrupt = {
+        filename: reason
+        for filename, status, reason in zip(
+            samples.column("filename").to_pylist(), samples.column("status").to_pylist(), samples.column("reason").to_pylist()
+        )
+        if status == "corrupt"
+    }
+    return {"corrupt_samples": corrupt, "corrupt_videos": {}}
+
+
+def write_lists(run_dir: Path, lists: dict[str, list[str]]) -> None:
+    for name, filenames in lists.items():
+        write_text("".join(f"{f}\n" for f in filenames), run_dir / "filenames" / f"{name}_filenames.txt")
+
+
+@task(name="write-outputs")
+def write_outputs(
+    run_dir: str, samples_path: str, embeddings_path: str, selection_path: str,
+    normalize: bool, dump_sampled_embeddings: bool,
+) -> dict[str, int]:
+    run = Path(run_dir)
+    samples = read_parquet([Path(samples_path)])
+    selected = selected_filenames(Path(selection_path))
+    lists = partition(samples, set(selected))
+    write_lists(run, lists)
+    info = corruptness_information(samples)
+    write_text(json.dumps(info, indent=2, ensure_ascii=False), run / "data" / "corruptness_check_information.json")
+
+    filenames, labels, raw = load_embeddings(Path(embeddings_path), normalize=False)
+    write_embeddings_csv(run / "data" / "embeddings.csv", filenames, raw, labels)
+    if normalize:
+        _, _, unit = load_embeddings(Path(embeddings_path), normalize=True)
+        write_embeddings_csv(run / "data" / "normalized_embeddings.csv", filenames, unit, labels)
+    if dump_sampled_embeddings:
+        chosen = set(selected)
+        mask = np.array([f in chosen for f in filenames], dtype=bool)
+        write_embeddings_csv(
+            run / "data" / "selected_embeddings.csv",
+            [f for f, m in zip(filenames, mask) if m], raw[mask], [l for l, m in zip(labels, mask) if m],
+        )
+    return {name: len(items) for name, items in lists.items()}
