@@ -1,0 +1,123 @@
+"""`thresher run key=value ...`: the command line of the curate flow.
+
+Without `PREFECT_API_URL`, one temporary Prefect server is started for the run and every Dask
+worker talks to it (Prefect's ephemeral mode would otherwise start one server per worker
+process). With `PREFECT_API_URL` set, the run shows up in that server's UI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from contextlib import contextmanager
+from typing import Iterator
+
+from flows.config import ConfigError, ThresherConfig, all_keys, config_from_overrides, field_help
+
+USAGE = "thresher run input_dir=PATH output_dir=PATH [key=value ...]"
+
+
+def keys_help() -> str:
+    lines = []
+    for key in all_keys():
+        default, description = field_help(key)
+        shown = "(required)" if default is None and key in {"input_dir", "output_dir"} else f"= {default!r}"
+        lines.append(f"  {key} {shown}")
+        lines.extend(textwrap.wrap(description, width=96, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thresher", description="Curate image datasets: embed, clean, select.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "run",
+        usage=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the curate flow. Keys and defaults follow the Lightly Worker:\n\n" + keys_help(),
+    )
+    run.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+@contextmanager
+def prefect_api() -> Iterator[None]:
+    """Use PREFECT_API_URL when set; otherwise one temporary local server shared by all workers."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start(timeout=120)
+    os.environ["PREFECT_API_URL"] = server.api_url  # inherited by the local Dask worker processes
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        from prefect.logging.handlers import APILogHandler
+
+        # Send the run's last log lines while the server is still there to take them.
+        APILogHandler().flush()
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
+def sanity_check(config: ThresherConfig) -> None:
+    """Check the installation without curating: folders, the model and one forward pass."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from tasks.embedding import default_device, load_backbone
+
+    if not Path(config.input_dir).is_dir():
+        raise ConfigError(f"input_dir={config.input_dir!r} is not a folder.")
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    device = default_device()
+    model = load_backbone(config.lightly.model.name, config.lightly.model.num_ftrs, "", config.lightly.seed, device)
+    import torch
+
+    with torch.inference_mode():
+        size = config.lightly.collate.input_size
+        dim = model(torch.from_numpy(np.zeros((1, 3, size, size), np.float32)).to(device)).shape[1]
+    print(f"Sanity check passed: {config.lightly.model.name} on {device} gives {dim}-d embeddings; "
+          f"input_dir and output_dir are usable.")
+
+
+def quiet_console() -> None:
+    """Terminal output shows the flow's messages and the progress bars; per-task state lines
+    still reach the Prefect UI, and Dask's INFO chatter is dropped."""
+    import logging
+
+    logging.getLogger("prefect.task_runs").propagate = False
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = config_from_overrides(args.overrides)
+        if config.sanity_check:
+            sanity_check(config)
+            return 0
+        from flows.curate import run
+
+        quiet_console()
+        with prefect_api():
+            result = run(config)
+    except ConfigError as error:
+        print(f"thresher: {error}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as error:
+        print(f"thresher: {error}", file=sys.stderr)
+        return 1
+    print(f"Results: {result['run_directory']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
