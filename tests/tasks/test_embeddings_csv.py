@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+from lightly.utils.io import load_embeddings
+
+from tasks.embeddings_csv import read_embeddings_csv, write_embeddings_csv
+
+
+def test_roundtrip_and_lightly_reads_it(tmp_path):
+    vectors = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    names = ["a.jpg", "sub/b c.jpg", "d,e.jpg"]
+    path = write_embeddings_csv(tmp_path / "e.csv", names, vectors, [0, 1, 1])
+    assert path.read_text().splitlines()[0] == "filenames,embedding_0,embedding_1,embedding_2,embedding_3,labels"
+    filenames, read, labels = read_embeddings_csv(path)
+    assert filenames == names and labels == [0, 1, 1]
+    np.testing.assert_array_equal(read, vectors)
+    lightly_vectors, lightly_labels, lightly_names = load_embeddings(str(path))
+    assert list(lightly_names) == names and list(lightly_labels) == [0, 1, 1]
+    np.testing.assert_allclose(lightly_vectors, vectors, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name,embedding_0,labels\na,1,0\n", "header must be filenames,embedding_0"),
+        ("filenames,embedding_0,embedding_2,labels\na,1,2,0\n", "header must be"),
+        ("filenames,embedding_0,labels\na,nan,0\n", "NaN or infinite"),
+        ("filenames,embedding_0,labels\na,1,0\na,2,0\n", "appear more than once"),
+        ("filenames,embedding_0,labels\na,1,0\nb,2\n", "not a valid CSV"),
+        ("filenames,embedding_0,labels\na,x,0\n", "non-numeric"),
+    ],
+)
+def test_bad_files_are_rejected_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as error:
+        read_embeddings_csv(path)
+    assert str(path) in str(error.value)
+
+
+def test_masked_and_selected_columns_are_allowed(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("filenames,embedding_0,masked,selected,labels\na,0.5,0,1,2\n")
+    assert read_embeddings_csv(path)[2] == [2]
