@@ -23,6 +23,6 @@ def dask_address(prefect_server):
     (importing torch) is paid once per session rather than once per flow run."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=logging.WARNING) as cluster:
         yield cluster.scheduler_address

@@ -1,0 +1,100 @@
+import logging
+
+import pytest
+import yaml
+
+from flows.cli import keys_help
+from flows.config import (
+    ConfigError,
+    SecretStr,
+    all_keys,
+    config_from_overrides,
+    dump_config,
+    overrides_of,
+    parse_overrides,
+    validate_config,
+)
+
+BASE = ["input_dir=in", "output_dir=out"]
+
+
+def test_lightly_defaults_and_types():
+    config = config_from_overrides([*BASE, "stopping_condition.n_samples=0.3"])
+    assert config.method == "coreset" and config.enable_corruptness_check and config.remove_exact_duplicates
+    assert config.lightly.loader.batch_size == 16 and config.lightly.collate.input_size == 64
+    assert config.n_example_images == 6 and config.memory_requirement_in_GB == 2
+    assert config_from_overrides([*BASE, "stopping_condition.n_samples=1."]).stopping_condition.n_samples == 1.0
+    assert isinstance(config_from_overrides([*BASE, "stopping_condition.n_samples=1"]).stopping_condition.n_samples, int)
+    assert config_from_overrides([*BASE, "stopping_condition.n_samples=5", "output_image_size=[32,48]"]).output_image_size == (32, 48)
+
+
+def test_unknown_key_names_the_nearest_valid_keys():
+    with pytest.raises(ConfigError, match=r"Unknown key 'stopping_condition.n_sample'. Did you mean: stopping_condition.n_samples"):
+        parse_overrides([*BASE, "stopping_condition.n_sample=3"])
+    with pytest.raises(ConfigError, match="Did you mean: lightly.loader.batch_size"):
+        parse_overrides(["lightly.loader.batchsize=3"])
+    with pytest.raises(ConfigError, match="not a key=value override"):
+        parse_overrides(["input_dir"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stopping_condition.n_samples=abc", "stopping_condition.n_samples='abc'"),
+        ("stopping_condition.n_samples=1.5", "a float must be a fraction in (0, 1]"),
+        ("stopping_condition.n_samples=-3", "use a count >= 0"),
+        ("stopping_condition.min_distance=2.5", "normalised embeddings are at most 2 apart"),
+        ("method=kmeans", "method='kmeans': Input should be 'coreset' or 'random'"),
+        ("n_example_images=3", "must be an even number"),
+        ("output_image_size=0", "output_image_size=0"),
+        ("lightly.trainer.precision=8", "lightly.trainer.precision=8"),
+        ("enable_training=True", "enable_training=True is not supported in this version"),
+    ],
+)
+def test_bad_values_name_key_and_value(override, message):
+    extra = [] if "stopping_condition" in override else ["stopping_condition.n_samples=0.5"]
+    with pytest.raises(ConfigError) as error:
+        config_from_overrides([*BASE, *extra, override])
+    assert message in str(error.value)
+
+
+def test_a_stopping_condition_is_required():
+    with pytest.raises(ConfigError, match="Set a stopping condition"):
+        config_from_overrides(BASE)
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match="output_dir: required"):
+        config_from_overrides(["input_dir=x", "stopping_condition.n_samples=3"])
+
+
+def test_cloud_only_keys_are_accepted_and_explained(caplog):
+    with caplog.at_level(logging.WARNING):
+        config = config_from_overrides([*BASE, "stopping_condition.n_samples=3", "token=SECRET", "upload_dataset=True"])
+    assert "token is accepted but not applicable" in caplog.text
+    assert "upload_dataset is accepted but not applicable" in caplog.text
+    assert "SECRET" not in dump_config(config) and "SECRET" not in " ".join(overrides_of(config))
+
+
+def test_overrides_rebuild_the_same_config():
+    config = config_from_overrides([*BASE, "stopping_condition.min_distance=0.2", "output_image_size=[3,4]",
+                                    "lightly.collate.input_size=32", "dump_dataset=True"])
+    assert validate_config(parse_overrides(overrides_of(config))) == config.model_copy(update={"token": SecretStr("")})
+    assert yaml.safe_load(dump_config(config))["stopping_condition"]["min_distance"] == 0.2
+
+
+def test_paths_must_stay_inside_shared_dir(tmp_path):
+    (tmp_path / "emb.csv").write_text("x")
+    config = config_from_overrides([*BASE, f"shared_dir={tmp_path}", "stopping_condition.n_samples=3"])
+    assert config.shared_path("emb.csv", "embeddings") == tmp_path / "emb.csv"
+    with pytest.raises(ConfigError, match="points outside shared_dir"):
+        config.shared_path("../etc/passwd", "embeddings")
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.shared_path("nope.csv", "checkpoint")
+
+
+def test_help_lists_every_key_with_default():
+    text = keys_help()
+    for key in all_keys():
+        assert f"  {key} " in text
+    assert "stopping_condition.n_samples = -1" in text

@@ -1,0 +1,135 @@
+"""End-to-end: the thresher CLI on real generated images, through Prefect and a real Dask cluster."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from lightly.utils.io import load_embeddings
+from PIL import Image
+
+from flows.cli import main
+from tests.images import dataset
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def _run(dask_address: str, *overrides: str) -> int:
+    return main(["run", f"dask.address={dask_address}", *overrides])
+
+
+def test_curation_writes_the_lightly_layout(tmp_path, dask_address):
+    expected = dataset(tmp_path / "in")
+    code = _run(dask_address, f"input_dir={tmp_path / 'in'}", f"output_dir={tmp_path / 'out'}", "run_directory=run",
+                "stopping_condition.n_samples=0.5", "dump_dataset=True", "output_image_size=32",
+                "output_image_format=jpg", "token=TOPSECRET")
+    assert code == 0
+    run = tmp_path / "out" / "run"
+
+    config = yaml.safe_load((run / "config" / "config.yaml").read_text())
+    assert config["stopping_condition"]["n_samples"] == 0.5 and config["token"] == "***"
+    assert "- stopping_condition.n_samples=0.5" in _lines(run / "config" / "overrides.yaml")
+
+    lists = {name: _lines(run / "filenames" / f"{name}_filenames.txt")
+             for name in ("corrupt", "duplicate", "removed", "sampled")}
+    every = [f for files in lists.values() for f in files]
+    assert sorted(every) == sorted(expected["good"] + expected["duplicate"] + expected["corrupt"])
+    assert len(every) == len(set(every)), "a file is in two lists"
+    assert sorted(lists["corrupt"]) == sorted(expected["corrupt"])
+    assert lists["duplicate"] == expected["duplicate"]
+    assert len(lists["sampled"]) == 6 and len(lists["removed"]) == 6
+
+    info = json.loads((run / "data" / "corruptness_check_information.json").read_text())
+    assert info["corrupt_samples"]["dogs/empty.png"] == "empty file (0 bytes)"
+    assert info["corrupt_samples"]["cats/broken.jpg"].startswith("decoding failed")
+
+    vectors, labels, names = load_embeddings(str(run / "data" / "embeddings.csv"))
+    assert sorted(names) == sorted(expected["good"]) and vectors.shape == (12, 1280)
+    assert [label for name, label in zip(names, labels) if name.startswith("dogs/")] == [1] * 6
+    unit, _, unit_names = load_embeddings(str(run / "data" / "normalized_embeddings.csv"))
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-5)
+    _, _, selected_names = load_embeddings(str(run / "data" / "selected_embeddings.csv"))
+    assert sorted(selected_names) == sorted(lists["sampled"])
+
+    dumped = sorted(p.relative_to(run / "data" / "sampled").as_posix() for p in (run / "data" / "sampled").rglob("*.jpg"))
+    assert dumped == sorted(str(Path(f).with_suffix(".jpg")) for f in lists["sampled"])
+    with Image.open(run / "data" / "sampled" / dumped[0]) as image:
+        assert min(image.size) == 32 and image.format == "JPEG"
+
+    report = json.loads((run / "report.json").read_text())
+    assert report["counts"] == {"n_input_files": 15, "n_corrupt": 2, "n_duplicate": 1, "n_removed": 6, "n_sampled": 6}
+    assert report["distances"]["after"]["min"] >= report["distances"]["before"]["min"]
+    for stage in ("check", "embed", "select"):
+        assert report["stages"][stage]["seconds"] > 0
+    for path in run.rglob("*"):
+        if path.is_file() and path.suffix in {".json", ".yaml", ".txt", ".csv"}:
+            assert "TOPSECRET" not in path.read_text(errors="ignore"), path
+
+
+def test_selection_from_an_embeddings_file_honours_min_distance(tmp_path, dask_address):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(5, 8))
+    points = np.concatenate([c + 0.01 * rng.normal(size=(10, 8)) for c in centers]).astype(np.float32)
+    names = [f"f{i:03d}.jpg" for i in range(len(points))]
+    header = "filenames," + ",".join(f"embedding_{j}" for j in range(8)) + ",labels"
+    rows = [f"{n}," + ",".join(f"{v:.6f}" for v in p) + ",0" for n, p in zip(names, points)]
+    (tmp_path / "emb.csv").write_text("\n".join([header, *rows]) + "\n")
+    code = _run(dask_address, f"input_dir={tmp_path}", f"output_dir={tmp_path / 'out'}", f"shared_dir={tmp_path}",
+                "embeddings=emb.csv", "run_directory=r", "stopping_condition.min_distance=0.5")
+    assert code == 0
+    sampled = _lines(tmp_path / "out" / "r" / "filenames" / "sampled_filenames.txt")
+    assert len(sampled) == 5  # one per tight cluster: the clusters are far apart, members within 0.5
+    assert len({int(name[1:4]) // 10 for name in sampled}) == 5
+
+
+def test_random_selection_is_seeded(tmp_path, dask_address):
+    dataset(tmp_path / "in", per_label=4)
+    results = []
+    for run in ("a", "b"):
+        assert _run(dask_address, f"input_dir={tmp_path / 'in'}", f"output_dir={tmp_path / 'out'}", f"run_directory={run}",
+                    "method=random", "stopping_condition.n_samples=3", "enable_corruptness_check=False") == 0
+        results.append(_lines(tmp_path / "out" / run / "filenames" / "sampled_filenames.txt"))
+    assert results[0] == results[1] and len(results[0]) == 3
+    # without the full-decode check, broken files are still caught when embedding
+    corrupt = _lines(tmp_path / "out" / "a" / "filenames" / "corrupt_filenames.txt")
+    assert sorted(corrupt) == ["cats/broken.jpg", "dogs/empty.png"]
+
+
+def test_bad_input_stops_with_a_clear_message(tmp_path, capsys):
+    assert main(["run", "input_dir=x", "output_dir=y", "stopping_condition.n_sampels=3"]) == 2
+    assert "Did you mean: stopping_condition.n_samples" in capsys.readouterr().err
+    assert main(["run", f"input_dir={tmp_path / 'missing'}", f"output_dir={tmp_path}",
+                 "stopping_condition.n_samples=3"]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+
+
+def test_installed_command_runs_with_one_temporary_prefect_server(tmp_path):
+    """The quickstart path: no PREFECT_API_URL, a local cluster of its own, one server for all workers."""
+    dataset(tmp_path / "in", per_label=3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    thresher = Path(sys.executable).with_name("thresher")
+    result = subprocess.run(
+        [str(thresher), "run", f"input_dir={tmp_path / 'in'}", f"output_dir={tmp_path / 'out'}", "run_directory=r",
+         "stopping_condition.n_samples=2"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert output.count("Starting temporary server") == 1, output[-3000:]
+    assert len(_lines(tmp_path / "out" / "r" / "filenames" / "sampled_filenames.txt")) == 2
+    assert "Error logging to API" not in output
+
+
+def test_help_lists_keys():
+    thresher = Path(sys.executable).with_name("thresher")
+    result = subprocess.run([str(thresher), "run", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "stopping_condition.min_distance = -1.0" in result.stdout
