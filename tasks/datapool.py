@@ -1,0 +1,215 @@
+"""The datapool: a dataset that grows across runs (`datapool.name=NAME` in `shared_dir/NAME/`).
+
+The whole state of a pool is one Parquet table, `datapool.parquet`: one row per file any run has
+processed (its source folder, name, size, modification time, content hash, status and run), with
+the embedding of every selected row. The embedding dimension and the model that made them are in
+the table's metadata, so a run with another model stops before any work. One file makes a commit
+one atomic rename: a run killed at any point leaves the previous pool intact.
+
+    shared_dir/NAME/
+      datapool.parquet        the state (primary)
+      datapool_latest.csv     the selected samples in the lightly embeddings format
+      history/<time>.parquet  every earlier state (unless datapool.keep_history=False)
+      .lock                   held by the run that is using the pool
+
+    >>> pool = read_pool(Path("shared/my_pool"))          # None for a new pool
+    >>> check_compatible(pool, dim=1280, model="efficientnet-lite0|imagenet|input_size=64", path=...)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tasks.embeddings_csv import write_embeddings_csv
+from tasks.storage import atomic_path
+
+POOL_FILE = "datapool.parquet"
+CSV_FILE = "datapool_latest.csv"
+HISTORY_DIR = "history"
+LOCK_FILE = ".lock"
+SCHEMA_VERSION = "1"
+
+
+class DatapoolError(RuntimeError):
+    """The pool cannot be used as asked; the message says why and what to do."""
+
+
+def pool_schema(dim: int, model: str) -> pa.Schema:
+    return pa.schema(
+        [
+            ("source", pa.string()),  # the input_dir the file was listed in
+            ("filename", pa.string()),  # relative to source
+            ("label", pa.int32()),
+            ("size", pa.int64()),
+            ("mtime", pa.float64()),
+            ("content_hash", pa.string()),
+            ("status", pa.string()),  # sampled | removed | duplicate | corrupt
+            ("run", pa.string()),
+            ("embedding", pa.list_(pa.float32(), dim)),  # null unless sampled
+        ],
+        metadata={"thresher.embedding_dim": str(dim), "thresher.model": model,
+                  "thresher.schema_version": SCHEMA_VERSION},
+    )
+
+
+def read_pool(pool_dir: Path) -> pa.Table | None:
+    path = pool_dir / POOL_FILE
+    if not path.exists():
+        return None
+    try:
+        return pq.read_table(path)
+    except Exception as error:  # a pool is never half-written by us; say what to restore from
+        raise DatapoolError(f"datapool {path} cannot be read ({error}); restore a state from {pool_dir / HISTORY_DIR}.")
+
+
+def pool_identity(table: pa.Table) -> tuple[int, str]:
+    meta = table.schema.metadata or {}
+    return int(meta[b"thresher.embedding_dim"]), meta[b"thresher.model"].decode()
+
+
+def check_compatible(table: pa.Table | None, dim: int, model: str, path: Path) -> None:
+    """Stop before any work when the pool's embeddings were made differently."""
+    if table is None:
+        return
+    pool_dim, pool_model = pool_identity(table)
+    if pool_dim != dim:
+        raise DatapoolError(
+            f"datapool {path} holds {pool_dim}-dimensional embeddings but this run makes {dim}-dimensional ones; "
+            "the dimension of a datapool cannot change: use the same lightly.model settings or a new datapool.name."
+        )
+    if pool_model != model:
+        raise DatapoolError(
+            f"datapool {path} was built with model {pool_model!r} but this run uses {model!r}; embeddings of "
+            "different models are not comparable: use the same model, checkpoint and input size, or a new datapool.name."
+        )
+
+
+def processed_keys(table: pa.Table | None, source: str) -> set[tuple[str, int, float]]:
+    """(filename, size, mtime) of every file of `source` an earlier run processed."""
+    if table is None:
+        return set()
+    rows = table.filter(pc.equal(table.column("source"), source))
+    return set(zip(rows.column("filename").to_pylist(), rows.column("size").to_pylist(),
+                   rows.column("mtime").to_pylist()))
+
+
+def sampled_rows(table: pa.Table | None) -> pa.Table | None:
+    if table is None:
+        return None
+    return table.filter(pc.equal(table.column("status"), "sampled"))
+
+
+def merge(old: pa.Table | None, new: pa.Table) -> pa.Table:
+    """The next state: this run's rows replace earlier rows of the same (source, filename)."""
+    if old is None:
+        return new
+    keys = set(zip(new.column("source").to_pylist(), new.column("filename").to_pylist()))
+    keep = [(s, f) not in keys for s, f in zip(old.column("source").to_pylist(), old.column("filename").to_pylist())]
+    return pa.concat_tables([old.filter(pa.array(keep, pa.bool_())).cast(new.schema), new])
+
+
+def commit(pool_dir: Path, table: pa.Table, keep_history: bool) -> None:
+    """Make `table` the pool's state: archive the current state, then one atomic rename."""
+    pool_dir.mkdir(parents=True, exist_ok=True)
+    current = pool_dir / POOL_FILE
+    if current.exists() and keep_history:
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S.%fZ")
+        (pool_dir / HISTORY_DIR).mkdir(exist_ok=True)
+        os.link(current, pool_dir / HISTORY_DIR / f"datapool_{stamp}.parquet")  # a hard link: no copy
+    tmp = atomic_path(current)
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, current)
+    write_latest_csv(pool_dir, table)
+
+
+def write_latest_csv(pool_dir: Path, table: pa.Table) -> None:
+    """datapool_latest.csv (lightly's format), derived from the state, so it can always be rebuilt."""
+    sampled = sampled_rows(table)
+    column = sampled.column("embedding").combine_chunks()
+    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(len(sampled), column.type.list_size)
+    write_embeddings_csv(pool_dir / CSV_FILE, sampled.column("filename").to_pylist(), vectors.astype(np.float32),
+                         sampled.column("label").to_pylist())
+
+
+def history(pool_dir: Path) -> list[dict]:
+    """Samples selected per run, from the current state (for the report's growth plot)."""
+    table = read_pool(pool_dir)
+    if table is None:
+        return []
+    runs = sampled_rows(table).column("run").to_pylist()
+    return [{"run": run, "n_samples": runs.count(run)} for run in sorted(set(runs))]
+
+
+@dataclass
+class PoolLock:
+    """An exclusive lock on a pool that survives a crashed holder.
+
+    The lock file records host, pid and time. A lock is stale when its holder process no longer
+    exists on this host, or when it is older than `stale_after` seconds (a holder on another host
+    that died); a stale lock is taken over, a live one stops the second run with a clear message."""
+
+    pool_dir: Path
+    stale_after: float = 12 * 3600
+
+    def __enter__(self) -> "PoolLock":
+        self.pool_dir.mkdir(parents=True, exist_ok=True)
+        path = self.pool_dir / LOCK_FILE
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder(path)
+                if not self._is_stale(holder, path):
+                    raise DatapoolError(
+                        f"datapool {self.pool_dir} is in use by process {holder.get('pid')} on "
+                        f"{holder.get('host')} since {holder.get('since')}; wait for that run to finish "
+                        f"(a crashed run's lock is released automatically), or remove {path} if you are sure."
+                    ) from None
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+                           "since": datetime.now(timezone.utc).isoformat()}, handle)
+            return self
+        raise DatapoolError(f"datapool {self.pool_dir}: could not take the lock {path}.")
+
+    def __exit__(self, *exc) -> None:
+        (self.pool_dir / LOCK_FILE).unlink(missing_ok=True)
+
+    @staticmethod
+    def _holder(path: Path) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _is_stale(self, holder: dict, path: Path) -> bool:
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        if not holder:  # unreadable: stale unless its writer may still be filling it in
+            return age > 5
+        if age > self.stale_after:
+            return True
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(int(holder["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+        return False

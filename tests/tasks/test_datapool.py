@@ -1,0 +1,114 @@
+import json
+import multiprocessing
+import os
+import socket
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from lightly.utils.io import load_embeddings
+
+from tasks.datapool import (
+    CSV_FILE, HISTORY_DIR, LOCK_FILE, POOL_FILE, DatapoolError, PoolLock, check_compatible, commit, history, merge,
+    pool_schema, processed_keys, read_pool, sampled_rows,
+)
+
+MODEL = "efficientnet-lite0|imagenet|input_size=64"
+
+
+def _rows(run: str, names: list[str], statuses: list[str], dim: int = 3, source: str = "/data") -> pa.Table:
+    rng = np.random.default_rng(len(names))
+    embeddings = [rng.normal(size=dim).astype(np.float32).tolist() if s == "sampled" else None for s in statuses]
+    return pa.Table.from_pydict(
+        {"source": [source] * len(names), "filename": names, "label": [0] * len(names),
+         "size": [10] * len(names), "mtime": [1.0] * len(names), "content_hash": [f"h{n}" for n in names],
+         "status": statuses, "run": [run] * len(names), "embedding": embeddings},
+        schema=pool_schema(dim, MODEL),
+    )
+
+
+def test_commit_grows_the_pool_keeps_history_and_writes_lightly_csv(tmp_path):
+    pool = tmp_path / "pool"
+    commit(pool, _rows("r1", ["a.jpg", "b.jpg"], ["sampled", "removed"]), keep_history=True)
+    second = merge(read_pool(pool), _rows("r2", ["c.jpg"], ["sampled"]))
+    commit(pool, second, keep_history=True)
+    state = read_pool(pool)
+    assert state.column("filename").to_pylist() == ["a.jpg", "b.jpg", "c.jpg"]
+    assert len(list((pool / HISTORY_DIR).iterdir())) == 1
+    vectors, _, names = load_embeddings(str(pool / CSV_FILE))
+    assert list(names) == ["a.jpg", "c.jpg"] and vectors.shape == (2, 3)
+    assert history(pool) == [{"run": "r1", "n_samples": 1}, {"run": "r2", "n_samples": 1}]
+
+
+def test_keep_history_false_leaves_no_history(tmp_path):
+    pool = tmp_path / "pool"
+    commit(pool, _rows("r1", ["a.jpg"], ["sampled"]), keep_history=False)
+    commit(pool, _rows("r2", ["a.jpg"], ["sampled"]), keep_history=False)
+    assert not (pool / HISTORY_DIR).exists()
+
+
+def test_reprocessed_files_replace_their_old_rows():
+    old = _rows("r1", ["a.jpg", "b.jpg"], ["sampled", "removed"])
+    merged = merge(old, _rows("r2", ["b.jpg"], ["sampled"]))
+    assert list(zip(merged.column("filename").to_pylist(), merged.column("run").to_pylist())) == [("a.jpg", "r1"), ("b.jpg", "r2")]
+    assert len(sampled_rows(merged)) == 2
+
+
+def test_processed_keys_are_per_source():
+    table = pa.concat_tables([_rows("r1", ["a.jpg"], ["removed"]), _rows("r1", ["z.jpg"], ["removed"], source="/other")])
+    assert processed_keys(table, "/data") == {("a.jpg", 10, 1.0)}
+    assert processed_keys(None, "/data") == set()
+
+
+def test_dimension_and_model_mismatch_stop_with_a_message(tmp_path):
+    table = _rows("r1", ["a.jpg"], ["sampled"])
+    check_compatible(table, 3, MODEL, tmp_path)
+    with pytest.raises(DatapoolError, match="holds 3-dimensional embeddings but this run makes 32-dimensional"):
+        check_compatible(table, 32, MODEL, tmp_path)
+    with pytest.raises(DatapoolError, match="was built with model"):
+        check_compatible(table, 3, "resnet-18|random-seed-1|input_size=64", tmp_path)
+
+
+def test_a_half_written_commit_leaves_the_previous_state(tmp_path):
+    pool = tmp_path / "pool"
+    commit(pool, _rows("r1", ["a.jpg"], ["sampled"]), keep_history=True)
+    (pool / f".{POOL_FILE}.999.tmp").write_bytes(b"PAR1 half written")  # what a kill mid-write leaves
+    assert read_pool(pool).column("filename").to_pylist() == ["a.jpg"]
+
+
+def _hold_lock(pool, ready, release):
+    with PoolLock(pool):
+        ready.set()
+        release.wait(30)
+
+
+def test_lock_excludes_a_second_run_and_survives_a_crashed_holder(tmp_path):
+    pool = tmp_path / "pool"
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(pool, ready, release))
+    holder.start()
+    assert ready.wait(60)
+    with pytest.raises(DatapoolError, match=f"in use by process {holder.pid}"):
+        with PoolLock(pool):
+            pass
+    holder.kill()  # a crash: the lock file stays behind
+    holder.join()
+    assert (pool / LOCK_FILE).exists()
+    with PoolLock(pool):
+        assert json.loads((pool / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert not (pool / LOCK_FILE).exists()
+
+
+def test_old_lock_from_another_host_is_stale(tmp_path):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    lock = pool / LOCK_FILE
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "then"}))
+    with pytest.raises(DatapoolError, match="in use"):
+        PoolLock(pool).__enter__()
+    old = time.time() - 13 * 3600
+    os.utime(lock, (old, old))
+    with PoolLock(pool):
+        assert json.loads(lock.read_text())["host"] == socket.gethostname()
