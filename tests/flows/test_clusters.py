@@ -1,0 +1,25 @@
+import os
+
+import pytest
+
+from flows.clusters import load_cluster_spec
+
+
+def test_local_spec_is_one_single_threaded_process_per_core():
+    spec = load_cluster_spec("local", n_workers=0, threads_per_worker=0)
+    assert spec["cluster_class"] == "distributed.LocalCluster"
+    assert spec["cluster_kwargs"] == {"processes": True, "threads_per_worker": 1, "n_workers": os.cpu_count()}
+
+
+def test_threads_spec_and_overrides():
+    spec = load_cluster_spec("local-threads", n_workers=0, threads_per_worker=0)
+    assert spec["cluster_kwargs"] == {"processes": False, "threads_per_worker": os.cpu_count(), "n_workers": 1}
+    assert load_cluster_spec("local", n_workers=3, threads_per_worker=2)["cluster_kwargs"]["n_workers"] == 3
+
+
+def test_spec_from_a_path_and_unknown_names(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("cluster_class: distributed.LocalCluster\ncluster_kwargs: {processes: true, n_workers: 5}\n")
+    assert load_cluster_spec(str(path), 0, 0)["cluster_kwargs"]["n_workers"] == 5
+    with pytest.raises(FileNotFoundError, match="use one of local, local-threads"):
+        load_cluster_spec("nope", 0, 0)
