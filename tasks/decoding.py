@@ -4,7 +4,8 @@ A file is corrupt when it cannot be fully decoded: empty, truncated, not an imag
 decompression bomb (declared size above `corruptness_check.max_pixels`, rejected before any
 pixel is decoded), or content whose format differs from its extension. The reason is kept for
 `data/corruptness_check_information.json`. The same decoder (`open_image`) feeds the embedder,
-so what passes the check is exactly what gets embedded.
+so what passes the check is exactly what gets embedded. Shards may also hold video frame ranges,
+which `tasks/video.py` checks frame by frame (pixel hash and corruption score).
 
     >>> record = check_file(Path("examples/images"), InputFile("animals/cat_00.jpg", 0, 1, 0.0), CheckOptions())
     >>> record["error"] is None
@@ -25,6 +26,7 @@ from prefect import task
 
 from tasks.listing import InputFile
 from tasks.storage import write_parquet
+from tasks.video import FrameRange, check_ranges
 
 # Pillow's own bomb check uses a fixed global limit; ours is the configurable max_pixels, checked
 # from the header before decoding, so Pillow's is switched off in the processes that decode.
@@ -52,6 +54,7 @@ class CheckOptions:
     full_decode: bool = True
     max_pixels: int = 178_956_970
     allow_extension_mismatch: bool = False
+    corruption_threshold: float = 0.1  # video frames only
 
 
 class CorruptImage(Exception):
@@ -128,11 +131,22 @@ def check_file(input_dir: Path, file: InputFile, options: CheckOptions) -> dict:
     return row
 
 
-def check_files(input_dir: Path, files: list[InputFile], options: CheckOptions) -> pa.Table:
-    return pa.Table.from_pylist([check_file(input_dir, f, options) for f in files], schema=CHECK_SCHEMA)
+def check_files(input_dir: Path, files: list[InputFile | FrameRange], options: CheckOptions) -> pa.Table:
+    threshold = options.corruption_threshold if options.full_decode else None
+    rows = []
+    for item in files:
+        if isinstance(item, FrameRange):
+            rows.extend(check_ranges(input_dir, [item], threshold))
+        else:
+            rows.append(check_file(input_dir, item, options))
+    return check_table(rows)
+
+
+def check_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=CHECK_SCHEMA)
 
 
 @task(name="decode-check", retries=2, retry_delay_seconds=1)
-def check_shard(input_dir: str, files: list[InputFile], options: CheckOptions, out_path: str) -> str:
+def check_shard(input_dir: str, files: list[InputFile | FrameRange], options: CheckOptions, out_path: str) -> str:
     write_parquet(check_files(Path(input_dir), files, options), Path(out_path))
     return out_path

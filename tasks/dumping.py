@@ -2,7 +2,8 @@
 
 `output_image_size`: -1 keeps the size, x makes the shortest edge x (aspect kept), [h, w] resizes
 to exactly h x w. Images are decoded with the same decoder as the check, so EXIF rotation and
-colour modes come out as they were embedded.
+colour modes come out as they were embedded. Video frames are decoded frame-accurately from their
+video (seek to the keyframe before, decode forward to the frame's timestamp).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from prefect import task
 
 from tasks.decoding import open_image
 from tasks.storage import atomic_path
+from tasks.video import FrameRange, read_frames
 
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "bmp": "BMP", "tiff": "TIFF"}
 
@@ -46,7 +48,23 @@ def dump_names(filenames: list[str], fmt: str) -> dict[str, str]:
 
 
 def dump_image(source: Path, target: Path, spec: int | tuple[int, int], fmt: str, max_pixels: int) -> None:
-    image = open_image(source.read_bytes(), max_pixels)
+    save_image(open_image(source.read_bytes(), max_pixels), target, spec, fmt)
+
+
+def dump_frames(input_dir: Path, ranges: list[FrameRange], out_dir: Path, spec: int | tuple[int, int], fmt: str) -> int:
+    """Write the frames of the ranges as out_dir/<frame name with the extension fmt>; returns how many."""
+    names = dump_names([name for rng in ranges for name in rng.names()], fmt)
+    written = 0
+    for name, image in read_frames(input_dir, ranges, lambda frame: frame.to_image()):
+        if isinstance(image, str):
+            raise RuntimeError(f"{name} was selected but cannot be decoded now ({image}): "
+                               "its video changed during the run; run again.")
+        save_image(image, out_dir / names[name], spec, fmt)
+        written += 1
+    return written
+
+
+def save_image(image: Image.Image, target: Path, spec: int | tuple[int, int], fmt: str) -> None:
     size = target_size(image.size, spec)
     if size != image.size:
         image = image.resize(size, Image.Resampling.LANCZOS)
@@ -59,8 +77,11 @@ def dump_image(source: Path, target: Path, spec: int | tuple[int, int], fmt: str
 
 @task(name="dump-shard", retries=2, retry_delay_seconds=1)
 def dump_shard(
-    input_dir: str, names: list[tuple[str, str]], out_dir: str, spec: int | tuple[int, int], fmt: str, max_pixels: int
+    input_dir: str, names: list[tuple[str, str]] | list[FrameRange], out_dir: str, spec: int | tuple[int, int],
+    fmt: str, max_pixels: int,
 ) -> int:
+    if names and isinstance(names[0], FrameRange):
+        return dump_frames(Path(input_dir), names, Path(out_dir), spec, fmt)
     for filename, output in names:
         dump_image(Path(input_dir) / filename, Path(out_dir) / output, spec, fmt, max_pixels)
     return len(names)

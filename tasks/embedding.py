@@ -5,7 +5,8 @@ The default backbone is EfficientNet-Lite0 with the ImageNet weights shipped by 
 offline, pretrained features (1280 dimensions). `resnet-*` backbones follow lightly's layout
 (torchvision trunk, a 1x1 conv to `num_ftrs`, global average pool) and start from seeded random
 weights unless a checkpoint is given. Images are resized to input_size x input_size (as lightly
-does) and normalised with the ImageNet mean and std.
+does) and normalised with the ImageNet mean and std. Video frames are resized by the decoder as
+they come out of it (`tasks/video.py`), so a shard of a long video streams in bounded memory.
 
     >>> model = load_backbone("efficientnet-lite0", num_ftrs=32, checkpoint="", seed=1, device="cpu")
     >>> vectors, errors = embed_files(Path("examples/images"), ["animals/cat_00.jpg"], model,
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from prefect import task
 
 from tasks.decoding import CorruptImage, open_image
 from tasks.storage import write_parquet
+from tasks.video import FrameRange, embedder_input, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +169,29 @@ def embed_files(
 ) -> tuple[np.ndarray, list[str | None], float]:
     """Embeddings (n, d) float32 in input order (NaN rows where decoding failed), the errors,
     and the seconds spent in the model (for compute efficiency)."""
+    # Pillow releases the GIL while decoding and resizing, so threads overlap I/O and decode.
+    with ThreadPoolExecutor(max_workers=max(1, options.num_threads)) as pool:
+        return embed_inputs(pool.map(lambda f: _load(input_dir, f, options), filenames), model, options)
+
+
+def embed_frames(
+    input_dir: Path, ranges: list[FrameRange], model: torch.nn.Module, options: EmbedOptions
+) -> tuple[list[str], np.ndarray, list[str | None], float]:
+    """The frame names of the ranges and, as embed_files, their embeddings, errors and model seconds."""
+    names: list[str] = []
+
+    def inputs():
+        for name, result in read_frames(input_dir, ranges, lambda frame: embedder_input(frame, options.input_size)):
+            names.append(name)
+            yield result
+
+    return names, *embed_inputs(inputs(), model, options)
+
+
+def embed_inputs(
+    inputs: Iterable[np.ndarray | str], model: torch.nn.Module, options: EmbedOptions
+) -> tuple[np.ndarray, list[str | None], float]:
+    """Embed a stream of uint8 CHW arrays (or error strings), batch by batch, in input order."""
     device = next(model.parameters()).device.type
     dim: int | None = None
     rows: list[np.ndarray | None] = []
@@ -183,22 +209,20 @@ def embed_files(
             rows.extend(out)
             pending.clear()
 
-    # Pillow releases the GIL while decoding and resizing, so threads overlap I/O and decode.
-    with ThreadPoolExecutor(max_workers=max(1, options.num_threads)) as pool:
-        for result in pool.map(lambda f: _load(input_dir, f, options), filenames):
-            if isinstance(result, str):
-                flush()  # keep rows in input order
-                rows.append(None)
-                errors.append(result)
-                continue
-            pending.append(result)
-            errors.append(None)
-            if len(pending) == options.batch_size:
-                flush()
-        flush()
+    for result in inputs:
+        if isinstance(result, str):
+            flush()  # keep rows in input order
+            rows.append(None)
+            errors.append(result)
+            continue
+        pending.append(result)
+        errors.append(None)
+        if len(pending) == options.batch_size:
+            flush()
+    flush()
     if dim is None:
         dim = _probe_dim(model, options, device)
-    vectors = np.full((len(filenames), dim), np.nan, dtype=np.float32)
+    vectors = np.full((len(rows), dim), np.nan, dtype=np.float32)
     for i, row in enumerate(rows):
         if row is not None:
             vectors[i] = row
@@ -231,13 +255,18 @@ class ModelSpec:
 
 @task(name="embed-shard", retries=2, retry_delay_seconds=1)
 def embed_shard(
-    input_dir: str, files: list[tuple[str, int]], spec: ModelSpec, options: EmbedOptions, out_path: str
+    input_dir: str, files: list[tuple[str, int]] | list[FrameRange], spec: ModelSpec, options: EmbedOptions,
+    out_path: str,
 ) -> dict:
-    """Embed one shard into a Parquet file; returns its path and timings."""
+    """Embed one shard (image files, or video frame ranges) into a Parquet file; returns its path and timings."""
     start = time.perf_counter()
     torch.set_num_threads(options.torch_threads)
     model = load_backbone(spec.name, spec.num_ftrs, spec.checkpoint, spec.seed, default_device())
-    filenames = [f for f, _ in files]
-    vectors, errors, compute = embed_files(Path(input_dir), filenames, model, options)
-    write_parquet(embeddings_table(filenames, [label for _, label in files], vectors, errors), Path(out_path))
-    return {"path": out_path, "n": len(files), "seconds": time.perf_counter() - start, "compute_seconds": compute}
+    if files and isinstance(files[0], FrameRange):
+        filenames, vectors, errors, compute = embed_frames(Path(input_dir), files, model, options)
+        labels = [rng.file.label for rng in files for _ in rng.indices]
+    else:
+        filenames, labels = [f for f, _ in files], [label for _, label in files]
+        vectors, errors, compute = embed_files(Path(input_dir), filenames, model, options)
+    write_parquet(embeddings_table(filenames, labels, vectors, errors), Path(out_path))
+    return {"path": out_path, "n": len(filenames), "seconds": time.perf_counter() - start, "compute_seconds": compute}

@@ -1,8 +1,9 @@
 """Stage 1: list the datasource.
 
-Finds the image files under `input_dir` (flat, or in subfolders whose sorted index becomes the
-lightly `labels` column), keeps only those named in `relevant_filenames_file` when one is given,
-and cuts the list into shards for the mapped tasks.
+Finds the image and video files under `input_dir` (flat, or in subfolders whose sorted index
+becomes the lightly `labels` column; a video's label is its index among the videos, as lightly
+labels video folders), keeps only those named in `relevant_filenames_file` when one is given,
+and cuts the list into shards for the mapped tasks. Videos become frame samples in `tasks/video.py`.
 
     >>> files = list_images("examples/images")
     >>> files[0].filename, files[0].label
@@ -22,8 +23,12 @@ from prefect import get_run_logger, task
 
 log = logging.getLogger(__name__)
 
-# Pillow's readable formats, read once: registered_extensions() initialises every plugin.
-IMAGE_EXTENSIONS = frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpeg", ".mpg", ".m4v"})
+# Pillow's readable formats, read once: registered_extensions() initialises every plugin. Pillow
+# claims .mpg/.mpeg but only reads their header; those are videos.
+IMAGE_EXTENSIONS = frozenset(
+    ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
+) - VIDEO_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,10 @@ def _walk(root: Path) -> list[tuple[str, os.stat_result]]:
     return found
 
 
+def is_video(filename: str) -> bool:
+    return Path(filename).suffix.lower() in VIDEO_EXTENSIONS
+
+
 def assign_labels(filenames: list[str]) -> list[int]:
     """lightly's labels: the sorted index of each file's top-level folder; files at the root form the
     group '' (which sorts first), so a flat folder is all label 0."""
@@ -74,22 +83,25 @@ def read_relevant_filenames(path: Path) -> list[str]:
 
 
 def list_images(input_dir: str, relevant_filenames: list[str] | None = None) -> list[InputFile]:
-    """Image files under input_dir, sorted by relative path."""
+    """Image and video files under input_dir, sorted by relative path."""
     root = Path(input_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"input_dir={input_dir!r} is not a folder.")
-    entries = [(name, stat) for name, stat in _walk(root) if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    entries = [(name, stat) for name, stat in _walk(root)
+               if Path(name).suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS]
     if relevant_filenames is not None:
         wanted = set(relevant_filenames)
         missing = wanted - {name for name, _ in entries}
         if missing:
             log.warning(
-                "%d files named in relevant_filenames_file are not images in input_dir, e.g. %s",
+                "%d files named in relevant_filenames_file are not images or videos in input_dir, e.g. %s",
                 len(missing),
                 ", ".join(sorted(missing)[:5]),
             )
         entries = [(name, stat) for name, stat in entries if name in wanted]
     labels = assign_labels([name for name, _ in entries])
+    videos = iter(range(len(entries)))
+    labels = [next(videos) if is_video(name) else label for (name, _), label in zip(entries, labels)]
     return [InputFile(name, label, stat.st_size, stat.st_mtime) for (name, stat), label in zip(entries, labels)]
 
 
@@ -104,5 +116,6 @@ def shard(items: list, shard_size: int, n_workers: int) -> list[list]:
 @task(name="list-datasource")
 def list_datasource(input_dir: str, relevant_filenames: list[str] | None) -> list[InputFile]:
     files = list_images(input_dir, relevant_filenames)
-    get_run_logger().info("Found %d image files in %s", len(files), input_dir)
+    n_videos = sum(is_video(f.filename) for f in files)
+    get_run_logger().info("Found %d image and %d video files in %s", len(files) - n_videos, n_videos, input_dir)
     return files

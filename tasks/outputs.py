@@ -18,6 +18,7 @@ from prefect import task
 
 from tasks.embeddings_csv import write_embeddings_csv
 from tasks.gathering import load_embeddings
+from tasks.listing import is_video
 from tasks.selection import selected_filenames
 from tasks.storage import read_parquet, write_text
 
@@ -36,7 +37,8 @@ def partition(samples: pa.Table, selected: set[str]) -> dict[str, list[str]]:
 
 
 def corruptness_information(samples: pa.Table) -> dict:
-    """Lightly's format: {"corrupt_samples": {filename: reason}, "corrupt_videos": {...}}."""
+    """Lightly's format: {"corrupt_samples": {filename: reason}, "corrupt_videos": {video: reason}};
+    corrupt frames are samples, videos that cannot be used at all are videos."""
     corrupt = {
         filename: reason
         for filename, status, reason in zip(
@@ -44,7 +46,8 @@ def corruptness_information(samples: pa.Table) -> dict:
         )
         if status == "corrupt"
     }
-    return {"corrupt_samples": corrupt, "corrupt_videos": {}}
+    return {"corrupt_samples": {name: reason for name, reason in corrupt.items() if not is_video(name)},
+            "corrupt_videos": {name: reason for name, reason in corrupt.items() if is_video(name)}}
 
 
 def write_lists(run_dir: Path, lists: dict[str, list[str]]) -> None:

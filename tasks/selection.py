@@ -39,7 +39,8 @@ import pyarrow.parquet as pq
 from prefect import task
 
 from tasks.gathering import load_embeddings
-from tasks.storage import write_parquet
+from tasks.storage import read_parquet, write_parquet
+from tasks.video import frame_infos, sequences
 
 Array = Any  # numpy.ndarray, cupy.ndarray or torch.Tensor, depending on the backend
 
@@ -761,3 +762,39 @@ def select_samples(
         "stopped_by": "n_samples" if reached_count else "min_distance" if limit is not None else "all selected",
         "last_pick_distance": float(finite[-1]) if finite.size else None,
     }
+
+
+@task(name="select-sequences")
+def select_sequences(
+    embeddings_path: str, videos_path: str, length: int, method: str, n_samples: int | float, min_distance: float,
+    normalize: bool, seed: int, device: str, out_path: str,
+) -> dict:
+    """`selected_sequence_length` > 1: select whole sequences of `length` consecutive video frames.
+
+    Each complete sequence is one candidate whose embedding is the mean of its frames'; the
+    candidates go through `select_samples`, and the selection table lists every frame of the
+    chosen sequences in selection order. `n_samples` counts frames: a fraction is rounded to a
+    whole number of sequences."""
+    filenames, labels, vectors = load_embeddings(Path(embeddings_path), normalize=normalize)
+    chunks = sequences(filenames, frame_infos(read_parquet([Path(videos_path)])), length)
+    means = np.stack([vectors[rows].mean(axis=0) for rows in chunks]) if chunks else np.empty((0, vectors.shape[1]))
+    candidates_path = Path(out_path).with_name("sequence_embeddings.parquet")
+    write_parquet(pa.table({
+        "filename": pa.array([filenames[rows[0]] for rows in chunks], pa.string()),
+        "label": pa.array([labels[rows[0]] for rows in chunks], pa.int32()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(means.reshape(-1), pa.float32()), means.shape[1]),
+    }), candidates_path)
+    frames = resolve_n_samples(n_samples, len(filenames))
+    count = -1 if frames is None else round(frames / length)
+    summary = select_samples.fn(str(candidates_path), method, count, min_distance, normalize, seed, device, out_path)
+    first_frames = {filenames[rows[0]]: [filenames[r] for r in rows] for rows in chunks}
+    chosen = pq.read_table(out_path)
+    names = [name for first in chosen.column("filename").to_pylist() for name in first_frames[first]]
+    table = pa.Table.from_arrays(
+        [pa.array(names, pa.string()), pa.array(np.arange(len(names), dtype=np.int32)),
+         pa.array(np.repeat(chosen.column("distance").to_numpy(zero_copy_only=False), length), pa.float32())],
+        schema=SELECTION_SCHEMA,
+    )
+    write_parquet(table, Path(out_path))
+    return {**summary, "sequence_length": length, "n_sequences_selected": summary["n_selected"],
+            "n_selected": len(names), "n_samples_target": None if frames is None else count * length}

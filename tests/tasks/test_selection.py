@@ -147,6 +147,7 @@ def test_min_distance_honoured_and_covering(
     backend, storage = BACKENDS[name]
     x = near_duplicates(seed, n, d, scale)
     centers = x[:n_initial] + np.float32(0)  # exact copies of rows: those rows are never picked
+    n_initial = len(centers)  # fewer than asked when n is small
     md = md_scale * scale
     got = coreset(x, None, md, centers if n_initial else None, seed, backend, storage)
     chosen = np.concatenate([centers, x[got.indices]]).astype(np.float64)

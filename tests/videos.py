@@ -1,0 +1,78 @@
+"""Real video files for tests, encoded with PyAV: small clips whose every frame is different and
+easy to recognise, in several codecs and containers, plus broken files.
+
+    >>> path = write_video(tmp / "clip.mp4", frames(12), codec="mpeg4")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import numpy as np
+
+# (container extension, codec): the combinations the tests cover when the encoder is installed.
+FORMATS = (("mp4", "mpeg4"), ("avi", "mpeg4"), ("mkv", "libx264"), ("webm", "libvpx"), ("mpeg", "mpeg1video"))
+
+
+def has_encoder(codec: str) -> bool:
+    try:
+        av.codec.Codec(codec, "w")
+    except Exception:
+        return False
+    return True
+
+
+def frame(seed: int, size: tuple[int, int] = (64, 48)) -> np.ndarray:
+    """An RGB frame (height, width, 3): a smooth colour field that differs clearly per seed."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = [127 + 110 * np.sin(rng.uniform(0.03, 0.2) * x + rng.uniform(0.03, 0.2) * y + rng.uniform(0, 6.3))
+                for _ in range(3)]
+    return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
+
+
+def frames(n: int, size: tuple[int, int] = (64, 48), first_seed: int = 0) -> list[np.ndarray]:
+    return [frame(first_seed + i, size) for i in range(n)]
+
+
+def write_video(path: Path, images: list[np.ndarray], codec: str = "mpeg4", fps: int = 25, gop: int = 5,
+                options: dict[str, str] | None = None) -> Path:
+    """Encode RGB frames into `path` (the container follows the extension); a short GOP makes
+    seeking inside the clip meaningful."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width = images[0].shape[:2]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        stream.gop_size = gop
+        # High bit rates keep the decoded frames close to the source, so tests can compare pixels.
+        stream.bit_rate = 4_000_000
+        stream.options = {"bf": "0", **(options or {})}
+        for image in images:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def truncated(path: Path, images: list[np.ndarray], keep: float = 0.5, **options) -> Path:
+    """A video cut off after `keep` of its bytes, as an interrupted copy leaves it."""
+    write_video(path, images, **options)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def garbled(path: Path, images: list[np.ndarray], at: float = 0.5, length: int = 2000, seed: int = 0,
+            **options) -> Path:
+    """A video with `length` random bytes written over the middle, as a bad disk sector leaves it."""
+    write_video(path, images, **options)
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * at)
+    data[start : start + length] = np.random.default_rng(seed).integers(0, 256, length, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
