@@ -1,81 +1,322 @@
-"""Stage 9: the run report (`report.json`): job information, counts, stage timings and the
-pairwise-distance statistics of the embeddings before and after selection.
+"""Stage 9: the run report: `report.json`, `report.html` (self-contained), `report.pdf` and `plots/*.png`,
+with a summary published as Prefect artifacts.
 
-Distances are exact while the full distance matrix fits in `memory_requirement_in_GB`;
-beyond that they are estimated from independent random pairs (a sample of m pairs bounds the
-CDF error by sqrt(ln(2/0.05) / 2m) with 95% confidence, DKW-Massart), and the report says so.
+The report shows what was kept, what was removed and why: job information and counts, estimated
+savings, distance statistics before and after selection (against a random subset of the same
+size as a baseline), distance histograms, 2-D views of the embeddings, retained images beside
+their nearest removed neighbour, corrupt files and duplicate groups, and, when given, video
+timelines and datapool growth. It is built in three steps that are tested on their own:
+numbers (a JSON-ready dict) -> plots (PNG files drawn from the numbers and a few arrays) ->
+HTML (a jinja2 template) -> PDF (weasyprint renders the same HTML).
 
-    >>> pairwise_stats(np.eye(3, dtype=np.float32), memory_gb=1.0)["min"]
-    1.4142135
+Pairwise distances are exact while the full distance matrix fits in `memory_requirement_in_GB`
+and there are at most EXACT_PAIRS pairs; beyond that they are estimated from independent random
+pairs (a sample of m pairs bounds the CDF error by sqrt(ln(2/0.05) / 2m) with 95% confidence,
+DKW-Massart), and the report says so. Nearest-neighbour distances are exact up to NN_QUERIES
+samples and estimated from that many random samples (each against the whole set) beyond.
+
+    >>> round(pairwise_stats(np.eye(3, dtype=np.float32), memory_gb=1.0)["min"], 4)
+    1.4142
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import math
 import os
 import platform
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import jinja2
+import matplotlib
 import numpy as np
+import pyarrow.compute as pc
 import torch
+import yaml
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+from matplotlib.ticker import FuncFormatter, NullFormatter
+from PIL import Image
 from prefect import task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from tasks.decoding import CorruptImage, open_image
 from tasks.gathering import load_embeddings
 from tasks.selection import selected_filenames
-from tasks.storage import write_text
+from tasks.storage import read_parquet, write_text
 
-SCHEMA_VERSION = 1
+matplotlib.use("Agg")  # Dask workers have no display
+
+SCHEMA_VERSION = 2
 SAMPLED_PAIRS = 2_000_000
-BLOCK = 2048
+# Exact pairwise statistics cost O(N^2 d); past ~5e7 pairs (N ~ 1e4) they take longer than the
+# report may, while 2e6 random pairs already pin the CDF to 1e-3.
+EXACT_PAIRS = 50_000_000
+EXACT_BLOCK_ELEMENTS = 1 << 22  # float64 distances per block of the exact computation (32 MB)
+FINE_BINS = 16_384  # histogram resolution before trimming to the data's range
+HISTOGRAM_BINS = 80
+NN_QUERIES = 1_000
+NN_BLOCK = 8_192
+SCATTER_POINTS = 20_000
+UMAP_POINTS = 5_000  # UMAP on more is not feasible within the report's time budget
+UMAP_NEIGHBOURS = (5, 15, 50)
+LIST_LIMIT = 20  # corrupt files, duplicate groups and videos listed in the report
+THUMBNAIL_PIXELS = 160
+# Figure sizes in inches: the page shows half-width plots about 3.4 in wide, so 4.2 in keeps
+# matplotlib's 10 pt text above 8 pt in print.
+HALF_WIDTH, FULL_WIDTH, DPI = 4.2, 6.4, 110
+OVERLAY_GRID = 4  # at most OVERLAY_GRID^2 thumbnails on a scatter plot
+GROUPS = ("removed", "selected", "datapool")
+COLOURS = {"removed": "#b0b0b0", "selected": "#e66100", "datapool": "#1f6fb4"}
+ARTIFACT_PREFIX = "thresher-report"
+TEMPLATES = Path(__file__).parent / "templates"
 
 
-def _exact_pair_distances(vectors: np.ndarray):
-    """Distances of all pairs i < j, block by block (float64 expansion, so no N x N matrix at once)."""
+@dataclass(frozen=True)
+class ReportSettings:
+    """The configuration keys the report reads, in one place."""
+
+    input_dir: str
+    normalize: bool
+    memory_gb: float
+    n_example_images: int
+    max_pixels: int
+    seed: int
+    labeling_cost_per_image: float
+    training_gpu_seconds_per_image: float
+    gpu_power_watts: float
+    grid_co2_kg_per_kwh: float
+
+    @classmethod
+    def from_config(cls, config: dict) -> ReportSettings:
+        return cls(
+            input_dir=config["input_dir"],
+            normalize=config["normalize_embeddings"],
+            memory_gb=config["memory_requirement_in_GB"],
+            n_example_images=config["n_example_images"],
+            max_pixels=config["corruptness_check"]["max_pixels"],
+            seed=config["lightly"]["seed"],
+            **config["report"],
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Numbers
+
+
+def _exact_pair_distances(vectors: np.ndarray) -> Iterator[np.ndarray]:
+    """Distances of all pairs i < j, a block of rows at a time (float64 expansion, no N x N matrix)."""
     x = vectors.astype(np.float64)
+    n = len(x)
     sq = np.einsum("ij,ij->i", x, x)
-    for start in range(0, len(x), BLOCK):
-        block = x[start : start + BLOCK]
-        d2 = sq[start : start + BLOCK, None] + sq[None, :] - 2.0 * block @ x.T
-        rows, cols = np.triu_indices(len(block), k=1, m=len(x) - start)
-        yield np.sqrt(np.maximum(d2[:, start:][rows, cols], 0.0))
+    rows = max(1, min(n, EXACT_BLOCK_ELEMENTS // n))
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        d2 = sq[start:stop, None] + sq[None, start:] - 2.0 * x[start:stop] @ x[start:].T
+        upper = np.triu_indices(stop - start, k=1)
+        yield np.sqrt(np.maximum(d2[:, : stop - start][upper], 0.0))
+        yield np.sqrt(np.maximum(d2[:, stop - start :], 0.0)).ravel()
 
 
-def _sampled_pair_distances(vectors: np.ndarray, pairs: int, seed: int) -> np.ndarray:
+def _sampled_pair_distances(vectors: np.ndarray, pairs: int, seed: int) -> Iterator[np.ndarray]:
     rng = np.random.default_rng(seed)
     n = len(vectors)
     i = rng.integers(0, n, size=pairs)
     j = rng.integers(0, n - 1, size=pairs)
     j += j >= i  # uniform over j != i
-    out = np.empty(pairs, dtype=np.float64)
     for start in range(0, pairs, 65536):
         a, b = i[start : start + 65536], j[start : start + 65536]
-        out[start : start + 65536] = np.linalg.norm(vectors[a].astype(np.float64) - vectors[b], axis=1)
-    return out
+        yield np.linalg.norm(vectors[a] - vectors[b], axis=1).astype(np.float64)  # a direct difference is exact near 0
+
+
+def _distance_bound(vectors: np.ndarray) -> float:
+    """An upper bound of every pairwise distance (triangle inequality through the mean), so the
+    histogram's bins are fixed before the single pass over the pairs."""
+    centre = vectors.mean(axis=0, dtype=np.float64)
+    radius = max(float(np.linalg.norm(vectors[start : start + 65536] - centre, axis=1).max())
+                 for start in range(0, len(vectors), 65536))
+    return 2.0 * radius if radius > 0 else 1.0
+
+
+def histogram(fine: np.ndarray, upper: float, bins: int = HISTOGRAM_BINS) -> dict:
+    """Trim fine counts over [0, upper) to their non-empty range and merge them into <= `bins` bins."""
+    filled = np.flatnonzero(fine)
+    low, high = int(filled[0]), int(filled[-1]) + 1
+    factor = math.ceil((high - low) / bins)
+    merged = np.pad(fine[low:high], (0, -(high - low) % factor)).reshape(-1, factor).sum(axis=1)
+    width = upper / len(fine)
+    edges = (low + factor * np.arange(len(merged) + 1)) * width
+    return {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in merged]}
+
+
+def _dkw_error(pairs: int) -> float:
+    """Half-width of the 95% confidence band of an empirical CDF of `pairs` samples (DKW-Massart)."""
+    return math.sqrt(math.log(2 / 0.05) / (2 * pairs))
 
 
 def pairwise_stats(vectors: np.ndarray, memory_gb: float, seed: int = 0) -> dict | None:
-    """min / mean / max pairwise distance, exact when an N x N float32 matrix fits in memory_gb."""
+    """min / mean / max pairwise distance and their histogram: exact when an N x N float32 matrix
+    fits in memory_gb and there are at most EXACT_PAIRS pairs, else from SAMPLED_PAIRS random pairs."""
     n = len(vectors)
     if n < 2:
         return None
     total_pairs = n * (n - 1) // 2
-    if n * n * 4 <= memory_gb * 1e9:
-        blocks = [d for d in _exact_pair_distances(vectors) if d.size]
-        low, high = min(d.min() for d in blocks), max(d.max() for d in blocks)
-        mean = sum(float(d.sum()) for d in blocks) / total_pairs
-        exact, pairs = True, total_pairs
-    else:
-        pairs = min(SAMPLED_PAIRS, total_pairs)
-        distances = _sampled_pair_distances(vectors, pairs, seed)
-        low, high, mean = distances.min(), distances.max(), distances.mean()
-        exact = False
-    return {"min": float(low), "mean": float(mean), "max": float(high), "n_pairs": int(pairs), "exact": exact}
+    exact = n * n * 4 <= memory_gb * 1e9 and total_pairs <= EXACT_PAIRS
+    pairs = total_pairs if exact else min(SAMPLED_PAIRS, total_pairs)
+    chunks = _exact_pair_distances(vectors) if exact else _sampled_pair_distances(vectors, pairs, seed)
+    upper = _distance_bound(vectors)
+    fine = np.zeros(FINE_BINS, np.int64)
+    low, high, total = math.inf, -math.inf, 0.0
+    for d in chunks:
+        if not d.size:
+            continue
+        low, high, total = min(low, float(d.min())), max(high, float(d.max())), total + float(d.sum())
+        fine += np.bincount(np.minimum((d * (FINE_BINS / upper)).astype(np.int64), FINE_BINS - 1), minlength=FINE_BINS)
+    return {
+        "min": float(low), "mean": total / pairs, "max": float(high), "n_pairs": int(pairs), "exact": exact,
+        "cdf_error_95": None if exact else round(_dkw_error(pairs), 6),
+        "histogram": histogram(fine, upper, min(HISTOGRAM_BINS, max(10, round(2 * math.sqrt(pairs))))),
+    }
+
+
+def nearest_neighbours(vectors: np.ndarray, query_rows: np.ndarray, pool_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each query row, the nearest row of the sorted `pool_rows` other than itself, and its distance.
+
+    The search ranks a pool block at a time by |p|^2 - 2 q.p (|q - p|^2 less the query's constant
+    |q|^2) in float32; the winner's distance is then recomputed from the difference, since the
+    expansion errs most near zero (duplicates)."""
+    assert np.all(np.diff(pool_rows) > 0), "pool rows must be sorted and unique"
+    queries = vectors[query_rows]
+    best = np.full(len(queries), np.inf, np.float32)
+    best_row = np.full(len(queries), -1, np.int64)
+    everyone = np.arange(len(queries))
+    for start in range(0, len(pool_rows), NN_BLOCK):
+        rows = pool_rows[start : start + NN_BLOCK]
+        pool = vectors[rows]
+        score = queries @ pool.T
+        score *= -2.0
+        score += np.einsum("ij,ij->i", pool, pool)[None, :]
+        at = np.minimum(np.searchsorted(rows, query_rows), len(rows) - 1)
+        itself = rows[at] == query_rows
+        score[everyone[itself], at[itself]] = np.inf
+        column = score.argmin(axis=1)
+        value = score[everyone, column]
+        better = value < best
+        best[better], best_row[better] = value[better], rows[column[better]]
+    assert np.all(best_row >= 0), "every query needs a pool row other than itself"
+    distances = np.linalg.norm(queries.astype(np.float64) - vectors[best_row], axis=1)
+    return best_row, distances
+
+
+def _queries(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return rows if len(rows) <= NN_QUERIES else np.sort(rng.choice(rows, NN_QUERIES, replace=False))
+
+
+def nn_stats(vectors: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> dict | None:
+    """Distribution of the distance from a sample to its nearest other sample within `rows`."""
+    if len(rows) < 2:
+        return None
+    queries = _queries(rows, rng)
+    _, d = nearest_neighbours(vectors, queries, rows)
+    counts, edges = np.histogram(d, bins=min(40, max(5, len(d) // 10)))
+    return {
+        "min": float(d.min()), "median": float(np.median(d)), "mean": float(d.mean()), "max": float(d.max()),
+        "n_queries": int(len(queries)), "exact": len(queries) == len(rows),
+        "histogram": {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]},
+    }
+
+
+def distance_statistics(vectors: np.ndarray, selected_rows: np.ndarray, memory_gb: float, seed: int) -> dict:
+    """Pairwise and nearest-neighbour statistics of all samples, the selection and a random subset
+    of the selection's size (what selection by chance would give)."""
+    rng = np.random.default_rng(seed)
+    everyone = np.arange(len(vectors))
+    baseline = np.sort(rng.choice(len(vectors), len(selected_rows), replace=False))
+    sets = {"before": everyone, "after": selected_rows, "random": baseline}
+    return {
+        name: {
+            "n_samples": int(len(rows)),
+            "pairwise": pairwise_stats(vectors if rows is everyone else vectors[rows], memory_gb, seed),
+            "nearest_neighbour": nn_stats(vectors, rows, rng),
+        }
+        for name, rows in sets.items()
+    }
+
+
+def example_pairs(
+    vectors: np.ndarray, filenames: list[str], selected_rows: np.ndarray, removed_rows: np.ndarray, n: int, seed: int,
+) -> list[dict]:
+    """`n` retained samples beside their nearest removed one, spread evenly from the closest pair
+    to the farthest, so both ends of the decision are visible."""
+    if n == 0 or not len(selected_rows) or not len(removed_rows):
+        return []
+    queries = _queries(selected_rows, np.random.default_rng(seed))
+    nearest, distances = nearest_neighbours(vectors, queries, removed_rows)
+    order = np.argsort(distances, kind="stable")
+    picks = order[np.unique(np.linspace(0, len(order) - 1, min(n, len(order))).round().astype(int))]
+    return [
+        {"retained": filenames[queries[i]], "removed": filenames[nearest[i]], "distance": float(distances[i])}
+        for i in picks
+    ]
+
+
+def file_lists(samples_path: Path) -> dict:
+    """The first corrupt files with their reasons and the largest exact-duplicate groups."""
+    samples = read_parquet([samples_path])
+    status = samples.column("status")
+    corrupt = samples.filter(pc.equal(status, "corrupt"))
+    duplicates = samples.filter(pc.equal(status, "duplicate"))
+    groups: dict[str, list[str]] = {}
+    for name, kept in zip(duplicates.column("filename").to_pylist(), duplicates.column("duplicate_of").to_pylist()):
+        groups.setdefault(kept, []).append(name)
+    ranked = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))
+    return {
+        "n_samples": len(samples),
+        "corrupt": [{"filename": f, "reason": r} for f, r in zip(corrupt.column("filename").to_pylist()[:LIST_LIMIT],
+                                                                   corrupt.column("reason").to_pylist()[:LIST_LIMIT])],
+        "n_corrupt": len(corrupt),
+        "duplicate_groups": [{"kept": kept, "duplicates": names, "n_files": len(names) + 1}
+                             for kept, names in ranked[:LIST_LIMIT]],
+        "n_duplicate_groups": len(groups),
+    }
+
+
+def savings(counts: dict, settings: ReportSettings) -> dict:
+    """What labelling and training the removed samples would have cost; corrupt files could not be
+    labelled anyway, so they do not count."""
+    not_labelled = counts["n_removed"] + counts["n_duplicate"]
+    gpu_hours = not_labelled * settings.training_gpu_seconds_per_image / 3600
+    energy_kwh = gpu_hours * settings.gpu_power_watts / 1000
+    usable = not_labelled + counts["n_sampled"]
+    return {
+        "n_images_not_labelled": not_labelled,
+        "dataset_reduction": round(not_labelled / usable, 4) if usable else 0.0,
+        "labeling_cost_per_image_usd": settings.labeling_cost_per_image,
+        "labeling_cost_saved_usd": round(not_labelled * settings.labeling_cost_per_image, 2),
+        "labeling_cost_selected_usd": round(counts["n_sampled"] * settings.labeling_cost_per_image, 2),
+        "training_gpu_seconds_per_image": settings.training_gpu_seconds_per_image,
+        "training_gpu_hours_saved": round(gpu_hours, 3),
+        "gpu_power_watts": settings.gpu_power_watts,
+        "energy_saved_kwh": round(energy_kwh, 3),
+        "grid_co2_kg_per_kwh": settings.grid_co2_kg_per_kwh,
+        "co2_saved_kg": round(energy_kwh * settings.grid_co2_kg_per_kwh, 3),
+    }
+
+
+def stage_table(stages: dict) -> list[dict]:
+    return [{"stage": name, **timing} for name, timing in stages.items()]
 
 
 def machine() -> dict:
     return {
         "platform": platform.platform(),
+        "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
@@ -83,33 +324,383 @@ def machine() -> dict:
     }
 
 
+def _cpu_model() -> str:
+    # platform.processor() is empty on most Linux systems; /proc/cpuinfo names the model.
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------------------------
+# 2-D views of the embeddings
+
+
+@dataclass
+class Scatter:
+    """The points drawn in the scatter plots: a uniform sample of this run's samples and the datapool's."""
+
+    vectors: np.ndarray
+    groups: np.ndarray  # index into GROUPS
+    names: list[str | None]  # file of a point of this run, None for datapool points
+    n_total: int
+
+
+def scatter_points(
+    vectors: np.ndarray, filenames: list[str], selected: np.ndarray, datapool: np.ndarray | None, seed: int,
+) -> Scatter:
+    """At most SCATTER_POINTS points in random order (so any prefix is a uniform sample too)."""
+    pool = datapool if datapool is not None else np.empty((0, vectors.shape[1]), np.float32)
+    n_total = len(vectors) + len(pool)
+    rows = np.random.default_rng(seed).permutation(n_total)[:SCATTER_POINTS]
+    own, pooled = rows[rows < len(vectors)], rows[rows >= len(vectors)] - len(vectors)
+    points = np.concatenate([vectors[own], pool[pooled]])
+    groups = np.concatenate([selected[own].astype(np.int8), np.full(len(pooled), GROUPS.index("datapool"), np.int8)])
+    names = [filenames[i] for i in own] + [None] * len(pooled)
+    order = np.random.default_rng(seed + 1).permutation(len(points))
+    return Scatter(points[order], groups[order], [names[i] for i in order], n_total)
+
+
+def pca_2d(points: np.ndarray) -> np.ndarray:
+    centred = points.astype(np.float64) - points.mean(axis=0, dtype=np.float64)
+    _, vectors = np.linalg.eigh(centred.T @ centred)
+    return (centred @ vectors[:, ::-1][:, :2]).astype(np.float32)
+
+
+def _knn(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours (self first) from one distance matrix: UMAP's own search on
+    < 4096 points calls a Python metric per pair, and above that compiles pynndescent, both far
+    slower than this on <= UMAP_POINTS points."""
+    x = points.astype(np.float32)
+    sq = np.einsum("ij,ij->i", x, x)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
+    np.fill_diagonal(d2, -1.0)  # self first, even beside an exact duplicate
+    index = np.argpartition(d2, k - 1, axis=1)[:, :k]
+    index = np.take_along_axis(index, np.argsort(np.take_along_axis(d2, index, 1), axis=1), 1)
+    return index, np.sqrt(np.maximum(np.take_along_axis(d2, index, 1), 0.0))
+
+
+def umap_2d(points: np.ndarray, k: int, seed: int) -> np.ndarray:
+    import umap  # imported here: its import (numba, pynndescent) costs seconds every stage would pay
+
+    index, distances = _knn(points, k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # n_jobs overridden by random_state; precomputed graph notes
+        # PCA initialisation: the spectral one solves an eigenproblem per connected component, seconds on clustered data.
+        model = umap.UMAP(n_neighbors=k, random_state=seed, n_jobs=1, n_epochs=200, init="pca",
+                          precomputed_knn=(index, distances))
+        return model.fit_transform(points).astype(np.float32)
+
+
+def embedding_views(scatter: Scatter, seed: int) -> list[dict]:
+    """PCA of the scatter points and UMAP at each k of UMAP_NEIGHBOURS on their first UMAP_POINTS."""
+    n = len(scatter.vectors)
+    views = [{"key": "pca", "title": "PCA", "n_points": n, "xy": pca_2d(scatter.vectors)}] if n >= 2 else []
+    umap_n = min(n, UMAP_POINTS)
+    for k in UMAP_NEIGHBOURS:
+        used = min(k, umap_n - 1)
+        if used < 2:
+            continue
+        views.append({"key": f"umap_k_{k}", "title": f"UMAP, k = {k}" + (f" ({used} used)" if used < k else ""),
+                      "n_points": umap_n, "xy": umap_2d(scatter.vectors[:umap_n], used, seed)})
+    return views
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+
+
+def _figure(width: float = HALF_WIDTH, height: float = 3.0) -> tuple[Figure, Axes]:
+    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    return figure, figure.add_subplot()
+
+
+def _save(figure: Figure, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path.name
+
+
+def plot_distance_histogram(stats: dict, title: str, path: Path) -> str:
+    figure, ax = _figure()
+    hist = stats["histogram"]
+    ax.stairs(hist["counts"], hist["edges"], fill=True, color="#3b75af", alpha=0.85)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("pairwise distance")
+    ax.set_ylabel("pairs (log scale)")
+    ax.set_title(title, fontsize=10)
+    source = (f"exact: all {stats['n_pairs']:,} pairs" if stats["exact"] else
+              f"estimate from {stats['n_pairs']:,} random pairs\n(CDF error < {stats['cdf_error_95']:.4f}, 95%)")
+    ax.text(0.02, 0.97, source, transform=ax.transAxes, va="top", fontsize=8, color="#333")
+    return _save(figure, path)
+
+
+def plot_nn_distances(statistics: dict, path: Path) -> str:
+    figure, ax = _figure(FULL_WIDTH * 0.75, 3.0)
+    labels = {"before": "all samples", "after": "selected", "random": "random subset, same size"}
+    for name, colour in zip(labels, ("#777777", COLOURS["selected"], "#1f6fb4")):
+        stats = statistics[name]["nearest_neighbour"]
+        if stats:
+            hist = stats["histogram"]
+            source = "exact" if stats["exact"] else f"{stats['n_queries']:,} random samples"
+            ax.stairs(hist["counts"], hist["edges"], color=colour, linewidth=1.6, label=f"{labels[name]} ({source})")
+    ax.set_xlabel("distance to the nearest other sample in the same set")
+    ax.set_ylabel("samples")
+    ax.set_title("Nearest-neighbour distances")
+    ax.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def _thumbnail(input_dir: str, filename: str, max_pixels: int) -> Image.Image | None:
+    """A small RGB preview, or None when the file cannot be read now (moved, a video frame, embeddings= input)."""
+    try:
+        image = open_image((Path(input_dir) / filename).read_bytes(), max_pixels)
+    except (OSError, CorruptImage):
+        return None
+    image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+    return image
+
+
+def _overlay_points(xy: np.ndarray, scatter: Scatter) -> list[int]:
+    """One selected point per cell of an OVERLAY_GRID x OVERLAY_GRID grid: the one nearest the cell's centre."""
+    low, high = xy.min(axis=0), xy.max(axis=0)
+    span = np.where(high > low, high - low, 1.0)
+    cells = np.minimum(((xy - low) / span * OVERLAY_GRID).astype(int), OVERLAY_GRID - 1)
+    centres = low + (cells + 0.5) * span / OVERLAY_GRID
+    offset = np.linalg.norm((xy - centres) / span, axis=1)
+    chosen: dict[tuple[int, int], int] = {}
+    for i in np.flatnonzero(scatter.groups[: len(xy)] == GROUPS.index("selected")):
+        cell = (int(cells[i, 0]), int(cells[i, 1]))
+        if cell not in chosen or offset[i] < offset[chosen[cell]]:
+            chosen[cell] = int(i)
+    return sorted(chosen.values())
+
+
+def plot_scatter(view: dict, scatter: Scatter, thumbnails: dict[str, Image.Image | None] | None, path: Path) -> str:
+    """Removed, datapool and selected points (selected on top); with `thumbnails`, images of
+    selected samples drawn at their points."""
+    figure, ax = _figure(HALF_WIDTH, 3.1)
+    ax.margins(0.14)  # room for thumbnails at the edges
+    xy = view["xy"]
+    groups = scatter.groups[: len(xy)]
+    for code, group in enumerate(GROUPS):
+        mask = groups == code
+        if mask.any():
+            ax.scatter(xy[mask, 0], xy[mask, 1], s=4 if len(xy) > 2000 else 14, color=COLOURS[group],
+                       label=f"{group} ({int(mask.sum()):,})", linewidths=0, rasterized=True)
+    if thumbnails is not None:
+        for i in _overlay_points(xy, scatter):
+            image = thumbnails.get(scatter.names[i])
+            if image is not None:
+                box = OffsetImage(np.asarray(image), zoom=34 * DPI / 100 / max(image.size))
+                ax.add_artist(AnnotationBbox(box, xy[i], frameon=True, pad=0.1,
+                                             bboxprops={"edgecolor": COLOURS["selected"], "linewidth": 1}))
+    shown = f"{len(xy):,} of {scatter.n_total:,} points" if len(xy) < scatter.n_total else f"{len(xy):,} points"
+    ax.set_title(f"{view['title']} ({shown})", fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=8, markerscale=2, loc="best")
+    return _save(figure, path)
+
+
+def plot_pair(pair: dict, images: tuple[Image.Image | None, Image.Image | None], path: Path) -> str:
+    figure = Figure(figsize=(HALF_WIDTH, 2.4), dpi=DPI, layout="constrained")
+    for ax, image, role in zip(figure.subplots(1, 2), images, ("retained", "removed")):
+        if image is None:
+            ax.text(0.5, 0.5, "no preview", ha="center", va="center", color="#777")
+        else:
+            ax.imshow(np.asarray(image))
+        ax.set_axis_off()
+        ax.set_title(f"{role}\n{_shorten(pair[role], 26)}", fontsize=8)
+    figure.suptitle(f"distance {pair['distance']:.3f}", fontsize=10)
+    return _save(figure, path)
+
+
+def _shorten(name: str, width: int = 34) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1) :]
+
+
+def plot_video_timelines(timelines: dict[str, list[float]], path: Path) -> str:
+    shown = list(timelines.items())[:LIST_LIMIT]
+    figure, ax = _figure(FULL_WIDTH, 1.0 + 0.32 * len(shown))
+    for row, (_, seconds) in enumerate(shown):
+        ax.plot(seconds, [row] * len(seconds), "|", markersize=11, color=COLOURS["selected"])
+    ax.set_yticks(range(len(shown)), [_shorten(video, 28) for video, _ in shown], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("time in video (s)")
+    ax.set_title("Selected frames per video")
+    return _save(figure, path)
+
+
+def plot_datapool_growth(history: list[dict], path: Path) -> str:
+    figure, ax = _figure(FULL_WIDTH * 0.75, 3.2)
+    runs = [entry["run"] for entry in history]
+    added = np.array([entry["n_samples"] for entry in history])
+    ax.bar(range(len(runs)), added, color=COLOURS["datapool"], label="added by the run")
+    ax.plot(range(len(runs)), np.cumsum(added), "o-", color="#333", label="pool size")
+    ax.set_xticks(range(len(runs)), [_shorten(r, 20) for r in runs], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("samples")
+    ax.set_title("Datapool growth")
+    ax.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def write_plots(report: dict, views: list[dict], scatter: Scatter, settings: ReportSettings, plots_dir: Path) -> dict:
+    """Every plot of the report as plots/<name>.png; returns {plot key: file name}."""
+    plots: dict = {}
+    for name in ("before", "after"):
+        stats = report["distances"][name]["pairwise"]
+        if stats:
+            title = "Pairwise distances, all samples" if name == "before" else "Pairwise distances, selected samples"
+            plots[f"distance_distr_{name}"] = plot_distance_histogram(stats, title, plots_dir / f"distance_distr_{name}.png")
+    if report["distances"]["before"]["nearest_neighbour"]:
+        plots["nn_distance_distr"] = plot_nn_distances(report["distances"], plots_dir / "nn_distance_distr.png")
+    wanted = {scatter.names[i] for view in views for i in _overlay_points(view["xy"], scatter)}
+    wanted |= {pair[role] for pair in report["example_pairs"] for role in ("retained", "removed")}
+    thumbnails = {name: _thumbnail(settings.input_dir, name, settings.max_pixels) for name in sorted(wanted)}
+    for view in views:
+        key = f"scatter_{view['key']}"
+        plots[key] = plot_scatter(view, scatter, thumbnails, plots_dir / f"{key}.png")
+        plots[f"{key}_no_overlay"] = plot_scatter(view, scatter, None, plots_dir / f"{key}_no_overlay.png")
+    plots["filter_decisions"] = [
+        plot_pair(pair, (thumbnails[pair["retained"]], thumbnails[pair["removed"]]), plots_dir / f"filter_decision_{i}.png")
+        for i, pair in enumerate(report["example_pairs"])
+    ]
+    if report.get("video_timelines"):
+        plots["video_timelines"] = plot_video_timelines(report["video_timelines"], plots_dir / "video_timelines.png")
+    if report.get("datapool_history"):
+        plots["datapool_growth"] = plot_datapool_growth(report["datapool_history"], plots_dir / "datapool_growth.png")
+    return plots
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML and PDF
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _number(value: float | int | None, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.{digits}f}"
+
+
+def render_html(report: dict, plots_dir: Path) -> str:
+    """The report as one HTML page with every plot embedded, so the file can be mailed or archived alone."""
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                                     undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    environment.filters["number"] = _number
+    environment.filters["plot"] = lambda name: _data_uri(plots_dir / name)
+    return environment.get_template("report.html.j2").render(
+        report=report, css=(TEMPLATES / "report.css").read_text(encoding="utf-8"), list_limit=LIST_LIMIT,
+        config_yaml=yaml.safe_dump(report["config"], sort_keys=False, allow_unicode=True),
+    )
+
+
+def write_pdf(html: str, path: Path) -> None:
+    import weasyprint  # imported here: it loads pango and fonts, which only this step needs
+
+    weasyprint.HTML(string=html).write_pdf(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+
 def build_report(
-    job: dict, counts: dict, stages: dict, selection: dict, vectors: np.ndarray, selected_mask: np.ndarray,
-    config: dict, memory_gb: float,
+    run_dir: Path, samples_path: Path, embeddings_path: Path, selection_path: Path, job: dict, counts: dict,
+    stages: dict, selection: dict, config: dict, video_timelines: dict[str, list[float]] | None = None,
+    datapool_history: list[dict] | None = None, datapool_embeddings_path: Path | None = None,
 ) -> dict:
-    return {
+    """Write report.json, report.html, report.pdf and plots/ into run_dir; returns the report."""
+    settings = ReportSettings.from_config(config)
+    filenames, _, vectors = load_embeddings(embeddings_path, normalize=settings.normalize)
+    chosen = set(selected_filenames(selection_path))
+    selected = np.fromiter((f in chosen for f in filenames), bool, count=len(filenames))
+    datapool = load_embeddings(datapool_embeddings_path, settings.normalize)[2] if datapool_embeddings_path else None
+    report = {
         "schema_version": SCHEMA_VERSION,
         "job": {**job, "machine": machine()},
         "counts": counts,
-        "stages": stages,
+        "stages": stage_table(stages),
         "selection": selection,
-        "distances": {
-            "before": pairwise_stats(vectors, memory_gb),
-            "after": pairwise_stats(vectors[selected_mask], memory_gb),
-        },
+        "savings": savings(counts, settings),
+        "distances": distance_statistics(vectors, np.flatnonzero(selected), settings.memory_gb, settings.seed),
+        "example_pairs": example_pairs(vectors, filenames, np.flatnonzero(selected), np.flatnonzero(~selected),
+                                       settings.n_example_images, settings.seed),
+        "files": file_lists(samples_path),
+        "video_timelines": video_timelines,
+        "datapool_history": datapool_history,
         "config": config,
+    }
+    scatter = scatter_points(vectors, filenames, selected, datapool, settings.seed)
+    views = embedding_views(scatter, settings.seed)
+    report["embedding_views"] = {"n_points": len(scatter.vectors), "n_total": scatter.n_total,
+                                 "n_datapool_points": int(np.sum(scatter.groups == GROUPS.index("datapool"))),
+                                 "views": [{k: v for k, v in view.items() if k != "xy"} for view in views]}
+    report["plots"] = write_plots(report, views, scatter, settings, run_dir / "plots")
+    html = render_html(report, run_dir / "plots")
+    write_text(html, run_dir / "report.html")
+    write_pdf(html, run_dir / "report.pdf")
+    write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False), run_dir / "report.json")
+    return report
+
+
+def artifacts(report: dict, run_dir: Path) -> dict:
+    """The Prefect artifacts' contents: a markdown summary, a table of counts and a link to the report."""
+    counts, distances, saved = report["counts"], report["distances"], report["savings"]
+    rows = [
+        ("pairwise min", "pairwise", "min"), ("pairwise mean", "pairwise", "mean"),
+        ("nearest-neighbour median", "nearest_neighbour", "median"),
+    ]
+    lines = [f"| {label} | " + " | ".join(_number((distances[s][group] or {}).get(key)) for s in ("before", "after", "random")) + " |"
+             for label, group, key in rows]
+    markdown = "\n".join([
+        f"# Thresher report: {run_dir.name}",
+        f"{counts['n_input_files']:,} files seen: {counts['n_sampled']:,} selected, {counts['n_removed']:,} removed, "
+        f"{counts['n_duplicate']:,} exact duplicates, {counts['n_corrupt']:,} corrupt.",
+        f"Estimated savings: {saved['labeling_cost_saved_usd']:,.2f} USD of labelling "
+        f"({saved['n_images_not_labelled']:,} images), {saved['training_gpu_hours_saved']:,.2f} GPU hours, "
+        f"{saved['co2_saved_kg']:,.2f} kg CO2.",
+        "", "| distance | all samples | selected | random subset |", "|---|---|---|---|", *lines,
+        "", f"Full report: `{run_dir / 'report.pdf'}`",
+    ])
+    return {
+        "markdown": {"key": f"{ARTIFACT_PREFIX}-summary", "markdown": markdown, "description": "Thresher run summary"},
+        "table": {"key": f"{ARTIFACT_PREFIX}-counts", "table": [{"count": k, "value": v} for k, v in counts.items()],
+                  "description": "Files per outcome"},
+        "link": {"key": f"{ARTIFACT_PREFIX}-pdf", "link": (run_dir / "report.pdf").resolve().as_uri(),
+                 "link_text": "report.pdf", "description": "The run's PDF report"},
     }
 
 
 @task(name="report")
 def write_report(
-    run_dir: str, embeddings_path: str, selection_path: str, normalize: bool,
-    job: dict, counts: dict, stages: dict, selection: dict, config: dict, memory_gb: float,
+    run_dir: str, samples_path: str, embeddings_path: str, selection_path: str, job: dict, counts: dict,
+    stages: dict, selection: dict, config: dict, video_timelines: dict[str, list[float]] | None = None,
+    datapool_history: list[dict] | None = None, datapool_embeddings_path: str | None = None,
 ) -> str:
-    filenames, _, vectors = load_embeddings(Path(embeddings_path), normalize=normalize)
-    chosen = set(selected_filenames(Path(selection_path)))
-    mask = np.array([f in chosen for f in filenames], dtype=bool)
-    report = build_report(job, counts, stages, selection, vectors, mask, config, memory_gb)
-    path = Path(run_dir) / "report.json"
-    write_text(json.dumps(report, indent=2, ensure_ascii=False), path)
-    return str(path)
+    """The report files in run_dir and its summary as Prefect artifacts; returns the report.json path.
+
+    `video_timelines` is {video: seconds of its selected frames}; `datapool_history` is
+    [{"run": name, "n_samples": added}] in run order; `datapool_embeddings_path` is a table of the
+    pool's earlier selections in the gathered-embeddings format (drawn as 'datapool' points)."""
+    run = Path(run_dir)
+    report = build_report(
+        run, Path(samples_path), Path(embeddings_path), Path(selection_path), job, counts, stages, selection, config,
+        video_timelines, datapool_history, Path(datapool_embeddings_path) if datapool_embeddings_path else None,
+    )
+    published = artifacts(report, run)
+    create_markdown_artifact(**published["markdown"])
+    create_table_artifact(**published["table"])
+    create_link_artifact(**published["link"])
+    return str(run / "report.json")

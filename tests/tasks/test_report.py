@@ -1,7 +1,24 @@
-import numpy as np
-from scipy.spatial.distance import pdist
+import json
+import re
+from pathlib import Path
 
-from tasks.report import pairwise_stats
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+from pypdf import PdfReader
+from scipy.spatial.distance import cdist, pdist
+
+from flows.config import ThresherConfig
+from tasks.decoding import CheckOptions, check_files
+from tasks.dedup import classify
+from tasks.listing import list_images
+from tasks.report import (
+    ReportSettings, artifacts, build_report, example_pairs, histogram, nearest_neighbours, pairwise_stats, savings,
+)
+from tasks.selection import select_samples, selected_filenames
+from tasks.storage import write_parquet
+from tests.images import picture, save, truncated
 
 
 def test_exact_stats_match_brute_force():
@@ -17,9 +34,181 @@ def test_large_inputs_are_estimated_from_random_pairs_within_the_memory_cap():
     x = np.random.default_rng(1).normal(size=(3000, 8)).astype(np.float32)
     stats = pairwise_stats(x, memory_gb=1e-6)
     reference = pdist(x.astype(np.float64))
-    assert not stats["exact"] and stats["n_pairs"] == 2_000_000 or stats["n_pairs"] == len(reference)
+    assert not stats["exact"] and stats["n_pairs"] == 2_000_000
     assert abs(stats["mean"] - reference.mean()) < 0.01 * reference.mean()
+    assert stats["cdf_error_95"] == pytest.approx(np.sqrt(np.log(40) / 4e6), rel=1e-3)
 
 
 def test_fewer_than_two_samples_have_no_stats():
     assert pairwise_stats(np.zeros((1, 3), np.float32), 1.0) is None
+
+
+def test_histogram_counts_every_pair_within_the_data_range():
+    x = np.random.default_rng(2).normal(size=(400, 16)).astype(np.float32)
+    hist = pairwise_stats(x, memory_gb=1.0)["histogram"]
+    reference = pdist(x.astype(np.float64))
+    assert sum(hist["counts"]) == len(reference) and len(hist["edges"]) == len(hist["counts"]) + 1
+    assert hist["edges"][0] <= reference.min() < hist["edges"][1] and hist["edges"][-2] <= reference.max() <= hist["edges"][-1]
+    assert hist["counts"][0] > 0 and hist["counts"][-1] > 0
+
+
+def test_histogram_merges_fine_bins_into_at_most_the_requested_number():
+    fine = np.zeros(1000, np.int64)
+    fine[[100, 101, 350, 899]] = [1, 2, 3, 4]
+    hist = histogram(fine, upper=10.0, bins=8)
+    assert len(hist["counts"]) <= 8 and sum(hist["counts"]) == 10
+    assert hist["edges"][0] == pytest.approx(1.0) and hist["edges"][-1] >= 9.0
+
+
+def test_nearest_neighbours_skip_the_query_itself_and_find_exact_duplicates():
+    x = np.random.default_rng(3).normal(size=(500, 12)).astype(np.float32)
+    x[7] = x[42]
+    queries = np.array([0, 7, 42, 499])
+    rows, distances = nearest_neighbours(x, queries, np.arange(500))
+    full = cdist(x[queries].astype(np.float64), x.astype(np.float64))
+    full[np.arange(4), queries] = np.inf
+    np.testing.assert_allclose(distances, full.min(axis=1), atol=1e-6)
+    assert rows[1] == 42 and rows[2] == 7 and distances[1] == 0.0
+
+
+def test_example_pairs_span_the_closest_to_the_farthest_retained_sample():
+    x = np.random.default_rng(4).normal(size=(60, 5)).astype(np.float32)
+    names = [f"f{i}" for i in range(60)]
+    selected, removed = np.arange(0, 60, 3), np.setdiff1d(np.arange(60), np.arange(0, 60, 3))
+    pairs = example_pairs(x, names, selected, removed, 4, seed=0)
+    nearest = cdist(x[selected], x[removed]).min(axis=1)
+    assert len(pairs) == 4 and [p["distance"] for p in pairs] == sorted(p["distance"] for p in pairs)
+    assert pairs[0]["distance"] == pytest.approx(nearest.min()) and pairs[-1]["distance"] == pytest.approx(nearest.max())
+    assert all(p["retained"] in {names[i] for i in selected} and p["removed"] in {names[i] for i in removed} for p in pairs)
+
+
+def test_savings_count_removed_and_duplicate_images_at_the_configured_rates():
+    settings = ReportSettings.from_config(ThresherConfig(input_dir="in", output_dir="out").model_dump(mode="json"))
+    saved = savings({"n_removed": 700, "n_duplicate": 100, "n_sampled": 200, "n_corrupt": 5}, settings)
+    assert saved["n_images_not_labelled"] == 800 and saved["dataset_reduction"] == 0.8
+    assert saved["labeling_cost_saved_usd"] == 40.0 and saved["labeling_cost_selected_usd"] == 10.0
+    assert saved["training_gpu_hours_saved"] == pytest.approx(800 * 0.1 / 3600, abs=1e-3)
+    assert saved["co2_saved_kg"] == pytest.approx(800 * 0.1 / 3600 * 0.4 * 0.4, abs=1e-3)
+
+
+# A small real run: 14 images, 3 planted exact duplicates (two copies of one image, one of
+# another) and 2 corrupt files, classified by the real check and dedup stages, selected by coreset.
+N_GOOD, N_SELECT = 14, 5
+TIMELINES = {"cam.mp4": [0.0, 1.5, 3.25], "sub/walk.avi": [2.0]}
+HISTORY = [{"run": "2026-01-01_10-00-00", "n_samples": 120}, {"run": "2026-02-01_10-00-00", "n_samples": 40}]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("report")
+    images, run_dir = root / "in", root / "run"
+    for i in range(N_GOOD):
+        save(picture(i), images / f"img_{i:02d}.jpg", format="JPEG", quality=90)
+    for copy, source in (("copy_a1.jpg", "img_00.jpg"), ("copy_a2.jpg", "img_00.jpg"), ("copy_b.jpg", "img_01.jpg")):
+        (images / copy).write_bytes((images / source).read_bytes())
+    truncated(images / "broken.jpg")
+    (images / "empty.png").write_bytes(b"")
+
+    work = run_dir / "intermediate"
+    samples = classify(check_files(images, list_images(str(images)), CheckOptions()), remove_exact_duplicates=True)
+    write_parquet(samples, work / "samples.parquet")
+    ok = [name for name, status in zip(samples.column("filename").to_pylist(), samples.column("status").to_pylist())
+          if status == "ok"]
+    vectors = np.random.default_rng(5).normal(size=(len(ok), 16)).astype(np.float32)
+    write_parquet(pa.table({"filename": ok, "label": pa.array([0] * len(ok), pa.int32()),
+                            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 16)}),
+                  work / "embeddings.parquet")
+    config = ThresherConfig(input_dir=str(images), output_dir=str(root), n_example_images=4,
+                            stopping_condition={"n_samples": N_SELECT}).model_dump(mode="json", exclude={"token"})
+    selection = select_samples.fn(str(work / "embeddings.parquet"), "coreset", N_SELECT, -1, True, 1, "cpu",
+                                  str(work / "selection.parquet"))
+    counts = {"n_input_files": 19, "n_corrupt": 2, "n_duplicate": 3, "n_removed": N_GOOD - N_SELECT, "n_sampled": N_SELECT}
+    job = {"started": "2026-01-01T10:00:00+00:00", "finished": "2026-01-01T10:01:00+00:00", "duration_seconds": 60.0,
+           "run_directory": str(run_dir)}
+    stages = {"check": {"seconds": 2.0, "items": 19, "items_per_second": 9.5}}
+    report = build_report(run_dir, work / "samples.parquet", work / "embeddings.parquet", work / "selection.parquet",
+                          job, counts, stages, selection, config, TIMELINES, HISTORY)
+    return run_dir, {"report": report, "ok": ok, "vectors": vectors, "selection": selection}
+
+
+def test_report_json_lists_the_planted_corrupt_files_and_duplicate_groups(run):
+    run_dir, _ = run
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["schema_version"] == 2 and report["counts"]["n_duplicate"] == 3
+    files = report["files"]
+    assert files["n_samples"] == 19 and files["n_corrupt"] == 2 and files["n_duplicate_groups"] == 2
+    assert {c["filename"] for c in files["corrupt"]} == {"broken.jpg", "empty.png"}
+    assert next(c["reason"] for c in files["corrupt"] if c["filename"] == "empty.png") == "empty file (0 bytes)"
+    assert files["duplicate_groups"] == [
+        {"kept": "copy_a1.jpg", "duplicates": ["copy_a2.jpg", "img_00.jpg"], "n_files": 3},
+        {"kept": "copy_b.jpg", "duplicates": ["img_01.jpg"], "n_files": 2},
+    ]
+    assert report["savings"]["n_images_not_labelled"] == N_GOOD - N_SELECT + 3
+    assert report["video_timelines"] == TIMELINES and report["datapool_history"] == HISTORY
+
+
+def test_report_distances_are_exact_for_the_selection_and_all_samples(run):
+    run_dir, data = run
+    report = json.loads((run_dir / "report.json").read_text())
+    unit = data["vectors"] / np.linalg.norm(data["vectors"], axis=1, keepdims=True)
+    chosen = set(selected_filenames(run_dir / "intermediate" / "selection.parquet"))
+    selected = np.array([f in chosen for f in data["ok"]])
+    for name, rows in (("before", slice(None)), ("after", selected)):
+        stats, reference = report["distances"][name], pdist(unit[rows].astype(np.float64))
+        assert stats["n_samples"] == len(unit[rows]) and stats["pairwise"]["exact"]
+        np.testing.assert_allclose([stats["pairwise"][k] for k in ("min", "mean", "max")],
+                                   [reference.min(), reference.mean(), reference.max()], rtol=1e-5)
+        assert stats["nearest_neighbour"]["exact"]
+    assert report["distances"]["random"]["n_samples"] == N_SELECT
+    # the coreset spreads out: its closest pair is farther apart than the closest pair overall
+    assert report["distances"]["after"]["pairwise"]["min"] > report["distances"]["before"]["pairwise"]["min"]
+
+
+
+def _plot_files(plots: dict) -> list[str]:
+    return [name for value in plots.values() for name in (value if isinstance(value, list) else [value])]
+
+
+def test_every_referenced_plot_exists_and_is_a_valid_png(run):
+    run_dir, _ = run
+    plots = json.loads((run_dir / "report.json").read_text())["plots"]
+    expected = {"distance_distr_before.png", "distance_distr_after.png", "scatter_pca.png", "scatter_pca_no_overlay.png",
+                *(f"scatter_umap_k_{k}{suffix}.png" for k in (5, 15, 50) for suffix in ("", "_no_overlay")),
+                *(f"filter_decision_{i}.png" for i in range(4)), "video_timelines.png", "datapool_growth.png"}
+    assert expected <= set(_plot_files(plots))
+    assert {p.name for p in (run_dir / "plots").iterdir()} == set(_plot_files(plots))
+    for name in _plot_files(plots):
+        with Image.open(run_dir / "plots" / name) as image:
+            assert image.format == "PNG"
+            image.verify()
+
+
+def test_pdf_has_every_section_and_the_numbers_of_the_json(run):
+    run_dir, _ = run
+    report = json.loads((run_dir / "report.json").read_text())
+    text = " ".join(page.extract_text() for page in PdfReader(run_dir / "report.pdf").pages)
+    text = re.sub(r"\s+", " ", text)
+    for heading in ("Thresher report", "Job", "Estimated savings", "Selection", "Distances before and after selection",
+                    "Visualisation of the embeddings", "Retained and removed images", "Corrupt files (2)",
+                    "Exact duplicate groups (2)", "Video sampling timeline", "Datapool", "Configuration"):
+        assert heading in text, heading
+    assert "empty file (0 bytes)" in text and "copy_a2.jpg" in text
+    assert f"{report['distances']['after']['pairwise']['min']:.3f}" in text
+    assert f"{report['savings']['labeling_cost_saved_usd']:.2f} USD" in text
+
+
+def test_html_is_self_contained(run):
+    run_dir, _ = run
+    html = (run_dir / "report.html").read_text()
+    sources = re.findall(r'src="([^"]*)"', html)
+    assert len(sources) >= 10 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "<link" not in html and "url(" not in html
+
+
+def test_artifacts_have_valid_keys_and_the_counts(run):
+    run_dir, data = run
+    published = artifacts(data["report"], run_dir)
+    assert all(re.fullmatch(r"[a-z0-9-]+", item["key"]) for item in published.values())
+    assert {"count": "n_duplicate", "value": 3} in published["table"]["table"]
+    assert published["link"]["link"] == (run_dir / "report.pdf").resolve().as_uri()
+    assert "5 selected" in published["markdown"]["markdown"]
