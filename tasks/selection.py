@@ -734,14 +734,18 @@ def selected_filenames(path: Path) -> list[str]:
 @task(name="select")
 def select_samples(
     embeddings_path: str, method: str, n_samples: int | float, min_distance: float,
-    normalize: bool, seed: int, device: str, out_path: str,
+    normalize: bool, seed: int, device: str, out_path: str, centers_path: str | None = None,
 ) -> dict:
-    """Select from a gathered embeddings table into a SELECTION_SCHEMA table; returns a summary."""
+    """Select from a gathered embeddings table into a SELECTION_SCHEMA table; returns a summary.
+
+    centers_path: a table of the same layout whose rows count as already selected (the datapool)."""
     filenames, _, vectors = load_embeddings(Path(embeddings_path), normalize=normalize)
+    centers = load_embeddings(Path(centers_path), normalize=normalize)[2] if centers_path else None
     count = resolve_n_samples(n_samples, len(filenames))
     limit = None if min_distance == -1 else min_distance
     if len(filenames):
-        result = select(vectors, method, count, limit, None, seed, device)
+        result = select(vectors, method, count, limit, centers if centers is not None and len(centers) else None,
+                        seed, device)
     else:
         result = SelectionResult(np.empty(0, np.int64), np.empty(0, np.float32))
     table = pa.Table.from_arrays(

@@ -65,10 +65,13 @@ def test_curation_writes_the_lightly_layout(tmp_path, dask_address):
         assert min(image.size) == 32 and image.format == "JPEG"
 
     report = json.loads((run / "report.json").read_text())
-    assert report["counts"] == {"n_input_files": 15, "n_corrupt": 2, "n_duplicate": 1, "n_removed": 6, "n_sampled": 6}
-    assert report["distances"]["after"]["min"] >= report["distances"]["before"]["min"]
+    assert report["counts"] == {"n_input_files": 15, "n_corrupt": 2, "n_duplicate": 1, "n_removed": 6, "n_sampled": 6,
+                                "n_skipped_processed": 0}
+    distances = report["distances"]
+    assert distances["after"]["pairwise"]["min"] >= distances["before"]["pairwise"]["min"]
+    stages = {row["stage"]: row for row in report["stages"]}
     for stage in ("check", "embed", "select"):
-        assert report["stages"][stage]["seconds"] > 0
+        assert stages[stage]["seconds"] > 0
     for path in run.rglob("*"):
         if path.is_file() and path.suffix in {".json", ".yaml", ".txt", ".csv"}:
             assert "TOPSECRET" not in path.read_text(errors="ignore"), path

@@ -48,7 +48,7 @@ def test_unknown_key_names_the_nearest_valid_keys():
         ("n_example_images=3", "must be an even number"),
         ("output_image_size=0", "output_image_size=0"),
         ("lightly.trainer.precision=8", "lightly.trainer.precision=8"),
-        ("enable_training=True", "enable_training=True is not supported in this version"),
+        ("datapool.name=../up", "datapool.name='../up': String should match pattern"),
     ],
 )
 def test_bad_values_name_key_and_value(override, message):

@@ -11,7 +11,7 @@ from lightly.utils.io import load_embeddings
 
 from tasks.datapool import (
     CSV_FILE, HISTORY_DIR, LOCK_FILE, POOL_FILE, DatapoolError, PoolLock, check_compatible, commit, history, merge,
-    pool_schema, processed_keys, read_pool, sampled_rows,
+    pool_schema, processed_keys, read_pool, run_rows, sampled_rows,
 )
 
 MODEL = "efficientnet-lite0|imagenet|input_size=64"
@@ -21,7 +21,7 @@ def _rows(run: str, names: list[str], statuses: list[str], dim: int = 3, source:
     rng = np.random.default_rng(len(names))
     embeddings = [rng.normal(size=dim).astype(np.float32).tolist() if s == "sampled" else None for s in statuses]
     return pa.Table.from_pydict(
-        {"source": [source] * len(names), "filename": names, "label": [0] * len(names),
+        {"source": [source] * len(names), "filename": names, "file": names, "label": [0] * len(names),
          "size": [10] * len(names), "mtime": [1.0] * len(names), "content_hash": [f"h{n}" for n in names],
          "status": statuses, "run": [run] * len(names), "embedding": embeddings},
         schema=pool_schema(dim, MODEL),
@@ -59,6 +59,17 @@ def test_processed_keys_are_per_source():
     table = pa.concat_tables([_rows("r1", ["a.jpg"], ["removed"]), _rows("r1", ["z.jpg"], ["removed"], source="/other")])
     assert processed_keys(table, "/data") == {("a.jpg", 10, 1.0)}
     assert processed_keys(None, "/data") == set()
+
+
+def test_run_rows_record_status_identity_and_sampled_embeddings():
+    samples = pa.Table.from_pydict({"filename": ["a.jpg", "v-1-mp4.png", "b.jpg", "c.jpg"], "label": [0, 1, 0, 0],
+                                    "status": ["ok", "ok", "duplicate", "corrupt"]},
+                                   schema=pa.schema([("filename", pa.string()), ("label", pa.int32()), ("status", pa.string())]))
+    files = {"a.jpg": ("a.jpg", 5, 1.0), "v-1-mp4.png": ("v.mp4", 99, 2.0), "b.jpg": ("b.jpg", 5, 1.0), "c.jpg": ("c.jpg", 0, 1.0)}
+    rows = run_rows("/data", samples, files, {"a.jpg": "h1"}, {"v-1-mp4.png": np.ones(3, np.float32)}, "r1", 3, MODEL)
+    assert rows.column("status").to_pylist() == ["removed", "sampled", "duplicate", "corrupt"]
+    assert rows.column("embedding").to_pylist()[:2] == [None, [1.0, 1.0, 1.0]]
+    assert processed_keys(rows, "/data") == {("a.jpg", 5, 1.0), ("v.mp4", 99, 2.0), ("b.jpg", 5, 1.0), ("c.jpg", 0, 1.0)}
 
 
 def test_dimension_and_model_mismatch_stop_with_a_message(tmp_path):
