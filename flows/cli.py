@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from flows.config import ConfigError, ThresherConfig, all_keys, config_from_overrides, field_help
+from tasks.datapool import DatapoolError
 
 USAGE = "thresher run input_dir=PATH output_dir=PATH [key=value ...]"
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"thresher: {error}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError, DatapoolError) as error:  # OSError: a missing folder, a full disk
         print(f"thresher: {error}", file=sys.stderr)
         return 1
     print(f"Results: {result['run_directory']}")

@@ -126,7 +126,7 @@ def pipeline(config: ThresherConfig) -> dict:
         dim, model = embedding_identity(config)
         pool = read_pool(pool_dir) if pool_dir else None
         check_compatible(pool, dim, model, pool_dir)
-        stages = Stages(config, run_dir, work, parallelism(config))
+        stages = Stages(config, run_dir, work, parallelism(config), dim)
         if config.embeddings:
             stages.read_embeddings()
         else:
@@ -134,7 +134,7 @@ def pipeline(config: ThresherConfig) -> dict:
         stages.select(pool)
         stages.write()
         if pool_dir and config.datasource.enable_datapool_update:
-            stages.update_pool(pool_dir, pool, dim, model)
+            stages.update_pool(pool_dir, pool, model)
         counts = stages.report(started, pool_dir, pool)
     logger.info(
         "Done: %d files -> %d sampled, %d removed, %d duplicate, %d corrupt. Results in %s",
@@ -147,8 +147,8 @@ def pipeline(config: ThresherConfig) -> dict:
 class Stages:
     """The pipeline's stages in order, sharing the run's paths and timings."""
 
-    def __init__(self, config: ThresherConfig, run_dir: Path, work: Path, slots: int) -> None:
-        self.config, self.run_dir, self.work, self.slots = config, run_dir, work, slots
+    def __init__(self, config: ThresherConfig, run_dir: Path, work: Path, slots: int, dim: int) -> None:
+        self.config, self.run_dir, self.work, self.slots, self.dim = config, run_dir, work, slots, dim
         self.source = str(Path(config.input_dir).resolve())
         self.cache = config.cache_path()
         self.timings: dict[str, dict] = {}
@@ -218,6 +218,7 @@ class Stages:
             max_pixels=config.corruptness_check.max_pixels,
             allow_extension_mismatch=config.corruptness_check.allow_extension_mismatch,
             corruption_threshold=config.corruptness_check.corruption_threshold,
+            decode_timeout=config.corruptness_check.decode_timeout,
         )
         shards: list[list[InputFile | FrameRange]] = stable_shards(
             images, lambda f: f.filename, config.dask.shard_size, self.slots)
@@ -273,6 +274,7 @@ class Stages:
             torch_threads=threads,
             precision=config.lightly.trainer.precision,
             max_pixels=config.corruptness_check.max_pixels,
+            decode_timeout=config.corruptness_check.decode_timeout,
         )
         spec = self.spec
         # What changes the embeddings: the model, input size, precision and decoding limit (not batching).
@@ -290,7 +292,7 @@ class Stages:
         self.timings["embed"]["compute_efficiency"] = round(compute / total, 3) if total else None
         self.timings["embed"]["cached_shards"] = sum(e["cached"] for e in embedded)
         start = time.perf_counter()
-        gathered = gather_embeddings(self.samples_path, [e["path"] for e in embedded], str(self.work))
+        gathered = gather_embeddings(self.samples_path, [e["path"] for e in embedded], str(self.work), self.dim)
         _timed(self.timings, "gather", gathered["n"], start)
 
     def select(self, pool: pa.Table | None) -> None:
@@ -341,7 +343,7 @@ class Stages:
         )
         track(futures, "dump", [count_samples(g) for g in groups], self.timings)
 
-    def update_pool(self, pool_dir: Path, pool: pa.Table | None, dim: int, model: str) -> None:
+    def update_pool(self, pool_dir: Path, pool: pa.Table | None, model: str) -> None:
         start = time.perf_counter()
         samples = read_parquet([Path(self.samples_path)])
         check = read_parquet([Path(p) for p in self.check_paths]) if self.check_paths else None
@@ -350,7 +352,7 @@ class Stages:
         names, _, vectors = load_embeddings(Path(self.embeddings_path), normalize=False)
         sampled = {name: vector for name, vector in zip(names, vectors) if name in chosen}
         identities = self.identities or {n: (n, 0, 0.0) for n in samples.column("filename").to_pylist()}
-        rows = run_rows(self.source, samples, identities, hashes, sampled, self.run_dir.name, dim, model)
+        rows = run_rows(self.source, samples, identities, hashes, sampled, self.run_dir.name, self.dim, model)
         commit(pool_dir, merge(pool, rows), self.config.datapool.keep_history)
         _timed(self.timings, "datapool", len(rows), start)
 

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.embeddings_csv import write_embeddings_csv
-from tasks.storage import atomic_path
+from tasks.storage import atomic_target
 
 POOL_FILE = "datapool.parquet"
 CSV_FILE = "datapool_latest.csv"
@@ -124,7 +124,7 @@ def run_rows(
     for i, name in enumerate(names):
         if name in sampled:
             flat[i] = sampled[name]
-    mask = pa.array([n not in sampled for n in names])
+    mask = pa.array([n not in sampled for n in names], pa.bool_())
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim, mask=mask)
     return pa.Table.from_arrays(
         [pa.array([source] * len(names), pa.string()), pa.array(names, pa.string()),
@@ -153,11 +153,10 @@ def commit(pool_dir: Path, table: pa.Table, keep_history: bool) -> None:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S.%fZ")
         (pool_dir / HISTORY_DIR).mkdir(exist_ok=True)
         os.link(current, pool_dir / HISTORY_DIR / f"datapool_{stamp}.parquet")  # a hard link: no copy
-    tmp = atomic_path(current)
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, current)
+    with atomic_target(current) as tmp:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
     write_latest_csv(pool_dir, table)
 
 

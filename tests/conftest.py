@@ -11,10 +11,11 @@ import pytest
 
 @pytest.fixture(scope="session")
 def prefect_server():
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield os.environ.get("PREFECT_API_URL")
+        yield PREFECT_API_URL.value()  # the harness sets a setting, not the environment
 
 
 @pytest.fixture(scope="session")
