@@ -51,6 +51,9 @@ class CorruptnessCheck(_Section):
         gt=0,
         description="Images that declare more pixels are rejected as decompression bombs before any pixel is decoded.",
     )
+    decode_timeout: float = Field(
+        60.0, gt=0, description="Seconds one image may take to decode; a slower one is listed as corrupt, so no file can stall a run.",
+    )
     allow_extension_mismatch: bool = Field(
         False,
         description="Keep images whose content format differs from their file extension "
@@ -152,6 +155,7 @@ class Dask(_Section):
         0, ge=0, description="Threads per local worker (also torch's intra-op threads); 0 takes the spec's."
     )
     shard_size: int = Field(256, gt=0, description="Files per mapped task; smaller shards spread small inputs over all workers.")
+    retries: int = Field(2, ge=0, description="Times a failed shard task is retried (e.g. after a worker died).")
 
 
 class Selection(_Section):
@@ -369,6 +373,9 @@ def explain_not_applicable(overrides: list[str]) -> None:
 
 def check_consistency(config: ThresherConfig) -> None:
     """Rules that span several keys, checked before any work starts."""
+    for key in ("checkpoint", "embeddings", "relevant_filenames_file"):
+        if getattr(config, key):
+            config.shared_path(getattr(config, key), key)  # inside shared_dir, and there
     if config.enable_training and config.datapool.name:
         raise ConfigError(
             "enable_training=True cannot be combined with datapool.name: a datapool's embeddings must all come from "

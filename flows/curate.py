@@ -12,13 +12,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import dask
 from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 from prefect_dask import DaskTaskRunner
 from tqdm import tqdm
@@ -54,15 +57,22 @@ def task_runner(config: ThresherConfig) -> DaskTaskRunner:
     return DaskTaskRunner(**load_cluster_spec(config.dask.cluster, config.dask.n_workers, config.dask.threads_per_worker))
 
 
-def parallelism(config: ThresherConfig) -> int:
-    """Task slots of the cluster, for sizing shards so that every slot gets work."""
+@dataclass(frozen=True)
+class Cluster:
+    slots: int  # task slots (threads over all workers), for sizing shards so every slot gets work
+    gpu: bool  # some worker offers the GPU resource: GPU stages ask for it, so they run only there
+
+
+def cluster_info(config: ThresherConfig) -> Cluster:
     if config.dask.address:
         from distributed import Client
 
         with Client(config.dask.address, timeout="30s") as client:
-            return max(1, sum(client.nthreads().values()))
+            workers = client.scheduler_info()["workers"].values()
+            return Cluster(max(1, sum(w["nthreads"] for w in workers)),
+                           any("GPU" in w.get("resources", {}) for w in workers))
     kwargs = load_cluster_spec(config.dask.cluster, config.dask.n_workers, config.dask.threads_per_worker)["cluster_kwargs"]
-    return kwargs["n_workers"] * kwargs["threads_per_worker"]
+    return Cluster(kwargs["n_workers"] * kwargs["threads_per_worker"], "GPU" in kwargs.get("resources", {}))
 
 
 def _timed(timings: dict, stage: str, items: int, start: float) -> None:
@@ -71,18 +81,33 @@ def _timed(timings: dict, stage: str, items: int, start: float) -> None:
                       "items_per_second": round(items / seconds, 2) if seconds > 0 else None}
 
 
-def track(futures: list[PrefectFuture], stage: str, sizes: list[int], timings: dict) -> list[Any]:
-    """Wait for a stage's futures with a progress bar in images/s; results in submission order."""
+def track(futures: list[PrefectFuture], stage: str, shards: list[list], timings: dict) -> list[Any]:
+    """Wait for a stage's futures, with a progress bar in images/s in the terminal and a progress
+    artifact in the Prefect UI; results in submission order. A shard that failed after its
+    retries stops the run with a message naming its files."""
     start = time.perf_counter()
+    sizes = [count_samples(s) for s in shards]
     index = {id(f): i for i, f in enumerate(futures)}
     results: list[Any] = [None] * len(futures)
+    artifact = create_progress_artifact(0.0, description=f"{stage}: {sum(sizes)} samples in {len(shards)} shards")
     with tqdm(total=sum(sizes), desc=f"{stage:<8}", unit="img", dynamic_ncols=True) as bar:
-        for future in as_completed(futures):
+        for done, future in enumerate(as_completed(futures), start=1):
             i = index[id(future)]
-            results[i] = future.result()
+            try:
+                results[i] = future.result()
+            except Exception as error:
+                raise RuntimeError(f"{stage} failed for shard {i} ({describe_shard(shards[i])}): {error}") from error
             bar.update(sizes[i])
+            update_progress_artifact(artifact, 100.0 * done / len(futures))
     _timed(timings, stage, sum(sizes), start)
     return results
+
+
+def describe_shard(shard: list) -> str:
+    names = [item.file.filename if isinstance(item, FrameRange) else item.filename if isinstance(item, InputFile)
+             else item[0] for item in shard]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"{count_samples(shard)} samples from {shown}"
 
 
 @task(name="classify-samples")
@@ -126,7 +151,7 @@ def pipeline(config: ThresherConfig) -> dict:
         dim, model = embedding_identity(config)
         pool = read_pool(pool_dir) if pool_dir else None
         check_compatible(pool, dim, model, pool_dir)
-        stages = Stages(config, run_dir, work, parallelism(config), dim)
+        stages = Stages(config, run_dir, work, cluster_info(config), dim)
         if config.embeddings:
             stages.read_embeddings()
         else:
@@ -147,8 +172,9 @@ def pipeline(config: ThresherConfig) -> dict:
 class Stages:
     """The pipeline's stages in order, sharing the run's paths and timings."""
 
-    def __init__(self, config: ThresherConfig, run_dir: Path, work: Path, slots: int, dim: int) -> None:
-        self.config, self.run_dir, self.work, self.slots, self.dim = config, run_dir, work, slots, dim
+    def __init__(self, config: ThresherConfig, run_dir: Path, work: Path, cluster: Cluster, dim: int) -> None:
+        self.config, self.run_dir, self.work, self.cluster, self.dim = config, run_dir, work, cluster, dim
+        self.slots = cluster.slots
         self.source = str(Path(config.input_dir).resolve())
         self.cache = config.cache_path()
         self.timings: dict[str, dict] = {}
@@ -203,11 +229,11 @@ class Stages:
 
     def probe(self, videos: list[InputFile]) -> pa.Table:
         groups = stable_shards(videos, lambda f: f.filename, self.config.dask.shard_size, self.slots)
-        futures = probe_videos.map(
+        futures = probe_videos.with_options(retries=self.config.dask.retries).map(
             unmapped(self.config.input_dir), groups, unmapped(self.config.datasource.use_frame_count_metadata),
             [str(self.work / "probe" / f"shard-{i:05d}.parquet") for i in range(len(groups))],
         )
-        probed = read_videos([Path(p) for p in track(futures, "probe", [len(g) for g in groups], self.timings)])
+        probed = read_videos([Path(p) for p in track(futures, "probe", groups, self.timings)])
         write_parquet(probed, Path(self.videos_path))
         return probed
 
@@ -224,9 +250,10 @@ class Stages:
             images, lambda f: f.filename, config.dask.shard_size, self.slots)
         shards += video_shards(probed, config.dask.shard_size, self.slots)
         paths = [str(cache_path(self.cache, "check", shard_key("check", self.source, options, s))) for s in shards]
-        futures = check_shard.map(unmapped(config.input_dir), shards, unmapped(options), paths)
+        futures = check_shard.with_options(retries=config.dask.retries).map(
+            unmapped(config.input_dir), shards, unmapped(options), paths)
         corrupt_videos = write_parquet(check_table(corrupt_video_rows(probed)), self.work / "check-videos.parquet")
-        self.check_paths = [str(corrupt_videos), *track(futures, "check", [count_samples(s) for s in shards], self.timings)]
+        self.check_paths = [str(corrupt_videos), *track(futures, "check", shards, self.timings)]
 
     def deduplicate(self, probed: pa.Table) -> tuple[list[tuple[str, int]], list[list[FrameRange]]]:
         start = time.perf_counter()
@@ -284,9 +311,12 @@ class Stages:
         keys = [shard_key("embed", self.source, key_params,
                           [(*item, *self.identities[item[0]][1:]) if isinstance(item, tuple) else item for item in s])
                 for s in shards]
-        futures = embed_shard.map(unmapped(config.input_dir), shards, unmapped(spec), unmapped(options),
-                                  [str(cache_path(self.cache, "embed", k)) for k in keys])
-        embedded = track(futures, "embed", [count_samples(s) for s in shards], self.timings)
+        # On a cluster with GPU workers, embedding runs only there (one task per GPU at a time).
+        with dask.annotate(resources={"GPU": 1}) if self.cluster.gpu else nullcontext():
+            futures = embed_shard.with_options(retries=config.dask.retries).map(
+                unmapped(config.input_dir), shards, unmapped(spec), unmapped(options),
+                [str(cache_path(self.cache, "embed", k)) for k in keys])
+        embedded = track(futures, "embed", shards, self.timings)
         compute = sum(e["compute_seconds"] for e in embedded)
         total = sum(e["seconds"] for e in embedded)
         self.timings["embed"]["compute_efficiency"] = round(compute / total, 3) if total else None
@@ -336,12 +366,12 @@ class Stages:
         frames = {name for group in frame_groups for rng in group for name in rng.names()}
         names = sorted(dump_names([f for f in selected if f not in frames], config.output_image_format).items())
         groups = [*stable_shards(names, lambda pair: pair[0], config.dask.shard_size, self.slots), *frame_groups]
-        futures = dump_shard.map(
+        futures = dump_shard.with_options(retries=config.dask.retries).map(
             unmapped(config.input_dir), groups, unmapped(str(self.run_dir / "data" / "sampled")),
             unmapped(config.output_image_size), unmapped(config.output_image_format),
             unmapped(config.corruptness_check.max_pixels),
         )
-        track(futures, "dump", [count_samples(g) for g in groups], self.timings)
+        track(futures, "dump", groups, self.timings)
 
     def update_pool(self, pool_dir: Path, pool: pa.Table | None, model: str) -> None:
         start = time.perf_counter()

@@ -1,0 +1,136 @@
+"""The service topology without Docker: a real `prefect server`, a `dask scheduler` with two
+`dask worker` processes, a process work pool and worker, the deployments of
+`deployments/prefect.yaml`, and runs started with `prefect deployment run --param ...`."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.images import picture, save
+
+ROOT = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(check, what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not come up within {timeout} s")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    root = tmp_path_factory.mktemp("service")
+    api_port, scheduler_port = _free_port(), _free_port()
+    api = f"http://127.0.0.1:{api_port}/api"
+    scheduler = f"tcp://127.0.0.1:{scheduler_port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_LOGGING_EXTRA_LOGGERS="tasks,flows", THRESHER_HOME=str(ROOT),
+               THRESHER_DASK_ADDRESS=scheduler)
+    logs = open(root / "services.log", "w")
+    processes = [
+        subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(api_port)],
+                         env=env, stdout=logs, stderr=subprocess.STDOUT),
+        subprocess.Popen([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(scheduler_port),
+                          "--dashboard-address", ":0"], env=env, stdout=logs, stderr=subprocess.STDOUT),
+    ]
+    processes += [subprocess.Popen([BIN / "dask", "worker", scheduler, "--nthreads", "1", "--dashboard-address", ":0"],
+                                   env=env, stdout=logs, stderr=subprocess.STDOUT) for _ in range(2)]
+    try:
+        _wait(lambda: _healthy(f"{api}/health"), "prefect server")
+        for command in (["work-pool", "create", "thresher", "--type", "process"],
+                        ["--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "adhoc"]):
+            result = subprocess.run([BIN / "prefect", *command], env=env, cwd=ROOT, capture_output=True, text=True,
+                                    timeout=300)
+            assert result.returncode == 0, result.stdout + result.stderr
+        processes.append(subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", "thresher"], env=env,
+                                          cwd=ROOT, stdout=logs, stderr=subprocess.STDOUT))
+        yield {"env": env, "api": api, "root": root}
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        logs.close()
+
+
+def _deployment_run(service, *params: str) -> dict:
+    """`prefect deployment run curate/adhoc --param ...`, then wait for the flow run to end."""
+    command = [BIN / "prefect", "deployment", "run", "curate/adhoc"]
+    for param in params:
+        command += ["--param", param]
+    result = subprocess.run(command, env=service["env"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", result.stdout).group(1)
+    state: dict = {}
+
+    def finished() -> bool:
+        state.update(httpx.get(f"{service['api']}/flow_runs/{run_id}", timeout=10).json())
+        return state.get("state_type") in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+    _wait(finished, f"flow run {run_id}", timeout=900)
+    return state
+
+
+def test_deployment_runs_with_parameters_artifacts_and_incremental_reruns(service):
+    root = service["root"]
+    for seed in range(8):
+        save(picture(seed), root / "in" / f"img_{seed}.jpg", format="JPEG")
+    common = [f"input_dir={root / 'in'}", f"output_dir={root / 'out'}", f"shared_dir={root / 'shared'}",
+              'datapool={"name": "pool"}']
+    (root / "shared").mkdir()
+    state = _deployment_run(service, *common, "run_directory=first", 'stopping_condition={"n_samples": 3}')
+    assert state["state_type"] == "COMPLETED", state.get("state", {}).get("message")
+    sampled = (root / "out" / "first" / "filenames" / "sampled_filenames.txt").read_text().split()
+    assert len(sampled) == 3
+
+    artifacts = httpx.post(f"{service['api']}/artifacts/filter", timeout=10, json={}).json()
+    kinds = {a["type"] for a in artifacts}
+    assert {"progress", "markdown", "table"} <= kinds, kinds
+    assert any(a["type"] == "progress" and a["data"] == 100.0 for a in artifacts)
+
+    for seed in range(8, 10):
+        save(picture(seed), root / "in" / f"img_{seed}.jpg", format="JPEG")
+    state = _deployment_run(service, *common, "run_directory=second", 'stopping_condition={"n_samples": 1}')
+    assert state["state_type"] == "COMPLETED", state.get("state", {}).get("message")
+    report = json.loads((root / "out" / "second" / "report.json").read_text())
+    assert report["counts"]["n_skipped_processed"] == 8 and report["counts"]["n_input_files"] == 2
+
+
+def test_bad_parameters_fail_with_the_config_message(service):
+    root = service["root"]
+    state = _deployment_run(service, f"input_dir={root}", f"output_dir={root / 'out'}",
+                            'stopping_condition={"n_sampels": 3}')
+    assert state["state_type"] == "FAILED"
+    logs = httpx.post(f"{service['api']}/logs/filter", timeout=10,
+                      json={"logs": {"flow_run_id": {"any_": [state["id"]]}}}).json()
+    text = " ".join(entry["message"] for entry in logs)
+    assert "stopping_condition.n_sampels" in text and "Extra inputs are not permitted" in text
