@@ -45,12 +45,15 @@ def _parser() -> argparse.ArgumentParser:
 
 @contextmanager
 def prefect_api() -> Iterator[None]:
-    """Use PREFECT_API_URL when set; otherwise one temporary local server shared by all workers."""
-    if os.environ.get("PREFECT_API_URL"):
+    """Use the configured Prefect API (PREFECT_API_URL, a profile, a test harness); without one,
+    one temporary local server shared by all workers."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
         yield
         return
+    from prefect.logging.handlers import APILogHandler
     from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     server = SubprocessASGIServer()
     server.start(timeout=120)
@@ -59,8 +62,6 @@ def prefect_api() -> Iterator[None]:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             yield
     finally:
-        from prefect.logging.handlers import APILogHandler
-
         # Send the run's last log lines while the server is still there to take them.
         APILogHandler().flush()
         os.environ.pop("PREFECT_API_URL", None)

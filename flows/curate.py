@@ -250,10 +250,13 @@ class Stages:
             images, lambda f: f.filename, config.dask.shard_size, self.slots)
         shards += video_shards(probed, config.dask.shard_size, self.slots)
         paths = [str(cache_path(self.cache, "check", shard_key("check", self.source, options, s))) for s in shards]
+        todo = [i for i, path in enumerate(paths) if not Path(path).exists()]  # the rest is cached
         futures = check_shard.with_options(retries=config.dask.retries).map(
-            unmapped(config.input_dir), shards, unmapped(options), paths)
+            unmapped(config.input_dir), [shards[i] for i in todo], unmapped(options), [paths[i] for i in todo])
+        track(futures, "check", [shards[i] for i in todo], self.timings)
+        self.timings["check"]["cached_shards"] = len(shards) - len(todo)
         corrupt_videos = write_parquet(check_table(corrupt_video_rows(probed)), self.work / "check-videos.parquet")
-        self.check_paths = [str(corrupt_videos), *track(futures, "check", shards, self.timings)]
+        self.check_paths = [str(corrupt_videos), *paths]
 
     def deduplicate(self, probed: pa.Table) -> tuple[list[tuple[str, int]], list[list[FrameRange]]]:
         start = time.perf_counter()
@@ -311,18 +314,20 @@ class Stages:
         keys = [shard_key("embed", self.source, key_params,
                           [(*item, *self.identities[item[0]][1:]) if isinstance(item, tuple) else item for item in s])
                 for s in shards]
+        paths = [str(cache_path(self.cache, "embed", k)) for k in keys]
+        todo = [i for i, path in enumerate(paths) if not Path(path).exists()]  # the rest is cached
         # On a cluster with GPU workers, embedding runs only there (one task per GPU at a time).
         with dask.annotate(resources={"GPU": 1}) if self.cluster.gpu else nullcontext():
             futures = embed_shard.with_options(retries=config.dask.retries).map(
-                unmapped(config.input_dir), shards, unmapped(spec), unmapped(options),
-                [str(cache_path(self.cache, "embed", k)) for k in keys])
-        embedded = track(futures, "embed", shards, self.timings)
+                unmapped(config.input_dir), [shards[i] for i in todo], unmapped(spec), unmapped(options),
+                [paths[i] for i in todo])
+        embedded = track(futures, "embed", [shards[i] for i in todo], self.timings)
         compute = sum(e["compute_seconds"] for e in embedded)
         total = sum(e["seconds"] for e in embedded)
         self.timings["embed"]["compute_efficiency"] = round(compute / total, 3) if total else None
-        self.timings["embed"]["cached_shards"] = sum(e["cached"] for e in embedded)
+        self.timings["embed"]["cached_shards"] = len(shards) - len(todo)
         start = time.perf_counter()
-        gathered = gather_embeddings(self.samples_path, [e["path"] for e in embedded], str(self.work), self.dim)
+        gathered = gather_embeddings(self.samples_path, paths, str(self.work), self.dim)
         _timed(self.timings, "gather", gathered["n"], start)
 
     def select(self, pool: pa.Table | None) -> None:
