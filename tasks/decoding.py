@@ -7,7 +7,7 @@ pixel is decoded), or content whose format differs from its extension. The reaso
 so what passes the check is exactly what gets embedded. Shards may also hold video frame ranges,
 which `tasks/video.py` checks frame by frame (pixel hash and corruption score).
 
-    >>> record = check_file(Path("examples/images"), InputFile("animals/cat_00.jpg", 0, 1, 0.0), CheckOptions())
+    >>> record = check_file(Path("examples/images"), InputFile("objects/chelsea_00.jpg", 0, 1, 0.0), CheckOptions())
     >>> record["error"] is None
     True
 """
@@ -15,13 +15,18 @@ which `tasks/video.py` checks frame by frame (pixel hash and corruption score).
 from __future__ import annotations
 
 import io
+import os
+import stat
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
 import xxhash
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 from prefect import task
 
 from tasks.listing import InputFile
@@ -31,6 +36,8 @@ from tasks.video import FrameRange, check_ranges
 # Pillow's own bomb check uses a fixed global limit; ours is the configurable max_pixels, checked
 # from the header before decoding, so Pillow's is switched off in the processes that decode.
 Image.MAX_IMAGE_PIXELS = None
+
+T = TypeVar("T")
 
 # Formats that legitimately carry another format's extension (camera MPO files are JPEGs).
 FORMAT_ALIASES = {"MPO": "JPEG"}
@@ -55,6 +62,7 @@ class CheckOptions:
     max_pixels: int = 178_956_970
     allow_extension_mismatch: bool = False
     corruption_threshold: float = 0.1  # video frames only
+    decode_timeout: float = 60.0  # seconds per image
 
 
 class CorruptImage(Exception):
@@ -78,10 +86,59 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(data: bytes, max_pixels: int, extension: str | None = None) -> Image.Image:
+def within(seconds: float | None, work: Callable[[], T]) -> T:
+    """work(), or TimeoutError after `seconds` (None waits forever). A decoder stuck in C cannot be
+    interrupted, so an overrunning call is left to finish in its daemon thread while the shard
+    moves on; the pixel limit bounds what such a thread can hold."""
+    if seconds is None:
+        return work()
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as error:  # re-raised in the caller's thread
+            outcome.append((False, error))
+
+    thread = threading.Thread(target=run, name="thresher-decode", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise TimeoutError(f"gave up after {seconds:g} s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def read_file(path: Path) -> bytes:
+    """The bytes of a regular file. It is opened without blocking and checked, so a pipe or device
+    that carries an image's name is refused instead of hanging the run on its first read."""
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise CorruptImage("not a regular file (a pipe, socket or device)")
+        return handle.read()
+
+
+def load_image(path: Path, max_pixels: int, timeout: float | None = None) -> Image.Image:
+    """Read and fully decode an image file (see open_image)."""
+    return open_image(read_file(path), max_pixels, timeout=timeout)
+
+
+def decode(image: Image.Image) -> Image.Image:
+    """The opened image's pixels, upright, in RGB."""
+    # Importing weasyprint (the report) makes Pillow accept truncated files process-wide; here a
+    # truncated file must stay corrupt, whatever was imported before.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    image.load()
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def open_image(data: bytes, max_pixels: int, extension: str | None = None, timeout: float | None = None) -> Image.Image:
     """Fully decode image bytes to upright RGB; raises CorruptImage with the reason.
 
-    `extension` (e.g. '.jpg'), when given, must match the decoded format."""
+    `extension` (e.g. '.jpg'), when given, must match the decoded format. Decoding that takes
+    longer than `timeout` seconds is given up as corrupt."""
     if not data:
         raise CorruptImage("empty file (0 bytes)")
     try:
@@ -102,9 +159,9 @@ def open_image(data: bytes, max_pixels: int, extension: str | None = None) -> Im
         if expected is not None and actual != expected:
             raise CorruptImage(f"wrong extension: content is {image.format}, extension is {extension}")
     try:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+        return within(timeout, lambda: decode(image))
+    except TimeoutError as error:
+        raise CorruptImage(f"decoding timed out: {error} (corruptness_check.decode_timeout)") from None
     except Exception as error:
         raise CorruptImage(f"decoding failed: {error}") from None
 
@@ -114,15 +171,18 @@ def check_file(input_dir: Path, file: InputFile, options: CheckOptions) -> dict:
     row = {"filename": file.filename, "label": file.label, "size": file.size, "mtime": file.mtime,
            "content_hash": None, "width": None, "height": None, "error": None}
     try:
-        data = (input_dir / file.filename).read_bytes()
+        data = read_file(input_dir / file.filename)
     except OSError as error:
         row["error"] = f"unreadable: {error.strerror or error}"
+        return row
+    except CorruptImage as error:
+        row["error"] = str(error)
         return row
     row["content_hash"] = xxhash.xxh3_128_hexdigest(data)
     if options.full_decode:
         extension = None if options.allow_extension_mismatch else Path(file.filename).suffix
         try:
-            image = open_image(data, options.max_pixels, extension)
+            image = open_image(data, options.max_pixels, extension, options.decode_timeout)
             row["width"], row["height"] = image.size
         except CorruptImage as error:
             row["error"] = str(error)
@@ -148,8 +208,5 @@ def check_table(rows: list[dict]) -> pa.Table:
 
 @task(name="decode-check", retries=2, retry_delay_seconds=1)
 def check_shard(input_dir: str, files: list[InputFile | FrameRange], options: CheckOptions, out_path: str) -> str:
-    """Check one shard into out_path, which is content-addressed (tasks/caching.py): if it exists,
-    this shard was checked before with the same files and options."""
-    if not Path(out_path).exists():
-        write_parquet(check_files(Path(input_dir), files, options), Path(out_path))
+    write_parquet(check_files(Path(input_dir), files, options), Path(out_path))
     return out_path

@@ -13,9 +13,9 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 from prefect import task
 
-from tasks.decoding import open_image
-from tasks.storage import atomic_path
-from tasks.video import FrameRange, read_frames
+from tasks.decoding import load_image
+from tasks.storage import atomic_target
+from tasks.video import FrameRange, frame_image, read_frames
 
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "bmp": "BMP", "tiff": "TIFF"}
 
@@ -48,14 +48,14 @@ def dump_names(filenames: list[str], fmt: str) -> dict[str, str]:
 
 
 def dump_image(source: Path, target: Path, spec: int | tuple[int, int], fmt: str, max_pixels: int) -> None:
-    save_image(open_image(source.read_bytes(), max_pixels), target, spec, fmt)
+    save_image(load_image(source, max_pixels), target, spec, fmt)
 
 
 def dump_frames(input_dir: Path, ranges: list[FrameRange], out_dir: Path, spec: int | tuple[int, int], fmt: str) -> int:
     """Write the frames of the ranges as out_dir/<frame name with the extension fmt>; returns how many."""
     names = dump_names([name for rng in ranges for name in rng.names()], fmt)
     written = 0
-    for name, image in read_frames(input_dir, ranges, lambda frame: frame.to_image()):
+    for name, image in read_frames(input_dir, ranges, frame_image):
         if isinstance(image, str):
             raise RuntimeError(f"{name} was selected but cannot be decoded now ({image}): "
                                "its video changed during the run; run again.")
@@ -68,11 +68,9 @@ def save_image(image: Image.Image, target: Path, spec: int | tuple[int, int], fm
     size = target_size(image.size, spec)
     if size != image.size:
         image = image.resize(size, Image.Resampling.LANCZOS)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(target)
     options = {"quality": 95} if PIL_FORMATS[fmt] in {"JPEG", "WEBP"} else {}
-    image.save(tmp, format=PIL_FORMATS[fmt], **options)
-    tmp.replace(target)
+    with atomic_target(target) as tmp:
+        image.save(tmp, format=PIL_FORMATS[fmt], **options)
 
 
 @task(name="dump-shard", retries=2, retry_delay_seconds=1)

@@ -9,7 +9,7 @@ does) and normalised with the ImageNet mean and std. Video frames are resized by
 they come out of it (`tasks/video.py`), so a shard of a long video streams in bounded memory.
 
     >>> model = load_backbone("efficientnet-lite0", num_ftrs=32, checkpoint="", seed=1, device="cpu")
-    >>> vectors, errors = embed_files(Path("examples/images"), ["animals/cat_00.jpg"], model,
+    >>> vectors, errors = embed_files(Path("examples/images"), ["objects/chelsea_00.jpg"], model,
     ...                               EmbedOptions(input_size=64, batch_size=16, num_threads=1))
     >>> vectors.shape
     (1, 1280)
@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import timm
 import torch
 import torchvision
@@ -275,12 +274,7 @@ def embed_shard(
     input_dir: str, files: list[tuple[str, int]] | list[FrameRange], spec: ModelSpec, options: EmbedOptions,
     out_path: str,
 ) -> dict:
-    """Embed one shard (image files, or video frame ranges) into a Parquet file; returns its path and timings.
-
-    out_path is content-addressed (tasks/caching.py): when it exists, the shard was embedded before."""
-    if Path(out_path).exists():
-        return {"path": out_path, "n": pq.ParquetFile(out_path).metadata.num_rows, "seconds": 0.0,
-                "compute_seconds": 0.0, "cached": True}
+    """Embed one shard (image files, or video frame ranges) into a Parquet file; returns its path and timings."""
     start = time.perf_counter()
     torch.set_num_threads(options.torch_threads)
     model = load_backbone(spec.name, spec.num_ftrs, spec.checkpoint, spec.seed, default_device())
@@ -291,5 +285,4 @@ def embed_shard(
         filenames, labels = [f for f, _ in files], [label for _, label in files]
         vectors, errors, compute = embed_files(Path(input_dir), filenames, model, options)
     write_parquet(embeddings_table(filenames, labels, vectors, errors), Path(out_path))
-    return {"path": out_path, "n": len(filenames), "seconds": time.perf_counter() - start, "compute_seconds": compute,
-            "cached": False}
+    return {"path": out_path, "n": len(filenames), "seconds": time.perf_counter() - start, "compute_seconds": compute}

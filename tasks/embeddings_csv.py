@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from tasks.storage import atomic_path
+from tasks.storage import atomic_target
 
 # lightly allows these bookkeeping columns between the embeddings and the labels.
 OPTIONAL_COLUMNS = ("masked", "selected")
@@ -29,14 +29,11 @@ def write_embeddings_csv(path: Path, filenames: list[str], vectors: np.ndarray, 
     columns += [pa.array(vectors[:, j]) for j in range(dim)]
     columns.append(pa.array(labels, pa.int64()))
     names = ["filenames", *(f"embedding_{j}" for j in range(dim)), "labels"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
     # pyarrow quotes header names; lightly writes (and documents) a bare header, so it is written here.
-    with tmp.open("wb") as out:
+    with atomic_target(path) as tmp, tmp.open("wb") as out:
         out.write((",".join(names) + "\n").encode())
         pacsv.write_csv(pa.Table.from_arrays(columns, names=names), out,
                         pacsv.WriteOptions(include_header=False, quoting_style="needed"))
-    tmp.replace(path)
     return path
 
 

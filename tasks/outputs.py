@@ -50,9 +50,15 @@ def corruptness_information(samples: pa.Table) -> dict:
             "corrupt_videos": {name: reason for name, reason in corrupt.items() if is_video(name)}}
 
 
+def list_line(filename: str) -> str:
+    """A filename as one line of a list. Linux allows line breaks in names; they are written as the
+    escapes \\n and \\r so that every file stays exactly one line (the CSVs and the JSON hold the exact name)."""
+    return filename.replace("\n", "\\n").replace("\r", "\\r") + "\n"
+
+
 def write_lists(run_dir: Path, lists: dict[str, list[str]]) -> None:
     for name, filenames in lists.items():
-        write_text("".join(f"{f}\n" for f in filenames), run_dir / "filenames" / f"{name}_filenames.txt")
+        write_text("".join(map(list_line, filenames)), run_dir / "filenames" / f"{name}_filenames.txt")
 
 
 @task(name="write-outputs")

@@ -29,7 +29,7 @@ It is a `torch.save`d dict that loads with `torch.load(path, weights_only=True)`
     loss             mean NT-Xent loss of epoch N.
     model_name, num_ftrs, out_dim, input_size, thresher_version   what it was trained with.
 
-    >>> checkpoint = train([Path("examples/images/animals/cat_00.jpg"), ...],
+    >>> checkpoint = train([Path("examples/images/objects/chelsea_00.jpg"), ...],
     ...                    ModelSpec("resnet-18", num_ftrs=32, checkpoint="", seed=1),
     ...                    TrainOptions(max_epochs=1, batch_size=8), Path("out/run"))
     >>> checkpoint.name
@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from tasks.decoding import open_image
 from tasks.embedding import ModelSpec, build_backbone, default_device, load_checkpoint
-from tasks.video import FrameRange, read_frames
+from tasks.video import FrameRange, frame_image, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def extract_frames(input_dir: Path, ranges: list[FrameRange], out_dir: Path) -> 
     """Decode the frames once into PNG files to train on (an epoch then reads them like images);
     frames that fail to decode are left out."""
     paths = []
-    for name, frame in read_frames(input_dir, ranges, lambda frame: frame.to_image()):
+    for name, frame in read_frames(input_dir, ranges, frame_image):
         if isinstance(frame, Image.Image):
             path = out_dir / name
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
+from PIL import Image
 from prefect import task
 
 from tasks.listing import InputFile
@@ -374,11 +375,21 @@ def check_ranges(input_dir: Path, ranges: list[FrameRange], threshold: float | N
             for name, result in read_frames(input_dir, ranges, lambda frame: frame)]
 
 
+def upright(frame: av.VideoFrame, pixels: np.ndarray) -> np.ndarray:
+    """The frame's HWC pixels turned as its display matrix asks (phones record sideways and say
+    so), as images are turned by their EXIF orientation."""
+    return np.rot90(pixels, frame.rotation // 90) if frame.rotation else pixels
+
+
+def frame_image(frame: av.VideoFrame) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(upright(frame, frame.to_ndarray(format="rgb24"))))
+
+
 def embedder_input(frame: av.VideoFrame, input_size: int) -> np.ndarray:
     """uint8 CHW input_size x input_size RGB, resized by the decoder's scaler in the same pass as
     the colour conversion, so a full-size RGB frame is never made."""
     small = frame.reformat(width=input_size, height=input_size, format="rgb24", interpolation="BILINEAR")
-    return small.to_ndarray().transpose(2, 0, 1)
+    return upright(frame, small.to_ndarray()).transpose(2, 0, 1)
 
 
 # --------------------------------------------------------------------------- sequences and timelines

@@ -6,6 +6,7 @@ easy to recognise, in several codecs and containers, plus broken files.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import av
@@ -38,11 +39,13 @@ def frames(n: int, size: tuple[int, int] = (64, 48), first_seed: int = 0) -> lis
 
 
 def write_video(path: Path, images: list[np.ndarray], codec: str = "mpeg4", fps: int = 25, gop: int = 5,
-                options: dict[str, str] | None = None) -> Path:
+                options: dict[str, str] | None = None, pts: list[int] | None = None,
+                size: tuple[int, int] = (64, 48)) -> Path:
     """Encode RGB frames into `path` (the container follows the extension); a short GOP makes
-    seeking inside the clip meaningful."""
+    seeking inside the clip meaningful. `pts` (in 1/fps units) makes the frame rate variable; no
+    images makes a file with a video stream of `size` and no frames."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    height, width = images[0].shape[:2]
+    height, width = images[0].shape[:2] if images else size[::-1]
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
@@ -51,8 +54,41 @@ def write_video(path: Path, images: list[np.ndarray], codec: str = "mpeg4", fps:
         # High bit rates keep the decoded frames close to the source, so tests can compare pixels.
         stream.bit_rate = 4_000_000
         stream.options = {"bf": "0", **(options or {})}
-        for image in images:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+        container.start_encoding()  # the header, also when there are no frames
+        for i, image in enumerate(images):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            if pts is not None:
+                frame.pts = pts[i]
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def rotated(path: Path, images: list[np.ndarray], **options) -> Path:
+    """An MP4 whose track carries a 90-degree display rotation (as phones write), set in the track
+    header's matrix: the muxer no longer takes a 'rotate' tag."""
+    write_video(path, images, **options)
+    identity = struct.pack(">9I", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)
+    quarter_turn = struct.pack(">9I", 0, 0x10000, 0, 0xFFFF0000, 0, 0, 0, 0, 0x40000000)
+    data = path.read_bytes()
+    at = data.rindex(identity)  # the movie header's matrix comes first, the track header's last
+    path.write_bytes(data[:at] + quarter_turn + data[at + len(identity) :])
+    return path
+
+
+def audio_only(path: Path, seconds: float = 0.5, rate: int = 8000) -> Path:
+    """A container (by extension) with one audio stream and no video: a sine tone."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=rate)
+        tone = np.sin(np.arange(int(seconds * rate), dtype=np.float32) * 0.2)[None, :]
+        for start in range(0, tone.shape[1], 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, start : start + 1024]), format="fltp",
+                                               layout="mono")
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

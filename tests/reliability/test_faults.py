@@ -1,0 +1,143 @@
+"""Faults: a run killed (SIGKILL) at each stage, a Dask worker killed mid-run, and a full disk
+while writing outputs. Each time the next run completes with the outputs of an undisturbed run,
+and nothing half-written is left where a later run would trust it."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from distributed import Client
+
+from flows.cli import main
+from tasks import embeddings_csv
+from tasks.embeddings_csv import read_embeddings_csv
+from tests.images import dataset
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+LISTS = ("corrupt", "duplicate", "removed", "sampled")
+OPTIONS = ["stopping_condition.n_samples=0.5", "dask.shard_size=2", "run_directory=run"]
+
+
+def outputs(run: Path) -> tuple[dict[str, list[str]], list[str], np.ndarray]:
+    """What a run decided: its filename lists and its embeddings."""
+    lists = {name: (run / "filenames" / f"{name}_filenames.txt").read_text().splitlines() for name in LISTS}
+    names, vectors, _ = read_embeddings_csv(run / "data" / "embeddings.csv")
+    return lists, names, vectors
+
+
+def assert_same_outputs(run: Path, clean: Path) -> None:
+    lists, names, vectors = outputs(run)
+    clean_lists, clean_names, clean_vectors = outputs(clean)
+    assert lists == clean_lists and names == clean_names
+    np.testing.assert_allclose(vectors, clean_vectors, atol=1e-4)  # the two runs may use different torch threads
+    assert (run / "report.json").is_file()
+
+
+def nothing_half_written(*roots: Path) -> None:
+    """Every Parquet file a run left can be read whole; temporary files are the only leftovers of a kill."""
+    for root in roots:
+        for path in root.rglob("*.parquet"):
+            pq.read_table(path)
+
+
+def wait_for(condition, process: subprocess.Popen | None = None, log: Path | None = None, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "marker never appeared"
+        assert process is None or process.poll() is None, log.read_text()[-3000:] if log else "the run ended"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, dask_address):
+    """An undisturbed run over the dataset that the fault tests disturb."""
+    root = tmp_path_factory.mktemp("faults")
+    dataset(root / "in", per_label=5)
+    assert main(["run", f"dask.address={dask_address}", f"input_dir={root / 'in'}", f"output_dir={root / 'clean'}",
+                 f"shared_dir={root / 'clean-shared'}", *OPTIONS]) == 0
+    return root / "in", root / "clean" / "run"
+
+
+def test_a_run_killed_at_each_stage_resumes_to_the_clean_result(clean_run, tmp_path):
+    source, clean = clean_run
+    shared, out = tmp_path / "shared", tmp_path / "out"
+    shared.mkdir()
+    cache, run = shared / ".thresher-cache", out / "run"
+    command = [sys.executable, "-m", "flows.cli", "run", f"input_dir={source}", f"output_dir={out}",
+               f"shared_dir={shared}", "dask.cluster=local-threads", *OPTIONS]
+    # Each run starts its own temporary Prefect server, as a user's does: a killed run takes it down with it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    # Each run resumes the one killed before it: in the check, in the embedding, while writing outputs.
+    markers = {"check": lambda: any((cache / "check").glob("*.parquet")),
+               "embed": lambda: any((cache / "embed").glob("*.parquet")),
+               "write": lambda: (run / "filenames").exists()}
+    for stage, marker in markers.items():
+        log = tmp_path / f"killed-in-{stage}.log"
+        with log.open("w") as output:
+            # A process group of its own: the kill takes the whole run (its Prefect server too).
+            process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(marker, process, log)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        nothing_half_written(shared, out)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_outputs(run, clean)
+
+
+def test_a_worker_killed_mid_run_is_retried_to_the_same_result(clean_run, tmp_path, dask_address):
+    source, clean = clean_run
+    shared = tmp_path / "shared"
+    killed: list[int] = []
+
+    def kill_a_busy_worker_once_embedding_starts() -> None:
+        wait_for(lambda: any((shared / ".thresher-cache" / "embed").glob("*.parquet")))
+        with Client(dask_address) as client:
+            busy = [worker for worker, tasks in client.processing().items() if tasks]
+            if busy:  # else the run has moved past its shard tasks already, and the test fails below
+                pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
+                os.kill(pid, signal.SIGKILL)  # mid-shard; the nanny starts a new worker process
+                killed.append(pid)
+
+    killer = threading.Thread(target=kill_a_busy_worker_once_embedding_starts, daemon=True)
+    killer.start()
+    assert main(["run", f"dask.address={dask_address}", f"input_dir={source}", f"output_dir={tmp_path / 'out'}",
+                 f"shared_dir={shared}", *OPTIONS]) == 0
+    killer.join(timeout=60)
+    assert killed, "no worker was busy with a shard to kill"
+    assert_same_outputs(tmp_path / "out" / "run", clean)
+
+
+def test_disk_full_while_writing_outputs(clean_run, tmp_path, dask_address, monkeypatch, capsys):
+    source, clean = clean_run
+    real_write_csv = embeddings_csv.pacsv.write_csv
+
+    def write_half_then_fail(table, out, *args, **kwargs):
+        out.write(b"filenames,emb")  # what a filling disk takes before it refuses
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    run = ["run", f"dask.address={dask_address}", f"input_dir={source}", f"output_dir={tmp_path / 'out'}",
+           f"shared_dir={tmp_path / 'shared'}", *OPTIONS]
+    monkeypatch.setattr(embeddings_csv.pacsv, "write_csv", write_half_then_fail)
+    assert main(run) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    data = tmp_path / "out" / "run" / "data"
+    assert not (data / "embeddings.csv").exists() and not (tmp_path / "out" / "run" / "report.json").exists()
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")], "a partial temporary file was left"
+
+    monkeypatch.setattr(embeddings_csv.pacsv, "write_csv", real_write_csv)
+    assert main(run) == 0
+    assert_same_outputs(tmp_path / "out" / "run", clean)
