@@ -2,18 +2,17 @@
 
 Finds the image and video files under `input_dir` (flat, or in subfolders whose sorted index
 becomes the lightly `labels` column; a video's label is its index among the videos, as lightly
-labels video folders), keeps only those named in `relevant_filenames_file` when one is given,
-and cuts the list into shards for the mapped tasks. Videos become frame samples in `tasks/video.py`.
+labels video folders), and keeps only those named in `relevant_filenames_file` when one is given.
+Videos become frame samples in `tasks/video.py`.
 
     >>> files = list_images("examples/images")
     >>> files[0].filename, files[0].label
-    ('animals/cat_00.jpg', 0)
+    ('objects/astronaut_00.jpg', 0)
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,16 +49,16 @@ def _walk(root: Path) -> list[tuple[str, os.stat_result]]:
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(dirpath) / name
+            try:
+                stat = path.stat()
+            except OSError as error:  # dangling symlink, symlink loop, or gone since the directory was read
+                log.warning("Skipping %s: %s", path, error.strerror or error)
+                continue
             if path.is_symlink():
-                target = path.resolve()
+                target = path.resolve()  # stat succeeded, so the link resolves without a loop
                 if not target.is_relative_to(real_root):
                     log.warning("Skipping %s: it is a symlink to %s, outside input_dir.", path, target)
                     continue
-            try:
-                stat = path.stat()
-            except OSError as error:  # dangling symlink, or gone since the directory was read
-                log.warning("Skipping %s: %s", path, error.strerror or error)
-                continue
             found.append((path.relative_to(root).as_posix(), stat))
     return found
 
@@ -103,14 +102,6 @@ def list_images(input_dir: str, relevant_filenames: list[str] | None = None) -> 
     videos = iter(range(len(entries)))
     labels = [next(videos) if is_video(name) else label for (name, _), label in zip(entries, labels)]
     return [InputFile(name, label, stat.st_size, stat.st_mtime) for (name, stat), label in zip(entries, labels)]
-
-
-def shard(items: list, shard_size: int, n_workers: int) -> list[list]:
-    """Cut items into shards of at most shard_size, but small enough that every worker gets one."""
-    if not items:
-        return []
-    size = max(1, min(shard_size, math.ceil(len(items) / max(n_workers, 1))))
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 @task(name="list-datasource")

@@ -1,6 +1,6 @@
 import os
 
-from tasks.listing import assign_labels, list_images, read_relevant_filenames, shard
+from tasks.listing import assign_labels, list_images, read_relevant_filenames
 from tests.images import picture, save
 
 
@@ -35,10 +35,3 @@ def test_relevant_filenames_restrict_the_listing(tmp_path):
     wanted = read_relevant_filenames(listing)
     assert wanted == ["sub/c.jpg", "a.jpg", "missing.jpg"]
     assert [f.filename for f in list_images(str(tmp_path / "in"), wanted)] == ["a.jpg", "sub/c.jpg"]
-
-
-def test_shards_cover_everything_and_spread_over_workers():
-    items = list(range(10))
-    assert shard(items, shard_size=256, n_workers=2) == [items[:5], items[5:]]
-    assert [len(s) for s in shard(items, shard_size=3, n_workers=2)] == [3, 3, 3, 1]
-    assert shard([], 4, 2) == []
