@@ -5,6 +5,7 @@
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -116,6 +117,11 @@ def test_deployment_runs_with_parameters_artifacts_and_incremental_reruns(servic
     kinds = {a["type"] for a in artifacts}
     assert {"progress", "markdown", "table"} <= kinds, kinds
     assert any(a["type"] == "progress" and a["data"] == 100.0 for a in artifacts)
+    logs = httpx.post(f"{service['api']}/logs/filter", timeout=10, json={}).json()
+    assert any(entry["task_run_id"] and entry["name"] == "prefect.task_runs" for entry in logs)  # from Dask workers
+
+    if shutil.which("chromium"):
+        _check_flow_run_page(service, state)
 
     for seed in range(8, 10):
         save(picture(seed), root / "in" / f"img_{seed}.jpg", format="JPEG")
@@ -123,6 +129,25 @@ def test_deployment_runs_with_parameters_artifacts_and_incremental_reruns(servic
     assert state["state_type"] == "COMPLETED", state.get("state", {}).get("message")
     report = json.loads((root / "out" / "second" / "report.json").read_text())
     assert report["counts"]["n_skipped_processed"] == 8 and report["counts"]["n_input_files"] == 2
+
+
+CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--window-size=1400,900", "--virtual-time-budget=20000"]
+
+
+def _check_flow_run_page(service, state: dict) -> None:
+    """The run's page in the Prefect UI, rendered by headless Chromium, shows the run's name; the
+    screenshot is kept beside the test's files (docs/prefect-ui-flow-run.png is one)."""
+    url = service["api"].removesuffix("/api") + f"/runs/flow-run/{state['id']}"
+    profile = service["root"] / "chromium-profile"
+    dom = subprocess.run([*CHROMIUM, f"--user-data-dir={profile}", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=180)
+    assert state["name"] in dom.stdout, dom.stderr[-2000:]
+    shot = service["root"] / "flow-run.png"
+    subprocess.run([*CHROMIUM, f"--user-data-dir={profile}", f"--screenshot={shot}", url],
+                   capture_output=True, timeout=180)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_parameters_fail_with_the_config_message(service):
