@@ -160,7 +160,7 @@ def pipeline(config: ThresherConfig) -> dict:
         stages.write()
         if pool_dir and config.datasource.enable_datapool_update:
             stages.update_pool(pool_dir, pool, model)
-        counts = stages.report(started, pool_dir, pool)
+        counts = stages.report(started, pool_dir)
     logger.info(
         "Done: %d files -> %d sampled, %d removed, %d duplicate, %d corrupt. Results in %s",
         counts["n_input_files"], counts["n_sampled"], counts["n_removed"], counts["n_duplicate"],
@@ -391,7 +391,7 @@ class Stages:
         commit(pool_dir, merge(pool, rows), self.config.datapool.keep_history)
         _timed(self.timings, "datapool", len(rows), start)
 
-    def report(self, started: datetime, pool_dir: Path | None, pool: pa.Table | None) -> dict[str, int]:
+    def report(self, started: datetime, pool_dir: Path | None) -> dict[str, int]:
         config = self.config
         finished = datetime.now(timezone.utc)
         job = {"started": started.isoformat(), "finished": finished.isoformat(),
