@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.embeddings_csv import write_embeddings_csv
+from tasks.gathering import embedding_matrix
 from tasks.storage import atomic_target
 
 POOL_FILE = "datapool.parquet"
@@ -163,9 +164,7 @@ def commit(pool_dir: Path, table: pa.Table, keep_history: bool) -> None:
 def write_latest_csv(pool_dir: Path, table: pa.Table) -> None:
     """datapool_latest.csv (lightly's format), derived from the state, so it can always be rebuilt."""
     sampled = sampled_rows(table)
-    column = sampled.column("embedding").combine_chunks()
-    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(len(sampled), column.type.list_size)
-    write_embeddings_csv(pool_dir / CSV_FILE, sampled.column("filename").to_pylist(), vectors.astype(np.float32),
+    write_embeddings_csv(pool_dir / CSV_FILE, sampled.column("filename").to_pylist(), embedding_matrix(sampled),
                          sampled.column("label").to_pylist())
 
 
