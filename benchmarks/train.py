@@ -41,7 +41,7 @@ def run_case(images: list[Path], model: str, size: int, device: str, args: argpa
     paths = (images * (n // len(images) + 1))[:n]
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
-        train(paths, ModelSpec(model, 32, "", 1), options, Path(run_dir), steps.append)
+        train(paths, ModelSpec(model, 32, None, 1), options, Path(run_dir), steps.append)
         wall = time.perf_counter() - start
     timed = steps[1:]
     seconds = sum(s.seconds for s in timed)

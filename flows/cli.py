@@ -16,6 +16,7 @@ from typing import Iterator
 
 from flows.config import ConfigError, ThresherConfig, all_keys, config_from_overrides, field_help
 from tasks.datapool import DatapoolError
+from tasks.storage import StorageError
 
 USAGE = "thresher run input_dir=PATH output_dir=PATH [key=value ...]"
 
@@ -70,17 +71,19 @@ def prefect_api() -> Iterator[None]:
 
 def sanity_check(config: ThresherConfig) -> None:
     """Check the installation without curating: folders, the model and one forward pass."""
-    from pathlib import Path
-
     import numpy as np
 
     from tasks.embedding import default_device, load_backbone
+    from tasks.storage import describe, write_text
 
-    if not Path(config.input_dir).is_dir():
-        raise ConfigError(f"input_dir={config.input_dir!r} is not a folder.")
-    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    source = config.location(config.input_dir)
+    if not source.exists() or source.is_file():
+        raise ConfigError(f"input_dir={describe(source)!r} is not a folder or bucket prefix with files.")
+    probe = config.location(config.output_dir) / ".thresher-sanity-check"
+    write_text("", probe)  # output_dir is writable (credentials, permissions, the bucket exists)
+    probe.unlink()
     device = default_device()
-    model = load_backbone(config.lightly.model.name, config.lightly.model.num_ftrs, "", config.lightly.seed, device)
+    model = load_backbone(config.lightly.model.name, config.lightly.model.num_ftrs, None, config.lightly.seed, device)
     import torch
 
     with torch.inference_mode():
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"thresher: {error}", file=sys.stderr)
         return 2
-    except (OSError, ValueError, DatapoolError) as error:  # OSError: a missing folder, a full disk
+    except (OSError, ValueError, DatapoolError, StorageError) as error:  # OSError: a missing folder, a full disk
         print(f"thresher: {error}", file=sys.stderr)
         return 1
     print(f"Results: {result['run_directory']}")

@@ -16,11 +16,14 @@ import difflib
 import inspect
 import logging
 import os
-from pathlib import Path
+import posixpath
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from upath import UPath
+
+from tasks.storage import StorageError, describe, is_local, literal_secrets, location
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +177,19 @@ class ReportOptions(_Section):
 
 
 class ThresherConfig(_Section):
-    input_dir: str = Field(description="Folder of images to curate (flat, or one level of subfolders as labels).")
-    output_dir: str = Field(description="Where run directories are written.")
+    input_dir: str = Field(
+        description="Folder or bucket URL (s3://, gs://, az://, abfs://) of images and videos to curate (flat, or "
+        "subfolders as labels)."
+    )
+    output_dir: str = Field(description="Folder or bucket URL where run directories are written.")
     shared_dir: str = Field(
-        "", description="Folder that checkpoint, embeddings, relevant_filenames_file and datapools are relative to; "
-        "empty means the current directory."
+        "", description="Folder or bucket URL that checkpoint, embeddings, relevant_filenames_file and datapools are "
+        "relative to; empty means the current directory."
+    )
+    storage_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="fsspec options per protocol or URL prefix, e.g. storage_options.s3.endpoint_url=http://minio:9000; "
+        "credentials only as ${ENV_VAR} or prefect-secret:NAME (never written out).",
     )
     run_directory: str | None = Field(None, description="Run folder name inside output_dir; default is a timestamp.")
     cache_dir: str = Field(
@@ -243,23 +254,48 @@ class ThresherConfig(_Section):
             raise ValueError("must be an even number (pairs are shown two per row)")
         return value
 
-    def shared_base(self) -> Path:
-        return Path(self.shared_dir or os.getcwd()).resolve()
+    @field_validator("storage_options")
+    @classmethod
+    def _no_literal_secrets(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        secrets = literal_secrets(value)
+        if secrets:
+            raise ValueError(
+                f"{', '.join(secrets)} would be written to config.yaml and shown in the Prefect UI; give credentials "
+                "as ${ENV_VAR} or prefect-secret:BLOCK_NAME, or leave them to the store's standard credential chain."
+            )
+        return value
 
-    def pool_dir(self) -> Path | None:
+    def location(self, path: str) -> UPath:
+        """A configured folder or URL as a path that carries its storage options."""
+        try:
+            return location(path, self.storage_options)
+        except StorageError as error:
+            raise ConfigError(str(error)) from None
+
+    def shared_base(self) -> UPath:
+        return self.location(self.shared_dir or os.getcwd())
+
+    def pool_dir(self) -> UPath | None:
         return self.shared_base() / self.datapool.name if self.datapool.name else None
 
-    def cache_path(self) -> Path:
-        return Path(self.cache_dir).resolve() if self.cache_dir else self.shared_base() / ".thresher-cache"
+    def cache_path(self) -> UPath:
+        return self.location(self.cache_dir) if self.cache_dir else self.shared_base() / ".thresher-cache"
 
-    def shared_path(self, relative: str, key: str) -> Path:
+    def shared_path(self, relative: str, key: str) -> UPath:
         """Resolve a path given relative to shared_dir, refusing paths that escape it."""
         base = self.shared_base()
-        path = (base / relative).resolve()
-        if not path.is_relative_to(base):
-            raise ConfigError(f"{key}={relative!r} points outside shared_dir ({base}); give a path inside it.")
+        if is_local(base):
+            path = (base / relative).resolve()  # also follows symlinks out of shared_dir
+            inside = path.is_relative_to(base)
+        else:
+            normal = posixpath.normpath(relative)
+            path = base / normal
+            inside = not (normal == ".." or normal.startswith(("../", "/")) or "://" in relative)
+        if not inside:
+            raise ConfigError(f"{key}={relative!r} points outside shared_dir ({describe(base)}); give a path inside it.")
         if not path.exists():
-            raise ConfigError(f"{key}={relative!r}: {path} does not exist (paths are relative to shared_dir={base}).")
+            raise ConfigError(f"{key}={relative!r}: {describe(path)} does not exist "
+                              f"(paths are relative to shared_dir={describe(base)}).")
         return path
 
 
@@ -313,7 +349,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"{item!r} is not a key=value override (for example stopping_condition.n_samples=0.3).")
-        if key not in valid:
+        if key not in valid and not key.startswith("storage_options."):
             near = difflib.get_close_matches(key, valid, n=3, cutoff=0.6) or difflib.get_close_matches(
                 key.split(".")[-1], [k.split(".")[-1] for k in valid], n=3, cutoff=0.6
             )

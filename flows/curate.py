@@ -14,7 +14,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -25,6 +24,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 from prefect_dask import DaskTaskRunner
 from tqdm import tqdm
+from upath import UPath
 
 from flows.clusters import load_cluster_spec
 from flows.config import ThresherConfig, dump_config, flow_signature, overrides_of, validate_config
@@ -42,7 +42,7 @@ from tasks.listing import InputFile, is_video, list_datasource, read_relevant_fi
 from tasks.outputs import write_outputs
 from tasks.report import write_report
 from tasks.selection import select_samples, select_sequences, selected_filenames
-from tasks.storage import read_parquet, write_parquet, write_text
+from tasks.storage import describe, existing_names, read_parquet, write_parquet, write_text
 from tasks.training import Augmentations, TrainOptions, train_model
 from tasks.video import (
     FrameRange, corrupt_video_rows, count_samples, frame_infos, probe_videos, read_videos, video_shards,
@@ -111,16 +111,15 @@ def describe_shard(shard: list) -> str:
 
 
 @task(name="classify-samples")
-def classify_samples(check_paths: list[str], remove_exact_duplicates: bool, out_path: str) -> str:
-    write_parquet(classify(read_parquet([Path(p) for p in check_paths]), remove_exact_duplicates), Path(out_path))
-    return out_path
+def classify_samples(check_paths: list[UPath], remove_exact_duplicates: bool, out_path: UPath) -> UPath:
+    return write_parquet(classify(read_parquet(check_paths), remove_exact_duplicates), out_path)
 
 
 def model_spec(config: ThresherConfig) -> ModelSpec:
     return ModelSpec(
         name=config.lightly.model.name,
         num_ftrs=config.lightly.model.num_ftrs,
-        checkpoint=str(config.shared_path(config.checkpoint, "checkpoint")) if config.checkpoint else "",
+        checkpoint=config.shared_path(config.checkpoint, "checkpoint") if config.checkpoint else None,
         seed=config.lightly.seed,
     )
 
@@ -139,12 +138,11 @@ def pipeline(config: ThresherConfig) -> dict:
     """Curate `config.input_dir` into `<output_dir>/<run_directory>/`; returns the counts."""
     logger = get_run_logger()
     started = datetime.now(timezone.utc)
-    run_dir = Path(config.output_dir) / (config.run_directory or started.strftime("%Y-%m-%d_%H-%M-%S"))
+    run_dir = config.location(config.output_dir) / (config.run_directory or started.strftime("%Y-%m-%d_%H-%M-%S"))
     work = run_dir / "intermediate"
-    work.mkdir(parents=True, exist_ok=True)
     write_text(dump_config(config), run_dir / "config" / "config.yaml")
     write_text("".join(f"- {item}\n" for item in overrides_of(config)), run_dir / "config" / "overrides.yaml")
-    logger.info("Run directory: %s", run_dir)
+    logger.info("Run directory: %s", describe(run_dir))
 
     pool_dir = config.pool_dir()
     with PoolLock(pool_dir) if pool_dir else nullcontext():
@@ -164,37 +162,39 @@ def pipeline(config: ThresherConfig) -> dict:
     logger.info(
         "Done: %d files -> %d sampled, %d removed, %d duplicate, %d corrupt. Results in %s",
         counts["n_input_files"], counts["n_sampled"], counts["n_removed"], counts["n_duplicate"],
-        counts["n_corrupt"], run_dir,
+        counts["n_corrupt"], describe(run_dir),
     )
-    return {**counts, "run_directory": str(run_dir)}
+    return {**counts, "run_directory": describe(run_dir)}
 
 
 class Stages:
     """The pipeline's stages in order, sharing the run's paths and timings."""
 
-    def __init__(self, config: ThresherConfig, run_dir: Path, work: Path, cluster: Cluster, dim: int) -> None:
+    def __init__(self, config: ThresherConfig, run_dir: UPath, work: UPath, cluster: Cluster, dim: int) -> None:
         self.config, self.run_dir, self.work, self.cluster, self.dim = config, run_dir, work, cluster, dim
         self.slots = cluster.slots
-        self.source = str(Path(config.input_dir).resolve())
+        self.input = config.location(config.input_dir)
+        self.source = describe(self.input)
         self.cache = config.cache_path()
         self.timings: dict[str, dict] = {}
-        self.samples_path = str(work / "samples.parquet")
-        self.videos_path = str(work / "videos.parquet")
-        self.embeddings_path = str(work / GATHERED_NAME)
-        self.centers_path: str | None = None  # the datapool's selected samples, when there are any
+        self.samples_path = work / "samples.parquet"
+        self.videos_path = work / "videos.parquet"
+        self.embeddings_path = work / GATHERED_NAME
+        self.selection_path = work / "selection.parquet"
+        self.centers_path: UPath | None = None  # the datapool's selected samples, when there are any
         self.selection: dict = {}
         self.timelines: dict[str, list[float]] = {}
-        self.identities: dict[str, tuple[str, int, float]] = {}  # sample -> (input file, size, mtime)
-        self.check_paths: list[str] = []
+        self.identities: dict[str, tuple[str, int, str]] = {}  # sample -> (input file, size, version)
+        self.check_paths: list[UPath] = []
         self.counts: dict[str, int] = {"n_skipped_processed": 0}
         self.spec = model_spec(config)  # training replaces its checkpoint with the trained one
-        write_parquet(read_videos([]), Path(self.videos_path))
+        write_parquet(read_videos([]), self.videos_path)
 
     def read_embeddings(self) -> None:
         start = time.perf_counter()
         samples, embeddings = from_embeddings_csv(self.config.shared_path(self.config.embeddings, "embeddings"))
-        write_parquet(samples, Path(self.samples_path))
-        write_parquet(embeddings, Path(self.embeddings_path))
+        write_parquet(samples, self.samples_path)
+        write_parquet(embeddings, self.embeddings_path)
         self.counts["n_input_files"] = len(samples)
         _timed(self.timings, "read-embeddings", len(samples), start)
 
@@ -204,10 +204,10 @@ class Stages:
         relevant = None
         if config.relevant_filenames_file:
             relevant = read_relevant_filenames(config.shared_path(config.relevant_filenames_file, "relevant_filenames_file"))
-        files = list_datasource(config.input_dir, relevant)
+        files = list_datasource(self.input, relevant)
         if pool is not None and not config.datasource.process_all:
             done = processed_keys(pool, self.source)
-            new = [f for f in files if (f.filename, f.size, f.mtime) not in done]
+            new = [f for f in files if (f.filename, f.size, f.version) not in done]
             self.counts["n_skipped_processed"] = len(files) - len(new)
             get_run_logger().info("Datapool: %d files are new, %d were processed by earlier runs.",
                                   len(new), len(files) - len(new))
@@ -217,7 +217,7 @@ class Stages:
         probed = self.probe([f for f in files if is_video(f.filename)])
         images = [f for f in files if not is_video(f.filename)]
         # A sample's input file: an image is its own; a frame's is its video (also for unusable videos).
-        by_name = {f.filename: (f.filename, f.size, f.mtime) for f in files}
+        by_name = {f.filename: (f.filename, f.size, f.version) for f in files}
         self.identities = {f.filename: by_name[f.filename] for f in images}
         self.identities.update({row["filename"]: by_name[row["filename"]] for row in corrupt_video_rows(probed)})
         self.identities.update({name: by_name[info.video] for name, info in frame_infos(probed).items()})
@@ -230,11 +230,11 @@ class Stages:
     def probe(self, videos: list[InputFile]) -> pa.Table:
         groups = stable_shards(videos, lambda f: f.filename, self.config.dask.shard_size, self.slots)
         futures = probe_videos.with_options(retries=self.config.dask.retries).map(
-            unmapped(self.config.input_dir), groups, unmapped(self.config.datasource.use_frame_count_metadata),
-            [str(self.work / "probe" / f"shard-{i:05d}.parquet") for i in range(len(groups))],
+            unmapped(self.input), groups, unmapped(self.config.datasource.use_frame_count_metadata),
+            [self.work / "probe" / f"shard-{i:05d}.parquet" for i in range(len(groups))],
         )
-        probed = read_videos([Path(p) for p in track(futures, "probe", groups, self.timings)])
-        write_parquet(probed, Path(self.videos_path))
+        probed = read_videos(track(futures, "probe", groups, self.timings))
+        write_parquet(probed, self.videos_path)
         return probed
 
     def check(self, images: list[InputFile], probed: pa.Table) -> None:
@@ -249,19 +249,19 @@ class Stages:
         shards: list[list[InputFile | FrameRange]] = stable_shards(
             images, lambda f: f.filename, config.dask.shard_size, self.slots)
         shards += video_shards(probed, config.dask.shard_size, self.slots)
-        paths = [str(cache_path(self.cache, "check", shard_key("check", self.source, options, s))) for s in shards]
-        todo = [i for i, path in enumerate(paths) if not Path(path).exists()]  # the rest is cached
+        paths = [cache_path(self.cache, "check", shard_key("check", self.source, options, s)) for s in shards]
+        todo = self.uncached(paths)
         futures = check_shard.with_options(retries=config.dask.retries).map(
-            unmapped(config.input_dir), [shards[i] for i in todo], unmapped(options), [paths[i] for i in todo])
+            unmapped(self.input), [shards[i] for i in todo], unmapped(options), [paths[i] for i in todo])
         track(futures, "check", [shards[i] for i in todo], self.timings)
         self.timings["check"]["cached_shards"] = len(shards) - len(todo)
         corrupt_videos = write_parquet(check_table(corrupt_video_rows(probed)), self.work / "check-videos.parquet")
-        self.check_paths = [str(corrupt_videos), *paths]
+        self.check_paths = [corrupt_videos, *paths]
 
     def deduplicate(self, probed: pa.Table) -> tuple[list[tuple[str, int]], list[list[FrameRange]]]:
         start = time.perf_counter()
         classify_samples(self.check_paths, self.config.remove_exact_duplicates, self.samples_path)
-        samples = read_parquet([Path(self.samples_path)])
+        samples = read_parquet([self.samples_path])
         _timed(self.timings, "dedup", len(samples), start)
         ok = samples.filter(pc.equal(samples.column("status"), "ok"))
         names = set(ok.column("filename").to_pylist())
@@ -288,8 +288,8 @@ class Stages:
         )
         start = time.perf_counter()
         ranges = [rng for group in frame_shards for rng in group]
-        checkpoint = train_model(self.config.input_dir, [name for name, _ in ok_images], self.spec, options,
-                                 str(self.run_dir), frames=ranges)
+        checkpoint = train_model(self.input, [name for name, _ in ok_images], self.spec, options,
+                                 self.run_dir, frames=ranges)
         self.spec = dataclasses.replace(self.spec, checkpoint=checkpoint)
         _timed(self.timings, "train", len(ok_images) + count_samples(ranges), start)
 
@@ -314,12 +314,12 @@ class Stages:
         keys = [shard_key("embed", self.source, key_params,
                           [(*item, *self.identities[item[0]][1:]) if isinstance(item, tuple) else item for item in s])
                 for s in shards]
-        paths = [str(cache_path(self.cache, "embed", k)) for k in keys]
-        todo = [i for i, path in enumerate(paths) if not Path(path).exists()]  # the rest is cached
+        paths = [cache_path(self.cache, "embed", k) for k in keys]
+        todo = self.uncached(paths)
         # On a cluster with GPU workers, embedding runs only there (one task per GPU at a time).
         with dask.annotate(resources={"GPU": 1}) if self.cluster.gpu else nullcontext():
             futures = embed_shard.with_options(retries=config.dask.retries).map(
-                unmapped(config.input_dir), [shards[i] for i in todo], unmapped(spec), unmapped(options),
+                unmapped(self.input), [shards[i] for i in todo], unmapped(spec), unmapped(options),
                 [paths[i] for i in todo])
         embedded = track(futures, "embed", [shards[i] for i in todo], self.timings)
         compute = sum(e["compute_seconds"] for e in embedded)
@@ -327,17 +327,23 @@ class Stages:
         self.timings["embed"]["compute_efficiency"] = round(compute / total, 3) if total else None
         self.timings["embed"]["cached_shards"] = len(shards) - len(todo)
         start = time.perf_counter()
-        gathered = gather_embeddings(self.samples_path, paths, str(self.work), self.dim)
-        _timed(self.timings, "gather", gathered["n"], start)
+        gathered = gather_embeddings(self.samples_path, paths, self.embeddings_path, self.dim)
+        _timed(self.timings, "gather", gathered, start)
+
+    @staticmethod
+    def uncached(paths: list[UPath]) -> list[int]:
+        """Indices of the shard results that are not in the cache yet (one listing of the cache folder)."""
+        present = existing_names(paths[0].parent) if paths else set()
+        return [i for i, path in enumerate(paths) if path.name not in present]
 
     def select(self, pool: pa.Table | None) -> None:
         config = self.config
         sampled = sampled_rows(pool)
         if sampled is not None and len(sampled):
-            self.centers_path = str(write_parquet(sampled.select(["filename", "label", "embedding"]),
-                                                  self.work / "datapool-centers.parquet"))
+            self.centers_path = write_parquet(sampled.select(["filename", "label", "embedding"]),
+                                              self.work / "datapool-centers.parquet")
         start = time.perf_counter()
-        out = str(self.work / "selection.parquet")
+        out = self.selection_path
         stop = config.stopping_condition
         if config.selected_sequence_length > 1:
             self.selection = select_sequences(
@@ -353,51 +359,51 @@ class Stages:
         _timed(self.timings, "select", self.selection["n_candidates"], start)
 
     def write(self) -> None:
-        config, selection_path = self.config, self.selection["path"]
+        config, selection_path = self.config, self.selection_path
         start = time.perf_counter()
-        lists = write_outputs(str(self.run_dir), self.samples_path, self.embeddings_path, selection_path,
+        lists = write_outputs(self.run_dir, self.samples_path, self.embeddings_path, selection_path,
                               config.normalize_embeddings, config.dump_sampled_embeddings)
         self.counts.update({f"n_{name}": value for name, value in lists.items()})
-        self.timelines = write_video_outputs(str(self.run_dir), self.videos_path, selection_path,
+        self.timelines = write_video_outputs(self.run_dir, self.videos_path, selection_path,
                                              config.selected_sequence_length)
         _timed(self.timings, "write", self.counts["n_input_files"], start)
         if config.dump_dataset:
-            self.dump(selected_filenames(Path(selection_path)))
+            self.dump(selected_filenames(selection_path))
 
     def dump(self, selected: list[str]) -> None:
         config = self.config
-        frame_groups = video_shards(read_videos([Path(self.videos_path)]), config.dask.shard_size, self.slots,
+        frame_groups = video_shards(read_videos([self.videos_path]), config.dask.shard_size, self.slots,
                                     set(selected))
         frames = {name for group in frame_groups for rng in group for name in rng.names()}
         names = sorted(dump_names([f for f in selected if f not in frames], config.output_image_format).items())
         groups = [*stable_shards(names, lambda pair: pair[0], config.dask.shard_size, self.slots), *frame_groups]
         futures = dump_shard.with_options(retries=config.dask.retries).map(
-            unmapped(config.input_dir), groups, unmapped(str(self.run_dir / "data" / "sampled")),
+            unmapped(self.input), groups, unmapped(self.run_dir / "data" / "sampled"),
             unmapped(config.output_image_size), unmapped(config.output_image_format),
             unmapped(config.corruptness_check.max_pixels),
         )
         track(futures, "dump", groups, self.timings)
 
-    def update_pool(self, pool_dir: Path, pool: pa.Table | None, model: str) -> None:
+    def update_pool(self, pool_dir: UPath, pool: pa.Table | None, model: str) -> None:
         start = time.perf_counter()
-        samples = read_parquet([Path(self.samples_path)])
-        check = read_parquet([Path(p) for p in self.check_paths]) if self.check_paths else None
+        samples = read_parquet([self.samples_path])
+        check = read_parquet(self.check_paths) if self.check_paths else None
         hashes = dict(zip(check.column("filename").to_pylist(), check.column("content_hash").to_pylist())) if check else {}
-        chosen = set(selected_filenames(Path(self.selection["path"])))
-        names, _, vectors = load_embeddings(Path(self.embeddings_path), normalize=False)
+        chosen = set(selected_filenames(self.selection_path))
+        names, _, vectors = load_embeddings(self.embeddings_path, normalize=False)
         sampled = {name: vector for name, vector in zip(names, vectors) if name in chosen}
-        identities = self.identities or {n: (n, 0, 0.0) for n in samples.column("filename").to_pylist()}
+        identities = self.identities or {n: (n, 0, "") for n in samples.column("filename").to_pylist()}
         rows = run_rows(self.source, samples, identities, hashes, sampled, self.run_dir.name, self.dim, model)
         commit(pool_dir, merge(pool, rows), self.config.datapool.keep_history)
         _timed(self.timings, "datapool", len(rows), start)
 
-    def report(self, started: datetime, pool_dir: Path | None) -> dict[str, int]:
+    def report(self, started: datetime, pool_dir: UPath | None) -> dict[str, int]:
         config = self.config
         finished = datetime.now(timezone.utc)
         job = {"started": started.isoformat(), "finished": finished.isoformat(),
-               "duration_seconds": round((finished - started).total_seconds(), 3), "run_directory": str(self.run_dir)}
+               "duration_seconds": round((finished - started).total_seconds(), 3), "run_directory": describe(self.run_dir)}
         write_report(
-            str(self.run_dir), self.samples_path, self.embeddings_path, self.selection["path"], job, self.counts,
+            self.run_dir, self.samples_path, self.embeddings_path, self.selection_path, job, self.counts,
             self.timings, self.selection, config.model_dump(mode="json", exclude={"token"}),
             self.timelines if config.show_video_sampling_timeline and self.timelines else None,
             history(pool_dir) if pool_dir else None, self.centers_path,

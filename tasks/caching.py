@@ -13,18 +13,18 @@ Shard boundaries are content-defined (a cut after every file whose name hashes t
 target size), so adding files to a folder changes only the shards they fall into.
 
     >>> key = shard_key("check", "/data", CheckOptions(), files)
-    >>> cache_path(cache_dir, "check", key)
-    PosixPath('.../check/3f2a....parquet')
+    >>> cache_path(location("shared/.thresher-cache"), "check", key)
+    PosixUPath('.../check/3f2a....parquet')
 """
 
 from __future__ import annotations
 
 import math
 from importlib import metadata
-from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import xxhash
+from upath import UPath
 
 # Part of every key: a new release recomputes rather than trusting results of older code.
 CODE_VERSION = metadata.version("thresher")
@@ -42,7 +42,7 @@ def shard_key(stage: str, source: str, params: Any, shard: list[Any]) -> str:
     return digest.hexdigest()
 
 
-def cache_path(cache_dir: Path, stage: str, key: str) -> Path:
+def cache_path(cache_dir: UPath, stage: str, key: str) -> UPath:
     return cache_dir / stage / f"{key}.parquet"
 
 

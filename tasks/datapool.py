@@ -12,7 +12,7 @@ one atomic rename: a run killed at any point leaves the previous pool intact.
       history/<time>.parquet  every earlier state (unless datapool.keep_history=False)
       .lock                   held by the run that is using the pool
 
-    >>> pool = read_pool(Path("shared/my_pool"))          # None for a new pool
+    >>> pool = read_pool(location("shared/my_pool"))      # None for a new pool
     >>> check_compatible(pool, dim=1280, model="efficientnet-lite0|imagenet|input_size=64", path=...)
 """
 
@@ -24,22 +24,23 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from upath import UPath
 
 from tasks.embeddings_csv import write_embeddings_csv
 from tasks.gathering import embedding_matrix
-from tasks.storage import atomic_target
+from tasks.storage import atomic_target, create_exclusive, describe, is_local, read_table
 
 POOL_FILE = "datapool.parquet"
 CSV_FILE = "datapool_latest.csv"
 HISTORY_DIR = "history"
 LOCK_FILE = ".lock"
-SCHEMA_VERSION = "1"
+# 2: a file's identity is its version string (modification time, ETag or generation) instead of a float mtime.
+SCHEMA_VERSION = "2"
 
 
 class DatapoolError(RuntimeError):
@@ -54,7 +55,7 @@ def pool_schema(dim: int, model: str) -> pa.Schema:
             ("file", pa.string()),  # the input file it came from (the image itself, or the video)
             ("label", pa.int32()),
             ("size", pa.int64()),  # of the file
-            ("mtime", pa.float64()),  # of the file
+            ("version", pa.string()),  # of the file: modification time, ETag or generation
             ("content_hash", pa.string()),
             ("status", pa.string()),  # sampled | removed | duplicate | corrupt
             ("run", pa.string()),
@@ -65,14 +66,28 @@ def pool_schema(dim: int, model: str) -> pa.Schema:
     )
 
 
-def read_pool(pool_dir: Path) -> pa.Table | None:
+def read_pool(pool_dir: UPath) -> pa.Table | None:
     path = pool_dir / POOL_FILE
     if not path.exists():
         return None
     try:
-        return pq.read_table(path)
+        table = read_table(path)
     except Exception as error:  # a pool is never half-written by us; say what to restore from
-        raise DatapoolError(f"datapool {path} cannot be read ({error}); restore a state from {pool_dir / HISTORY_DIR}.")
+        raise DatapoolError(f"datapool {describe(path)} cannot be read ({error}); "
+                            f"restore a state from {describe(pool_dir / HISTORY_DIR)}.") from None
+    return upgrade(table)
+
+
+def upgrade(table: pa.Table) -> pa.Table:
+    """A pool written by an earlier schema version, in the current one. Version 1 recorded local
+    files' float modification time, which is exactly the version string a local file has now."""
+    meta = table.schema.metadata or {}
+    if meta.get(b"thresher.schema_version") != b"1":
+        return table
+    dim, model = pool_identity(table)
+    versions = pa.array([None if t is None else repr(t) for t in table.column("mtime").to_pylist()], pa.string())
+    table = table.set_column(table.schema.get_field_index("mtime"), "version", versions)
+    return table.cast(pool_schema(dim, model))
 
 
 def pool_identity(table: pa.Table) -> tuple[int, str]:
@@ -80,29 +95,29 @@ def pool_identity(table: pa.Table) -> tuple[int, str]:
     return int(meta[b"thresher.embedding_dim"]), meta[b"thresher.model"].decode()
 
 
-def check_compatible(table: pa.Table | None, dim: int, model: str, path: Path) -> None:
+def check_compatible(table: pa.Table | None, dim: int, model: str, path: UPath) -> None:
     """Stop before any work when the pool's embeddings were made differently."""
     if table is None:
         return
     pool_dim, pool_model = pool_identity(table)
     if pool_dim != dim:
         raise DatapoolError(
-            f"datapool {path} holds {pool_dim}-dimensional embeddings but this run makes {dim}-dimensional ones; "
+            f"datapool {describe(path)} holds {pool_dim}-dimensional embeddings but this run makes {dim}-dimensional ones; "
             "the dimension of a datapool cannot change: use the same lightly.model settings or a new datapool.name."
         )
     if pool_model != model:
         raise DatapoolError(
-            f"datapool {path} was built with model {pool_model!r} but this run uses {model!r}; embeddings of "
+            f"datapool {describe(path)} was built with model {pool_model!r} but this run uses {model!r}; embeddings of "
             "different models are not comparable: use the same model, checkpoint and input size, or a new datapool.name."
         )
 
 
-def processed_keys(table: pa.Table | None, source: str) -> set[tuple[str, int, float]]:
-    """(file, size, mtime) of every input file of `source` an earlier run processed."""
+def processed_keys(table: pa.Table | None, source: str) -> set[tuple[str, int, str]]:
+    """(file, size, version) of every input file of `source` an earlier run processed."""
     if table is None:
         return set()
     rows = table.filter(pc.equal(table.column("source"), source))
-    return set(zip(rows.column("file").to_pylist(), rows.column("size").to_pylist(), rows.column("mtime").to_pylist()))
+    return set(zip(rows.column("file").to_pylist(), rows.column("size").to_pylist(), rows.column("version").to_pylist()))
 
 
 def sampled_rows(table: pa.Table | None) -> pa.Table | None:
@@ -112,12 +127,12 @@ def sampled_rows(table: pa.Table | None) -> pa.Table | None:
 
 
 def run_rows(
-    source: str, samples: pa.Table, files: dict[str, tuple[str, int, float]], hashes: dict[str, str],
+    source: str, samples: pa.Table, files: dict[str, tuple[str, int, str]], hashes: dict[str, str],
     sampled: dict[str, np.ndarray], run: str, dim: int, model: str,
 ) -> pa.Table:
     """This run's pool rows: one per sample, with its status and, if sampled, its embedding.
 
-    files maps a sample to (input file, size, mtime); hashes a sample to its content hash."""
+    files maps a sample to (input file, size, version); hashes a sample to its content hash."""
     names = samples.column("filename").to_pylist()
     statuses = samples.column("status").to_pylist()
     status = ["sampled" if n in sampled else "removed" if s == "ok" else s for n, s in zip(names, statuses)]
@@ -130,7 +145,7 @@ def run_rows(
     return pa.Table.from_arrays(
         [pa.array([source] * len(names), pa.string()), pa.array(names, pa.string()),
          pa.array([files[n][0] for n in names], pa.string()), samples.column("label"),
-         pa.array([files[n][1] for n in names], pa.int64()), pa.array([files[n][2] for n in names], pa.float64()),
+         pa.array([files[n][1] for n in names], pa.int64()), pa.array([files[n][2] for n in names], pa.string()),
          pa.array([hashes.get(n) for n in names], pa.string()), pa.array(status, pa.string()),
          pa.array([run] * len(names), pa.string()), embedding],
         schema=pool_schema(dim, model),
@@ -146,14 +161,18 @@ def merge(old: pa.Table | None, new: pa.Table) -> pa.Table:
     return pa.concat_tables([old.filter(pa.array(keep, pa.bool_())).cast(new.schema), new])
 
 
-def commit(pool_dir: Path, table: pa.Table, keep_history: bool) -> None:
-    """Make `table` the pool's state: archive the current state, then one atomic rename."""
-    pool_dir.mkdir(parents=True, exist_ok=True)
+def commit(pool_dir: UPath, table: pa.Table, keep_history: bool) -> None:
+    """Make `table` the pool's state: archive the current state, then one atomic rename (or one
+    object upload)."""
     current = pool_dir / POOL_FILE
     if current.exists() and keep_history:
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S.%fZ")
-        (pool_dir / HISTORY_DIR).mkdir(exist_ok=True)
-        os.link(current, pool_dir / HISTORY_DIR / f"datapool_{stamp}.parquet")  # a hard link: no copy
+        archive = pool_dir / HISTORY_DIR / f"datapool_{stamp}.parquet"
+        if is_local(pool_dir):
+            archive.parent.mkdir(parents=True, exist_ok=True)
+            os.link(current, archive)  # a hard link: no copy
+        else:
+            pool_dir.fs.copy(current.path, archive.path)  # copied inside the store
     with atomic_target(current) as tmp:
         pq.write_table(table, tmp)
         with open(tmp, "rb") as handle:
@@ -161,14 +180,14 @@ def commit(pool_dir: Path, table: pa.Table, keep_history: bool) -> None:
     write_latest_csv(pool_dir, table)
 
 
-def write_latest_csv(pool_dir: Path, table: pa.Table) -> None:
+def write_latest_csv(pool_dir: UPath, table: pa.Table) -> None:
     """datapool_latest.csv (lightly's format), derived from the state, so it can always be rebuilt."""
     sampled = sampled_rows(table)
     write_embeddings_csv(pool_dir / CSV_FILE, sampled.column("filename").to_pylist(), embedding_matrix(sampled),
                          sampled.column("label").to_pylist())
 
 
-def history(pool_dir: Path) -> list[dict]:
+def history(pool_dir: UPath) -> list[dict]:
     """Samples selected per run, from the current state (for the report's growth plot)."""
     table = read_pool(pool_dir)
     if table is None:
@@ -185,42 +204,36 @@ class PoolLock:
     exists on this host, or when it is older than `stale_after` seconds (a holder on another host
     that died); a stale lock is taken over, a live one stops the second run with a clear message."""
 
-    pool_dir: Path
+    pool_dir: UPath
     stale_after: float = 12 * 3600
 
     def __enter__(self) -> "PoolLock":
-        self.pool_dir.mkdir(parents=True, exist_ok=True)
         path = self.pool_dir / LOCK_FILE
+        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": datetime.now(timezone.utc).isoformat()})
         for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder(path)
-                if not self._is_stale(holder, path):
-                    raise DatapoolError(
-                        f"datapool {self.pool_dir} is in use by process {holder.get('pid')} on "
-                        f"{holder.get('host')} since {holder.get('since')}; wait for that run to finish "
-                        f"(a crashed run's lock is released automatically), or remove {path} if you are sure."
-                    ) from None
-                path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(),
-                           "since": datetime.now(timezone.utc).isoformat()}, handle)
-            return self
-        raise DatapoolError(f"datapool {self.pool_dir}: could not take the lock {path}.")
+            if create_exclusive(path, me):
+                return self
+            holder = self._holder(path)
+            if not self._is_stale(holder, path):
+                raise DatapoolError(
+                    f"datapool {describe(self.pool_dir)} is in use by process {holder.get('pid')} on "
+                    f"{holder.get('host')} since {holder.get('since')}; wait for that run to finish (a crashed "
+                    f"run's lock is released automatically), or remove {describe(path)} if you are sure."
+                )
+            path.unlink(missing_ok=True)
+        raise DatapoolError(f"datapool {describe(self.pool_dir)}: could not take the lock {describe(path)}.")
 
     def __exit__(self, *exc) -> None:
         (self.pool_dir / LOCK_FILE).unlink(missing_ok=True)
 
     @staticmethod
-    def _holder(path: Path) -> dict:
+    def _holder(path: UPath) -> dict:
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError):
             return {}
 
-    def _is_stale(self, holder: dict, path: Path) -> bool:
+    def _is_stale(self, holder: dict, path: UPath) -> bool:
         try:
             age = time.time() - path.stat().st_mtime
         except FileNotFoundError:

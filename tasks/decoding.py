@@ -15,8 +15,6 @@ which `tasks/video.py` checks frame by frame (pixel hash and corruption score).
 from __future__ import annotations
 
 import io
-import os
-import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +26,10 @@ import pyarrow as pa
 import xxhash
 from PIL import Image, ImageFile, ImageOps
 from prefect import task
+from upath import UPath
 
 from tasks.listing import InputFile
-from tasks.storage import write_parquet
+from tasks.storage import read_bytes, write_parquet
 from tasks.video import FrameRange, check_ranges
 
 # Pillow's own bomb check uses a fixed global limit; ours is the configurable max_pixels, checked
@@ -47,7 +46,7 @@ CHECK_SCHEMA = pa.schema(
         ("filename", pa.string()),
         ("label", pa.int32()),
         ("size", pa.int64()),
-        ("mtime", pa.float64()),
+        ("version", pa.string()),
         ("content_hash", pa.string()),
         ("width", pa.int32()),
         ("height", pa.int32()),
@@ -111,18 +110,9 @@ def within(seconds: float | None, work: Callable[[], T]) -> T:
     return value
 
 
-def read_file(path: Path) -> bytes:
-    """The bytes of a regular file. It is opened without blocking and checked, so a pipe or device
-    that carries an image's name is refused instead of hanging the run on its first read."""
-    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise CorruptImage("not a regular file (a pipe, socket or device)")
-        return handle.read()
-
-
-def load_image(path: Path, max_pixels: int, timeout: float | None = None) -> Image.Image:
+def load_image(path: UPath, max_pixels: int, timeout: float | None = None) -> Image.Image:
     """Read and fully decode an image file (see open_image)."""
-    return open_image(read_file(path), max_pixels, timeout=timeout)
+    return open_image(read_bytes(path), max_pixels, timeout=timeout)
 
 
 def decode(image: Image.Image) -> Image.Image:
@@ -166,17 +156,14 @@ def open_image(data: bytes, max_pixels: int, extension: str | None = None, timeo
         raise CorruptImage(f"decoding failed: {error}") from None
 
 
-def check_file(input_dir: Path, file: InputFile, options: CheckOptions) -> dict:
+def check_file(input_dir: UPath, file: InputFile, options: CheckOptions) -> dict:
     """One CHECK_SCHEMA row: hash of the bytes and, with full_decode, the outcome of a full decode."""
-    row = {"filename": file.filename, "label": file.label, "size": file.size, "mtime": file.mtime,
+    row = {"filename": file.filename, "label": file.label, "size": file.size, "version": file.version,
            "content_hash": None, "width": None, "height": None, "error": None}
     try:
-        data = read_file(input_dir / file.filename)
-    except OSError as error:
+        data = read_bytes(input_dir / file.filename)
+    except OSError as error:  # also a pipe or device with an image's name, and an object deleted since listing
         row["error"] = f"unreadable: {error.strerror or error}"
-        return row
-    except CorruptImage as error:
-        row["error"] = str(error)
         return row
     row["content_hash"] = xxhash.xxh3_128_hexdigest(data)
     if options.full_decode:
@@ -191,7 +178,7 @@ def check_file(input_dir: Path, file: InputFile, options: CheckOptions) -> dict:
     return row
 
 
-def check_files(input_dir: Path, files: list[InputFile | FrameRange], options: CheckOptions) -> pa.Table:
+def check_files(input_dir: UPath, files: list[InputFile | FrameRange], options: CheckOptions) -> pa.Table:
     threshold = options.corruption_threshold if options.full_decode else None
     rows = []
     for item in files:
@@ -207,6 +194,5 @@ def check_table(rows: list[dict]) -> pa.Table:
 
 
 @task(name="decode-check", retries=2, retry_delay_seconds=1)
-def check_shard(input_dir: str, files: list[InputFile | FrameRange], options: CheckOptions, out_path: str) -> str:
-    write_parquet(check_files(Path(input_dir), files, options), Path(out_path))
-    return out_path
+def check_shard(input_dir: UPath, files: list[InputFile | FrameRange], options: CheckOptions, out_path: UPath) -> UPath:
+    return write_parquet(check_files(input_dir, files, options), out_path)

@@ -8,10 +8,11 @@ video (seek to the keyframe before, decode forward to the frame's timestamp).
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 from PIL import Image
 from prefect import task
+from upath import UPath
 
 from tasks.decoding import load_image
 from tasks.storage import atomic_target
@@ -47,11 +48,11 @@ def dump_names(filenames: list[str], fmt: str) -> dict[str, str]:
     return names
 
 
-def dump_image(source: Path, target: Path, spec: int | tuple[int, int], fmt: str, max_pixels: int) -> None:
+def dump_image(source: UPath, target: UPath, spec: int | tuple[int, int], fmt: str, max_pixels: int) -> None:
     save_image(load_image(source, max_pixels), target, spec, fmt)
 
 
-def dump_frames(input_dir: Path, ranges: list[FrameRange], out_dir: Path, spec: int | tuple[int, int], fmt: str) -> int:
+def dump_frames(input_dir: UPath, ranges: list[FrameRange], out_dir: UPath, spec: int | tuple[int, int], fmt: str) -> int:
     """Write the frames of the ranges as out_dir/<frame name with the extension fmt>; returns how many."""
     names = dump_names([name for rng in ranges for name in rng.names()], fmt)
     written = 0
@@ -64,7 +65,7 @@ def dump_frames(input_dir: Path, ranges: list[FrameRange], out_dir: Path, spec: 
     return written
 
 
-def save_image(image: Image.Image, target: Path, spec: int | tuple[int, int], fmt: str) -> None:
+def save_image(image: Image.Image, target: UPath, spec: int | tuple[int, int], fmt: str) -> None:
     size = target_size(image.size, spec)
     if size != image.size:
         image = image.resize(size, Image.Resampling.LANCZOS)
@@ -75,11 +76,11 @@ def save_image(image: Image.Image, target: Path, spec: int | tuple[int, int], fm
 
 @task(name="dump-shard", retries=2, retry_delay_seconds=1)
 def dump_shard(
-    input_dir: str, names: list[tuple[str, str]] | list[FrameRange], out_dir: str, spec: int | tuple[int, int],
+    input_dir: UPath, names: list[tuple[str, str]] | list[FrameRange], out_dir: UPath, spec: int | tuple[int, int],
     fmt: str, max_pixels: int,
 ) -> int:
     if names and isinstance(names[0], FrameRange):
-        return dump_frames(Path(input_dir), names, Path(out_dir), spec, fmt)
+        return dump_frames(input_dir, names, out_dir, spec, fmt)
     for filename, output in names:
-        dump_image(Path(input_dir) / filename, Path(out_dir) / output, spec, fmt, max_pixels)
+        dump_image(input_dir / filename, out_dir / output, spec, fmt, max_pixels)
     return len(names)

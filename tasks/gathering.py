@@ -9,12 +9,12 @@ still ends in exactly one output list.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import task
+from upath import UPath
 
 from tasks.dedup import SAMPLES_SCHEMA
 from tasks.embedding import embedding_schema
@@ -45,7 +45,7 @@ def gather(samples: pa.Table, embedded: pa.Table) -> tuple[pa.Table, pa.Table]:
     return samples, ok
 
 
-def from_embeddings_csv(path: Path) -> tuple[pa.Table, pa.Table]:
+def from_embeddings_csv(path: UPath) -> tuple[pa.Table, pa.Table]:
     """Samples and embeddings tables for `embeddings=`: every row is an ok sample."""
     filenames, vectors, labels = read_embeddings_csv(path)
     n, dim = vectors.shape
@@ -65,7 +65,7 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
     return vectors
 
 
-def load_embeddings(path: Path, normalize: bool) -> tuple[list[str], list[int], np.ndarray]:
+def load_embeddings(path: UPath, normalize: bool) -> tuple[list[str], list[int], np.ndarray]:
     """filenames, labels and the (n, d) float32 matrix of a gathered table."""
     table = read_parquet([path])
     vectors = embedding_matrix(table).copy()
@@ -75,10 +75,11 @@ def load_embeddings(path: Path, normalize: bool) -> tuple[list[str], list[int], 
 
 
 @task(name="gather")
-def gather_embeddings(samples_path: str, shard_paths: list[str], out_dir: str, dim: int) -> dict:
-    """dim shapes the table when there is nothing to gather (e.g. no new files for a datapool)."""
-    embedded = read_parquet([Path(p) for p in shard_paths]) if shard_paths else embedding_schema(dim).empty_table()
-    samples, embeddings = gather(read_parquet([Path(samples_path)]), embedded)
-    write_parquet(samples, Path(samples_path))
-    write_parquet(embeddings, Path(out_dir) / GATHERED_NAME)
-    return {"path": str(Path(out_dir) / GATHERED_NAME), "n": len(embeddings)}
+def gather_embeddings(samples_path: UPath, shard_paths: list[UPath], out_path: UPath, dim: int) -> int:
+    """Returns the number of embedded samples; dim shapes the table when there is nothing to gather
+    (e.g. no new files for a datapool)."""
+    embedded = read_parquet(shard_paths) if shard_paths else embedding_schema(dim).empty_table()
+    samples, embeddings = gather(read_parquet([samples_path]), embedded)
+    write_parquet(samples, samples_path)
+    write_parquet(embeddings, out_path)
+    return len(embeddings)

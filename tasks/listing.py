@@ -5,7 +5,7 @@ becomes the lightly `labels` column; a video's label is its index among the vide
 labels video folders), and keeps only those named in `relevant_filenames_file` when one is given.
 Videos become frame samples in `tasks/video.py`.
 
-    >>> files = list_images("examples/images")
+    >>> files = list_images(location("examples/images"))
     >>> files[0].filename, files[0].label
     ('objects/astronaut_00.jpg', 0)
 """
@@ -15,10 +15,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from PIL import Image
 from prefect import get_run_logger, task
+from upath import UPath
+
+from tasks.storage import describe, is_local, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +35,19 @@ IMAGE_EXTENSIONS = frozenset(
 
 @dataclass(frozen=True)
 class InputFile:
-    """One input file: its path relative to input_dir (posix), label, size and modification time."""
+    """One input file: its path relative to input_dir (posix), label, size and version.
+
+    The version is what the store says changes when the content does: a local file's modification
+    time, an object's ETag (S3, Azure) or generation (GCS). (name, size, version) identifies a file
+    across runs: the datapool's record of what was processed and the cache keys use it."""
 
     filename: str
     label: int
     size: int
-    mtime: float
+    version: str
 
 
-def _walk(root: Path) -> list[tuple[str, os.stat_result]]:
+def _walk(root: Path) -> list[tuple[str, int, str]]:
     """Regular files under root. Symlinks are followed only while they stay inside root;
     directory symlinks are not descended (this also makes symlink loops harmless)."""
     real_root = root.resolve()
@@ -59,12 +66,37 @@ def _walk(root: Path) -> list[tuple[str, os.stat_result]]:
                 if not target.is_relative_to(real_root):
                     log.warning("Skipping %s: it is a symlink to %s, outside input_dir.", path, target)
                     continue
-            found.append((path.relative_to(root).as_posix(), stat))
+            found.append((path.relative_to(root).as_posix(), stat.st_size, repr(stat.st_mtime)))
     return found
 
 
+# Info keys that carry an object's version, in order of preference: S3's ETag, Azure's etag, GCS's
+# generation; stores that have none of them fall back to the modification time.
+VERSION_KEYS = ("ETag", "etag", "generation", "version_id", "LastModified", "last_modified", "updated", "mtime")
+
+
+def object_version(info: dict) -> str:
+    for key in VERSION_KEYS:
+        if info.get(key) not in (None, ""):
+            return str(info[key]).strip('"')
+    return ""
+
+
+def _find(root: UPath) -> list[tuple[str, int, str]]:
+    """Objects under a bucket prefix, from one paginated recursive listing (not a request per object)."""
+    try:
+        infos = root.fs.find(root.path, detail=True)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"input_dir={describe(root)}: the bucket or container does not exist ({error}).") from None
+    except PermissionError as error:
+        raise PermissionError(f"input_dir={describe(root)}: access denied ({error}); check the credentials.") from None
+    prefix = root.path.rstrip("/") + "/"
+    return sorted((name.removeprefix(prefix), int(info.get("size") or 0), object_version(info))
+                  for name, info in infos.items() if info.get("type", "file") == "file" and name.startswith(prefix))
+
+
 def is_video(filename: str) -> bool:
-    return Path(filename).suffix.lower() in VIDEO_EXTENSIONS
+    return PurePosixPath(filename).suffix.lower() in VIDEO_EXTENSIONS
 
 
 def assign_labels(filenames: list[str]) -> list[int]:
@@ -75,38 +107,37 @@ def assign_labels(filenames: list[str]) -> list[int]:
     return [index[name.split("/")[0] if "/" in name else ""] for name in filenames]
 
 
-def read_relevant_filenames(path: Path) -> list[str]:
+def read_relevant_filenames(path: UPath) -> list[str]:
     """Filenames relative to input_dir, one per line; blank lines and '#' comments are ignored."""
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_bytes(path).decode("utf-8").splitlines()
     return [line.strip().removeprefix("./") for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def list_images(input_dir: str, relevant_filenames: list[str] | None = None) -> list[InputFile]:
+def list_images(root: UPath, relevant_filenames: list[str] | None = None) -> list[InputFile]:
     """Image and video files under input_dir, sorted by relative path."""
-    root = Path(input_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"input_dir={input_dir!r} is not a folder.")
-    entries = [(name, stat) for name, stat in _walk(root)
-               if Path(name).suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS]
+    if is_local(root) and not root.is_dir():
+        raise FileNotFoundError(f"input_dir={describe(root)!r} is not a folder.")
+    found = _walk(root) if is_local(root) else _find(root)
+    entries = [entry for entry in found if PurePosixPath(entry[0]).suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS]
     if relevant_filenames is not None:
         wanted = set(relevant_filenames)
-        missing = wanted - {name for name, _ in entries}
+        missing = wanted - {entry[0] for entry in entries}
         if missing:
             log.warning(
                 "%d files named in relevant_filenames_file are not images or videos in input_dir, e.g. %s",
                 len(missing),
                 ", ".join(sorted(missing)[:5]),
             )
-        entries = [(name, stat) for name, stat in entries if name in wanted]
-    labels = assign_labels([name for name, _ in entries])
+        entries = [entry for entry in entries if entry[0] in wanted]
+    labels = assign_labels([entry[0] for entry in entries])
     videos = iter(range(len(entries)))
-    labels = [next(videos) if is_video(name) else label for (name, _), label in zip(entries, labels)]
-    return [InputFile(name, label, stat.st_size, stat.st_mtime) for (name, stat), label in zip(entries, labels)]
+    labels = [next(videos) if is_video(entry[0]) else label for entry, label in zip(entries, labels)]
+    return [InputFile(name, label, size, version) for (name, size, version), label in zip(entries, labels)]
 
 
 @task(name="list-datasource")
-def list_datasource(input_dir: str, relevant_filenames: list[str] | None) -> list[InputFile]:
+def list_datasource(input_dir: UPath, relevant_filenames: list[str] | None) -> list[InputFile]:
     files = list_images(input_dir, relevant_filenames)
     n_videos = sum(is_video(f.filename) for f in files)
-    get_run_logger().info("Found %d image and %d video files in %s", len(files) - n_videos, n_videos, input_dir)
+    get_run_logger().info("Found %d image and %d video files in %s", len(files) - n_videos, n_videos, describe(input_dir))
     return files

@@ -10,11 +10,11 @@ Every input file lands in exactly one filename list; the lists follow listing or
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from prefect import task
+from upath import UPath
 
 from tasks.embeddings_csv import write_embeddings_csv
 from tasks.gathering import load_embeddings
@@ -56,28 +56,27 @@ def list_line(filename: str) -> str:
     return filename.replace("\n", "\\n").replace("\r", "\\r") + "\n"
 
 
-def write_lists(run_dir: Path, lists: dict[str, list[str]]) -> None:
+def write_lists(run_dir: UPath, lists: dict[str, list[str]]) -> None:
     for name, filenames in lists.items():
         write_text("".join(map(list_line, filenames)), run_dir / "filenames" / f"{name}_filenames.txt")
 
 
 @task(name="write-outputs")
 def write_outputs(
-    run_dir: str, samples_path: str, embeddings_path: str, selection_path: str,
+    run: UPath, samples_path: UPath, embeddings_path: UPath, selection_path: UPath,
     normalize: bool, dump_sampled_embeddings: bool,
 ) -> dict[str, int]:
-    run = Path(run_dir)
-    samples = read_parquet([Path(samples_path)])
-    selected = selected_filenames(Path(selection_path))
+    samples = read_parquet([samples_path])
+    selected = selected_filenames(selection_path)
     lists = partition(samples, set(selected))
     write_lists(run, lists)
     info = corruptness_information(samples)
     write_text(json.dumps(info, indent=2, ensure_ascii=False), run / "data" / "corruptness_check_information.json")
 
-    filenames, labels, raw = load_embeddings(Path(embeddings_path), normalize=False)
+    filenames, labels, raw = load_embeddings(embeddings_path, normalize=False)
     write_embeddings_csv(run / "data" / "embeddings.csv", filenames, raw, labels)
     if normalize:
-        _, _, unit = load_embeddings(Path(embeddings_path), normalize=True)
+        _, _, unit = load_embeddings(embeddings_path, normalize=True)
         write_embeddings_csv(run / "data" / "normalized_embeddings.csv", filenames, unit, labels)
     if dump_sampled_embeddings:
         chosen = set(selected)

@@ -30,16 +30,15 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import task
+from upath import UPath
 
 from tasks.gathering import load_embeddings
-from tasks.storage import read_parquet, write_parquet
+from tasks.storage import read_parquet, read_table, write_parquet
 from tasks.video import frame_infos, sequences
 
 Array = Any  # numpy.ndarray, cupy.ndarray or torch.Tensor, depending on the backend
@@ -726,21 +725,21 @@ def select(
 SELECTION_SCHEMA = pa.schema([("filename", pa.string()), ("order", pa.int32()), ("distance", pa.float32())])
 
 
-def selected_filenames(path: Path) -> list[str]:
+def selected_filenames(path: UPath) -> list[str]:
     """The selected filenames of a selection table, in selection order."""
-    return pq.read_table(path).column("filename").to_pylist()
+    return read_table(path).column("filename").to_pylist()
 
 
 @task(name="select")
 def select_samples(
-    embeddings_path: str, method: str, n_samples: int | float, min_distance: float,
-    normalize: bool, seed: int, device: str, out_path: str, centers_path: str | None = None,
+    embeddings_path: UPath, method: str, n_samples: int | float, min_distance: float,
+    normalize: bool, seed: int, device: str, out_path: UPath, centers_path: UPath | None = None,
 ) -> dict:
     """Select from a gathered embeddings table into a SELECTION_SCHEMA table; returns a summary.
 
     centers_path: a table of the same layout whose rows count as already selected (the datapool)."""
-    filenames, _, vectors = load_embeddings(Path(embeddings_path), normalize=normalize)
-    centers = load_embeddings(Path(centers_path), normalize=normalize)[2] if centers_path else None
+    filenames, _, vectors = load_embeddings(embeddings_path, normalize=normalize)
+    centers = load_embeddings(centers_path, normalize=normalize)[2] if centers_path else None
     count = resolve_n_samples(n_samples, len(filenames))
     limit = None if min_distance == -1 else min_distance
     if len(filenames):
@@ -753,11 +752,10 @@ def select_samples(
          pa.array(np.arange(len(result.indices), dtype=np.int32)), pa.array(result.distances, pa.float32())],
         schema=SELECTION_SCHEMA,
     )
-    write_parquet(table, Path(out_path))
+    write_parquet(table, out_path)
     finite = result.distances[np.isfinite(result.distances)]
     reached_count = count is not None and len(result.indices) >= count
     return {
-        "path": out_path,
         "method": method,
         "n_candidates": len(filenames),
         "n_selected": int(len(result.indices)),
@@ -770,8 +768,8 @@ def select_samples(
 
 @task(name="select-sequences")
 def select_sequences(
-    embeddings_path: str, videos_path: str, length: int, method: str, n_samples: int | float, min_distance: float,
-    normalize: bool, seed: int, device: str, out_path: str,
+    embeddings_path: UPath, videos_path: UPath, length: int, method: str, n_samples: int | float, min_distance: float,
+    normalize: bool, seed: int, device: str, out_path: UPath,
 ) -> dict:
     """`selected_sequence_length` > 1: select whole sequences of `length` consecutive video frames.
 
@@ -779,10 +777,10 @@ def select_sequences(
     candidates go through `select_samples`, and the selection table lists every frame of the
     chosen sequences in selection order. `n_samples` counts frames: a fraction is rounded to a
     whole number of sequences."""
-    filenames, labels, vectors = load_embeddings(Path(embeddings_path), normalize=normalize)
-    chunks = sequences(filenames, frame_infos(read_parquet([Path(videos_path)])), length)
+    filenames, labels, vectors = load_embeddings(embeddings_path, normalize=normalize)
+    chunks = sequences(filenames, frame_infos(read_parquet([videos_path])), length)
     means = np.stack([vectors[rows].mean(axis=0) for rows in chunks]) if chunks else np.empty((0, vectors.shape[1]))
-    candidates_path = Path(out_path).with_name("sequence_embeddings.parquet")
+    candidates_path = out_path.with_name("sequence_embeddings.parquet")
     write_parquet(pa.table({
         "filename": pa.array([filenames[rows[0]] for rows in chunks], pa.string()),
         "label": pa.array([labels[rows[0]] for rows in chunks], pa.int32()),
@@ -790,15 +788,15 @@ def select_sequences(
     }), candidates_path)
     frames = resolve_n_samples(n_samples, len(filenames))
     count = -1 if frames is None else round(frames / length)
-    summary = select_samples.fn(str(candidates_path), method, count, min_distance, normalize, seed, device, out_path)
+    summary = select_samples.fn(candidates_path, method, count, min_distance, normalize, seed, device, out_path)
     first_frames = {filenames[rows[0]]: [filenames[r] for r in rows] for rows in chunks}
-    chosen = pq.read_table(out_path)
+    chosen = read_table(out_path)
     names = [name for first in chosen.column("filename").to_pylist() for name in first_frames[first]]
     table = pa.Table.from_arrays(
         [pa.array(names, pa.string()), pa.array(np.arange(len(names), dtype=np.int32)),
          pa.array(np.repeat(chosen.column("distance").to_numpy(zero_copy_only=False), length), pa.float32())],
         schema=SELECTION_SCHEMA,
     )
-    write_parquet(table, Path(out_path))
+    write_parquet(table, out_path)
     return {**summary, "sequence_length": length, "n_sequences_selected": summary["n_selected"],
             "n_selected": len(names), "n_samples_target": None if frames is None else count * length}

@@ -29,9 +29,9 @@ It is a `torch.save`d dict that loads with `torch.load(path, weights_only=True)`
     loss             mean NT-Xent loss of epoch N.
     model_name, num_ftrs, out_dim, input_size, thresher_version   what it was trained with.
 
-    >>> checkpoint = train([Path("examples/images/objects/chelsea_00.jpg"), ...],
+    >>> checkpoint = train([location("examples/images/objects/chelsea_00.jpg"), ...],
     ...                    ModelSpec("resnet-18", num_ftrs=32, checkpoint="", seed=1),
-    ...                    TrainOptions(max_epochs=1, batch_size=8), Path("out/run"))
+    ...                    TrainOptions(max_epochs=1, batch_size=8), location("out/run"))
     >>> checkpoint.name
     'lightly_epoch_0.ckpt'
 """
@@ -40,9 +40,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import io
 import logging
 import multiprocessing
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,9 +58,11 @@ from PIL import Image
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from tqdm import tqdm
+from upath import UPath
 
 from tasks.decoding import open_image
 from tasks.embedding import ModelSpec, build_backbone, default_device, load_checkpoint
+from tasks.storage import atomic_target, describe, read_bytes
 from tasks.video import FrameRange, frame_image, read_frames
 
 log = logging.getLogger(__name__)
@@ -122,14 +126,14 @@ class Step:
 class TrainingImages(torch.utils.data.Dataset):
     """Two augmented views of each image file."""
 
-    def __init__(self, paths: list[Path], transform: Callable[[Image.Image], list[torch.Tensor]], max_pixels: int):
+    def __init__(self, paths: list[UPath], transform: Callable[[Image.Image], list[torch.Tensor]], max_pixels: int):
         self.paths, self.transform, self.max_pixels = paths, transform, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> list[torch.Tensor]:
-        return self.transform(open_image(self.paths[index].read_bytes(), self.max_pixels))
+        return self.transform(open_image(read_bytes(self.paths[index]), self.max_pixels))
 
 
 class SimCLR(torch.nn.Module):
@@ -158,15 +162,15 @@ def build_simclr(spec: ModelSpec, out_dim: int) -> tuple[SimCLR, int]:
         head = SimCLRProjectionHead(dim, dim, out_dim, batch_norm=False)
     if not spec.checkpoint:
         return SimCLR(backbone, head), 0
-    load_checkpoint(backbone, Path(spec.checkpoint))
-    payload = torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
+    load_checkpoint(backbone, spec.checkpoint)
+    payload = torch.load(io.BytesIO(read_bytes(spec.checkpoint)), map_location="cpu", weights_only=True)
     if "projection_head" not in payload:  # a bare backbone: a new head, epochs from 0
         return SimCLR(backbone, head), 0
     try:
         head.load_state_dict(payload["projection_head"])
     except RuntimeError:
         raise ValueError(
-            f"checkpoint={spec.checkpoint} has a projection head of another size than lightly.model.out_dim={out_dim}; "
+            f"checkpoint={describe(spec.checkpoint)} has a projection head of another size than lightly.model.out_dim={out_dim}; "
             f"use the out_dim it was trained with ({payload.get('out_dim')})."
         ) from None
     return SimCLR(backbone, head), int(payload["epoch"]) + 1
@@ -186,11 +190,10 @@ def checkpoint_payload(model: SimCLR, spec: ModelSpec, options: TrainOptions, ep
     }
 
 
-def save_checkpoint(payload: dict, run_dir: Path) -> Path:
+def save_checkpoint(payload: dict, run_dir: UPath) -> UPath:
     path = run_dir / f"lightly_epoch_{payload['epoch']}.ckpt"
-    partial = path.with_suffix(".ckpt.partial")
-    torch.save({key: _to_cpu(value) for key, value in payload.items()}, partial)
-    partial.replace(path)  # a crash mid-write never leaves a truncated checkpoint behind
+    with atomic_target(path) as tmp:  # a crash mid-write never leaves a truncated checkpoint behind
+        torch.save({key: _to_cpu(value) for key, value in payload.items()}, tmp)
     return path
 
 
@@ -207,7 +210,7 @@ def loader_workers(requested: int) -> int:
     return workers
 
 
-def training_loader(paths: list[Path], options: TrainOptions, seed: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+def training_loader(paths: list[UPath], options: TrainOptions, seed: int, pin_memory: bool) -> torch.utils.data.DataLoader:
     if len(paths) < 2:
         raise ValueError(f"enable_training=True needs at least 2 images to contrast; the input has {len(paths)}.")
     dataset = TrainingImages(paths, SimCLRTransform(**dataclasses.asdict(options.augment)), options.max_pixels)
@@ -249,8 +252,8 @@ def train_step(
 
 def fit(
     model: SimCLR, loader: torch.utils.data.DataLoader, spec: ModelSpec, options: TrainOptions, start_epoch: int,
-    run_dir: Path, on_step: Callable[[Step], None] = lambda step: None,
-) -> Path:
+    run_dir: UPath, on_step: Callable[[Step], None] = lambda step: None,
+) -> UPath:
     """Train for options.max_epochs epochs from start_epoch; returns the last epoch's checkpoint."""
     device = next(model.parameters()).device.type
     criterion = NTXentLoss(temperature=options.temperature, memory_bank_size=options.memory_bank_size).to(device)
@@ -259,7 +262,7 @@ def fit(
     if options.precision == 16 and device == "cpu":
         log.warning("lightly.trainer.precision=16 applies on a GPU; training on the CPU runs in float32.")
     model.train()
-    previous: Path | None = None
+    previous: UPath | None = None
     for epoch in range(start_epoch, start_epoch + options.max_epochs):
         losses = []
         ready = time.perf_counter()
@@ -274,20 +277,19 @@ def fit(
         if previous is not None:
             previous.unlink(missing_ok=True)
         previous = path
-        log.info("Training epoch %d: mean loss %.4f, checkpoint %s", epoch, payload["loss"], path)
+        log.info("Training epoch %d: mean loss %.4f, checkpoint %s", epoch, payload["loss"], describe(path))
     assert previous is not None, "max_epochs must be at least 1"
     return previous
 
 
 def train(
-    paths: list[Path], spec: ModelSpec, options: TrainOptions, run_dir: Path,
+    paths: list[UPath], spec: ModelSpec, options: TrainOptions, run_dir: UPath,
     on_step: Callable[[Step], None] = lambda step: None,
-) -> Path:
+) -> UPath:
     """Fine-tune spec's backbone on the image files with SimCLR; returns the last checkpoint."""
     device = default_device() if options.use_gpu else "cpu"
     model, start_epoch = build_simclr(spec, options.out_dim)
     loader = training_loader(paths, options, spec.seed, pin_memory=device == "cuda")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return fit(model.to(device), loader, spec, options, start_epoch, run_dir, on_step)
 
 
@@ -304,7 +306,7 @@ def sample_ranges(ranges: list[FrameRange], max_frames: int) -> list[FrameRange]
     return sampled
 
 
-def extract_frames(input_dir: Path, ranges: list[FrameRange], out_dir: Path) -> list[Path]:
+def extract_frames(input_dir: UPath, ranges: list[FrameRange], out_dir: Path) -> list[UPath]:
     """Decode the frames once into PNG files to train on (an epoch then reads them like images);
     frames that fail to decode are left out."""
     paths = []
@@ -313,7 +315,7 @@ def extract_frames(input_dir: Path, ranges: list[FrameRange], out_dir: Path) -> 
             path = out_dir / name
             path.parent.mkdir(parents=True, exist_ok=True)
             frame.save(path)
-            paths.append(path)
+            paths.append(UPath(path))
     return paths
 
 
@@ -340,15 +342,15 @@ class Progress:
 
 @task(name="train-model")
 def train_model(
-    input_dir: str, files: list[str], spec: ModelSpec, options: TrainOptions, run_dir: str,
+    input_dir: UPath, files: list[str], spec: ModelSpec, options: TrainOptions, run_dir: UPath,
     frames: list[FrameRange] | None = None, max_frames: int = 10_000,
-) -> str:
+) -> UPath:
     """Fine-tune the backbone on the image files and (every k-th of at most max_frames) video
-    frames; returns the path of the checkpoint to embed with."""
-    paths = [Path(input_dir) / name for name in files]
-    if frames:
-        paths += extract_frames(Path(input_dir), sample_ranges(list(frames), max_frames),
-                                Path(run_dir) / "intermediate" / "train_frames")
+    frames; returns the path of the checkpoint to embed with. Frames are decoded once into a
+    local temporary folder that is removed after training."""
+    paths = [input_dir / name for name in files]
     progress = Progress(options.max_epochs)
-    with progress.bar:
-        return str(train(paths, spec, options, Path(run_dir), progress))
+    with tempfile.TemporaryDirectory(prefix="thresher-train-frames-") as frame_dir, progress.bar:
+        if frames:
+            paths += extract_frames(input_dir, sample_ranges(list(frames), max_frames), Path(frame_dir))
+        return train(paths, spec, options, run_dir, progress)

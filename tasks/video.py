@@ -19,9 +19,9 @@ compensation without any flag; both leave a grid of hard block edges that natura
 ordinary compression do not have (clean frames score below 0.08, damaged ones 0.1 to 0.6 in the
 tests). `corruptness_check.corruption_threshold` (default 0.1) applies to this score.
 
-    >>> videos = read_videos([Path("probe.parquet")])
+    >>> videos = read_videos([location("probe.parquet")])
     >>> rng = frame_ranges(videos, size=256)[0]
-    >>> [(index, frame is not None) for index, frame in decode_frames(Path("in") / rng.file.filename, rng)][:2]
+    >>> [(index, frame is not None) for index, frame in decode_frames(location("in") / rng.file.filename, rng)][:2]
     [(0, True), (1, True)]
 """
 
@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 import av
 import numpy as np
@@ -43,9 +43,10 @@ import pyarrow.compute as pc
 import xxhash
 from PIL import Image
 from prefect import task
+from upath import UPath
 
 from tasks.listing import InputFile
-from tasks.storage import read_parquet, write_parquet, write_text
+from tasks.storage import decoder_source, read_parquet, write_parquet, write_text
 
 # One row per listed video: its frames' pts in presentation order, or why it cannot be used.
 VIDEO_SCHEMA = pa.schema(
@@ -53,7 +54,7 @@ VIDEO_SCHEMA = pa.schema(
         ("filename", pa.string()),
         ("label", pa.int32()),
         ("size", pa.int64()),
-        ("mtime", pa.float64()),
+        ("version", pa.string()),
         ("time_base", pa.string()),  # "num/den": seconds per pts unit
         ("pts", pa.list_(pa.int64())),
         ("keyframes", pa.list_(pa.int32())),  # frame indices that decoding can start from
@@ -85,41 +86,48 @@ def frame_name(video: str, index: int, n_frames: int) -> str:
 # --------------------------------------------------------------------------- probing
 
 
-def probe(path: Path, use_frame_count_metadata: bool = False) -> tuple[list[int], list[int], Fraction]:
+def probe(path: UPath, use_frame_count_metadata: bool = False) -> tuple[list[int], list[int], Fraction]:
     """(pts of every frame in presentation order, keyframe indices, time base) of the first video stream.
 
     By default the packets are read (cheap: nothing is decoded) because containers' frame counts
     are often missing or wrong. With use_frame_count_metadata the header's count is trusted and
     the pts are spread evenly at the average frame rate (no keyframe information)."""
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError) as error:
-        raise CorruptVideo(f"cannot be opened: {getattr(error, 'strerror', None) or error}") from None
-    with container:
-        if not container.streams.video:
-            raise CorruptVideo("has no video stream")
-        stream = container.streams.video[0]
-        time_base = stream.time_base or Fraction(1, 1)
-        if use_frame_count_metadata and stream.frames > 0 and stream.average_rate:
-            step = 1 / (stream.average_rate * time_base)
-            start = stream.start_time or 0
-            return [start + round(i * step) for i in range(stream.frames)], [], time_base
-        timed = []
+    with decoder_source(path) as source:
         try:
-            for packet in container.demux(stream):
-                pts = packet.pts if packet.pts is not None else packet.dts
-                if packet.size and pts is not None:
-                    timed.append((pts, packet.is_keyframe))
-        except av.FFmpegError:
-            pass  # unreadable past this point: the frames read so far are the video
+            container = av.open(source)
+        except (av.FFmpegError, OSError) as error:
+            raise CorruptVideo(f"cannot be opened: {getattr(error, 'strerror', None) or error}") from None
+        with container:
+            return _probe_stream(container, use_frame_count_metadata)
+
+
+def _probe_stream(container: av.container.InputContainer, use_frame_count_metadata: bool
+                  ) -> tuple[list[int], list[int], Fraction]:
+    """See probe."""
+    if not container.streams.video:
+        raise CorruptVideo("has no video stream")
+    stream = container.streams.video[0]
+    time_base = stream.time_base or Fraction(1, 1)
+    if use_frame_count_metadata and stream.frames > 0 and stream.average_rate:
+        step = 1 / (stream.average_rate * time_base)
+        start = stream.start_time or 0
+        return [start + round(i * step) for i in range(stream.frames)], [], time_base
+    timed = []
+    try:
+        for packet in container.demux(stream):
+            pts = packet.pts if packet.pts is not None else packet.dts
+            if packet.size and pts is not None:
+                timed.append((pts, packet.is_keyframe))
+    except av.FFmpegError:
+        pass  # unreadable past this point: the frames read so far are the video
     timed = sorted(dict(timed).items())
     if not timed:
         raise CorruptVideo("contains no video frames")
     return [pts for pts, _ in timed], [i for i, (_, key) in enumerate(timed) if key], time_base
 
 
-def probe_row(input_dir: Path, file: InputFile, use_frame_count_metadata: bool) -> dict:
-    row = {"filename": file.filename, "label": file.label, "size": file.size, "mtime": file.mtime,
+def probe_row(input_dir: UPath, file: InputFile, use_frame_count_metadata: bool) -> dict:
+    row = {"filename": file.filename, "label": file.label, "size": file.size, "version": file.version,
            "time_base": None, "pts": None, "keyframes": None, "error": None}
     try:
         pts, keyframes, time_base = probe(input_dir / file.filename, use_frame_count_metadata)
@@ -131,19 +139,18 @@ def probe_row(input_dir: Path, file: InputFile, use_frame_count_metadata: bool) 
 
 
 @task(name="probe-videos", retries=2, retry_delay_seconds=1)
-def probe_videos(input_dir: str, files: list[InputFile], use_frame_count_metadata: bool, out_path: str) -> str:
-    rows = [probe_row(Path(input_dir), f, use_frame_count_metadata) for f in files]
-    write_parquet(pa.Table.from_pylist(rows, schema=VIDEO_SCHEMA), Path(out_path))
-    return out_path
+def probe_videos(input_dir: UPath, files: list[InputFile], use_frame_count_metadata: bool, out_path: UPath) -> UPath:
+    rows = [probe_row(input_dir, f, use_frame_count_metadata) for f in files]
+    return write_parquet(pa.Table.from_pylist(rows, schema=VIDEO_SCHEMA), out_path)
 
 
-def read_videos(paths: list[Path]) -> pa.Table:
+def read_videos(paths: list[UPath]) -> pa.Table:
     return read_parquet(paths) if paths else VIDEO_SCHEMA.empty_table()
 
 
 def corrupt_video_rows(videos: pa.Table) -> list[dict]:
     """Check rows (decoding.CHECK_SCHEMA) for the videos that cannot be used, named by the video."""
-    return [{"filename": v["filename"], "label": v["label"], "size": v["size"], "mtime": v["mtime"],
+    return [{"filename": v["filename"], "label": v["label"], "size": v["size"], "version": v["version"],
              "content_hash": None, "width": None, "height": None, "error": v["error"]}
             for v in videos.to_pylist() if v["error"] is not None]
 
@@ -192,7 +199,7 @@ def frame_ranges(videos: pa.Table, size: int, keep: set[str] | None = None) -> l
     frames whose names are in `keep` (frames that passed the check, or that were selected)."""
     ranges = []
     for video in videos.filter(pc.is_null(videos.column("error"))).to_pylist():
-        file = InputFile(video["filename"], video["label"], video["size"], video["mtime"])
+        file = InputFile(video["filename"], video["label"], video["size"], video["version"])
         pts = video["pts"]
         n = len(pts)
         step = int(np.min(np.diff(pts))) if n > 1 else 1
@@ -248,10 +255,10 @@ def _decoded(container: av.container.InputContainer, stream: av.VideoStream) -> 
         yield from frames
 
 
-def decode_frames(path: Path, rng: FrameRange) -> Iterator[tuple[int, av.VideoFrame | None]]:
+def decode_frames(path: UPath, rng: FrameRange) -> Iterator[tuple[int, av.VideoFrame | None]]:
     """Every wanted frame of `rng` once, in order: (index, frame), or (index, None) where the
     frame could not be decoded. Seeks to the keyframe at or before the range first."""
-    with av.open(str(path)) as container:
+    with decoder_source(path) as source, av.open(source) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame and slice threads: several times faster on long GOPs
         frames = _decoded(container, stream)
@@ -289,7 +296,7 @@ def _match(frames: Iterator[av.VideoFrame], rng: FrameRange) -> Iterator[tuple[i
         yield index, None
 
 
-def read_frames(input_dir: Path, ranges: list[FrameRange], convert: Callable[[av.VideoFrame], object]
+def read_frames(input_dir: UPath, ranges: list[FrameRange], convert: Callable[[av.VideoFrame], object]
                 ) -> Iterator[tuple[str, object]]:
     """(frame name, convert(frame)) for every frame of the ranges, or (name, reason) where it failed."""
     for rng in ranges:
@@ -353,7 +360,7 @@ def check_row(file: InputFile, name: str, frame: av.VideoFrame | str, threshold:
     """A decoding.CHECK_SCHEMA row for one frame: the hash of its decoded pixels (so identical
     frames, e.g. a frozen camera, are exact duplicates) and why it is corrupt, if it is. Without
     a threshold only frames that fail to decode are corrupt."""
-    row = {"filename": name, "label": file.label, "size": file.size, "mtime": file.mtime,
+    row = {"filename": name, "label": file.label, "size": file.size, "version": file.version,
            "content_hash": None, "width": None, "height": None, "error": None}
     if isinstance(frame, str):
         row["error"] = frame
@@ -369,7 +376,7 @@ def check_row(file: InputFile, name: str, frame: av.VideoFrame | str, threshold:
     return row
 
 
-def check_ranges(input_dir: Path, ranges: list[FrameRange], threshold: float | None) -> list[dict]:
+def check_ranges(input_dir: UPath, ranges: list[FrameRange], threshold: float | None) -> list[dict]:
     files = {name: rng.file for rng in ranges for name in rng.names()}
     return [check_row(files[name], name, result, threshold)
             for name, result in read_frames(input_dir, ranges, lambda frame: frame)]
@@ -455,14 +462,14 @@ def video_timelines(videos: pa.Table, selected: list[str]) -> dict[str, list[flo
 
 
 @task(name="video-outputs")
-def write_video_outputs(run_dir: str, videos_path: str, selection_path: str, sequence_length: int) -> dict:
+def write_video_outputs(run_dir: UPath, videos_path: UPath, selection_path: UPath, sequence_length: int) -> dict:
     """data/sequence_information.json (sequence selection only); returns the per-video timelines
     of the selected frames for the report."""
-    videos = read_videos([Path(videos_path)])
-    selected = read_parquet([Path(selection_path)]).column("filename").to_pylist()
+    videos = read_videos([videos_path])
+    selected = read_parquet([selection_path]).column("filename").to_pylist()
     if sequence_length > 1:
         entries = sequence_information(selected, frame_infos(videos), sequence_length)
-        write_text(json.dumps(entries, indent=2, ensure_ascii=False), Path(run_dir) / "data" / "sequence_information.json")
+        write_text(json.dumps(entries, indent=2, ensure_ascii=False), run_dir / "data" / "sequence_information.json")
     return video_timelines(videos, selected)
 
 

@@ -28,13 +28,13 @@ def corpus(tmp_path_factory):
 
 def test_listing_finds_every_file_and_no_trap(corpus):
     root, expected = corpus
-    assert sorted(f.filename for f in list_images(str(root))) == sorted(expected)
+    assert sorted(f.filename for f in list_images(root)) == sorted(expected)
 
 
 def test_check_gives_each_file_its_fate(corpus):
     root, expected = corpus
     start, peak = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rows = {row["filename"]: row for row in check_files(root, list_images(str(root)), CheckOptions()).to_pylist()}
+    rows = {row["filename"]: row for row in check_files(root, list_images(root), CheckOptions()).to_pylist()}
     assert time.perf_counter() - start < 30, "a file stalled the check"
     # The bomb declares 10^10 pixels (30 GB decoded): it must be refused from its header.
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200 * 1024, "memory was not bounded"
@@ -61,7 +61,7 @@ def test_decoded_pixels_are_the_picture(corpus):
 
 def test_pixel_limit_is_configurable(tmp_path):
     save(picture(1, (100, 100)), tmp_path / "a.png")
-    files = list_images(str(tmp_path))
+    files = list_images(tmp_path)
     assert check_files(tmp_path, files, CheckOptions(max_pixels=10_000)).column("error")[0].as_py() is None
     error = check_files(tmp_path, files, CheckOptions(max_pixels=9_999)).column("error")[0].as_py()
     assert error.startswith("decompression bomb: 100x100 = 10000 pixels exceeds corruptness_check.max_pixels=9999")
@@ -70,7 +70,7 @@ def test_pixel_limit_is_configurable(tmp_path):
 def test_slow_decode_times_out(tmp_path):
     # A real slow decode: 6000x6000 of deflated zeros is 100 kB on disk and a 36 MP decode.
     save(Image.new("L", (6000, 6000)), tmp_path / "slow.png")
-    files = list_images(str(tmp_path))
+    files = list_images(tmp_path)
     start = time.perf_counter()
     error = check_files(tmp_path, files, CheckOptions(decode_timeout=0.001)).column("error")[0].as_py()
     assert time.perf_counter() - start < 5
@@ -81,7 +81,7 @@ def test_slow_decode_times_out(tmp_path):
 def test_files_that_vanish_or_change_after_listing(tmp_path):
     for i in range(3):
         save(picture(i), tmp_path / f"{i}.jpg", format="JPEG")
-    files = list_images(str(tmp_path))
+    files = list_images(tmp_path)
     (tmp_path / "0.jpg").unlink()
     (tmp_path / "1.jpg").write_bytes(b"\xff\xd8 no longer a jpeg")
     (tmp_path / "2.jpg").unlink()
@@ -99,7 +99,7 @@ def test_unreadable_file(tmp_path):
     os.chmod(tmp_path / "locked.jpg", 0)
     if os.access(tmp_path / "locked.jpg", os.R_OK):
         pytest.skip("running as root: permissions do not stop reads (traps/pipe.jpg covers an unreadable entry)")
-    errors = check_files(tmp_path, list_images(str(tmp_path)), CheckOptions()).column("error").to_pylist()
+    errors = check_files(tmp_path, list_images(tmp_path), CheckOptions()).column("error").to_pylist()
     assert errors == ["unreadable: Permission denied"]
 
 

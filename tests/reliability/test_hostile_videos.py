@@ -54,7 +54,7 @@ def test_run_over_hostile_videos(tmp_path, dask_address):
 def test_rotation_metadata_turns_frames_upright(tmp_path):
     source = frames(3)
     rotated(tmp_path / "phone.mp4", source)
-    videos = pa.Table.from_pylist([probe_row(tmp_path, InputFile("phone.mp4", 0, 1, 0.0), False)], schema=VIDEO_SCHEMA)
+    videos = pa.Table.from_pylist([probe_row(tmp_path, InputFile("phone.mp4", 0, 1, "0.0"), False)], schema=VIDEO_SCHEMA)
     ranges = frame_ranges(videos, size=8)
     images = [np.asarray(image) for _, image in read_frames(tmp_path, ranges, frame_image)]
     for image, expected in zip(images, source, strict=True):

@@ -4,7 +4,7 @@ from tasks.listing import InputFile
 
 
 def _files(n, start=0):
-    return [InputFile(f"img_{i:05d}.jpg", 0, 100 + i, 1.0) for i in range(start, start + n)]
+    return [InputFile(f"img_{i:05d}.jpg", 0, 100 + i, "1.0") for i in range(start, start + n)]
 
 
 def test_key_changes_with_what_determines_the_result_only():
@@ -13,7 +13,7 @@ def test_key_changes_with_what_determines_the_result_only():
     assert key == shard_key("check", "/d", CheckOptions(), _files(3))
     assert key != shard_key("check", "/d", CheckOptions(max_pixels=10), files)
     assert key != shard_key("check", "/other", CheckOptions(), files)
-    touched = [*files[:2], InputFile(files[2].filename, 0, files[2].size, 2.0)]
+    touched = [*files[:2], InputFile(files[2].filename, 0, files[2].size, "2.0")]
     assert key != shard_key("check", "/d", CheckOptions(), touched)
     assert key != shard_key("embed", "/d", CheckOptions(), files)
 

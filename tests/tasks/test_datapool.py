@@ -22,7 +22,7 @@ def _rows(run: str, names: list[str], statuses: list[str], dim: int = 3, source:
     embeddings = [rng.normal(size=dim).astype(np.float32).tolist() if s == "sampled" else None for s in statuses]
     return pa.Table.from_pydict(
         {"source": [source] * len(names), "filename": names, "file": names, "label": [0] * len(names),
-         "size": [10] * len(names), "mtime": [1.0] * len(names), "content_hash": [f"h{n}" for n in names],
+         "size": [10] * len(names), "version": ["1.0"] * len(names), "content_hash": [f"h{n}" for n in names],
          "status": statuses, "run": [run] * len(names), "embedding": embeddings},
         schema=pool_schema(dim, MODEL),
     )
@@ -57,7 +57,7 @@ def test_reprocessed_files_replace_their_old_rows():
 
 def test_processed_keys_are_per_source():
     table = pa.concat_tables([_rows("r1", ["a.jpg"], ["removed"]), _rows("r1", ["z.jpg"], ["removed"], source="/other")])
-    assert processed_keys(table, "/data") == {("a.jpg", 10, 1.0)}
+    assert processed_keys(table, "/data") == {("a.jpg", 10, "1.0")}
     assert processed_keys(None, "/data") == set()
 
 
@@ -65,11 +65,11 @@ def test_run_rows_record_status_identity_and_sampled_embeddings():
     samples = pa.Table.from_pydict({"filename": ["a.jpg", "v-1-mp4.png", "b.jpg", "c.jpg"], "label": [0, 1, 0, 0],
                                     "status": ["ok", "ok", "duplicate", "corrupt"]},
                                    schema=pa.schema([("filename", pa.string()), ("label", pa.int32()), ("status", pa.string())]))
-    files = {"a.jpg": ("a.jpg", 5, 1.0), "v-1-mp4.png": ("v.mp4", 99, 2.0), "b.jpg": ("b.jpg", 5, 1.0), "c.jpg": ("c.jpg", 0, 1.0)}
+    files = {"a.jpg": ("a.jpg", 5, "1.0"), "v-1-mp4.png": ("v.mp4", 99, "2.0"), "b.jpg": ("b.jpg", 5, "1.0"), "c.jpg": ("c.jpg", 0, "1.0")}
     rows = run_rows("/data", samples, files, {"a.jpg": "h1"}, {"v-1-mp4.png": np.ones(3, np.float32)}, "r1", 3, MODEL)
     assert rows.column("status").to_pylist() == ["removed", "sampled", "duplicate", "corrupt"]
     assert rows.column("embedding").to_pylist()[:2] == [None, [1.0, 1.0, 1.0]]
-    assert processed_keys(rows, "/data") == {("a.jpg", 5, 1.0), ("v.mp4", 99, 2.0), ("b.jpg", 5, 1.0), ("c.jpg", 0, 1.0)}
+    assert processed_keys(rows, "/data") == {("a.jpg", 5, "1.0"), ("v.mp4", 99, "2.0"), ("b.jpg", 5, "1.0"), ("c.jpg", 0, "1.0")}
 
 
 def test_dimension_and_model_mismatch_stop_with_a_message(tmp_path):

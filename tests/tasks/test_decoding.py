@@ -18,7 +18,7 @@ def _bytes(image: Image.Image, fmt: str, **options) -> bytes:
 
 def _check(tmp_path: Path, name: str, **options) -> dict:
     path = tmp_path / name
-    return check_files(tmp_path, [InputFile(name, 0, path.stat().st_size, 0.0)], CheckOptions(**options)).to_pylist()[0]
+    return check_files(tmp_path, [InputFile(name, 0, path.stat().st_size, "0.0")], CheckOptions(**options)).to_pylist()[0]
 
 
 @pytest.mark.parametrize(
@@ -64,13 +64,13 @@ def test_equal_bytes_hash_equal_and_different_bytes_differ(tmp_path):
     (tmp_path / "a.png").write_bytes(data)
     (tmp_path / "b.png").write_bytes(data)
     (tmp_path / "c.png").write_bytes(_bytes(picture(4), "PNG"))
-    files = [InputFile(n, 0, 1, 0.0) for n in ("a.png", "b.png", "c.png")]
+    files = [InputFile(n, 0, 1, "0.0") for n in ("a.png", "b.png", "c.png")]
     hashes = check_files(tmp_path, files, CheckOptions()).column("content_hash").to_pylist()
     assert hashes[0] == hashes[1] != hashes[2]
 
 
 def test_unreadable_file_reports_reason(tmp_path):
-    row = check_files(tmp_path, [InputFile("gone.jpg", 0, 1, 0.0)], CheckOptions()).to_pylist()[0]
+    row = check_files(tmp_path, [InputFile("gone.jpg", 0, 1, "0.0")], CheckOptions()).to_pylist()[0]
     assert row["error"].startswith("unreadable")
 
 

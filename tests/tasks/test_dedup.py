@@ -6,7 +6,7 @@ from tasks.dedup import classify, duplicate_map
 
 def _check_table(rows):
     return pa.Table.from_pylist(
-        [{"filename": f, "label": 0, "size": 1, "mtime": 0.0, "content_hash": h, "width": 1, "height": 1, "error": e}
+        [{"filename": f, "label": 0, "size": 1, "version": "", "content_hash": h, "width": 1, "height": 1, "error": e}
          for f, h, e in rows],
         schema=CHECK_SCHEMA,
     )

@@ -18,7 +18,7 @@ def test_pretrained_default_embeds_real_photos_meaningfully():
     """Crops of one photo lie closer together than crops of different photos: the packaged
     ImageNet weights give real features offline."""
     names = [f"objects/{p}_{i:02d}.jpg" for p in ("chelsea", "coffee", "rocket") for i in range(3)]
-    model = load_backbone("efficientnet-lite0", 32, "", 1, "cpu")
+    model = load_backbone("efficientnet-lite0", 32, None, 1, "cpu")
     vectors, errors, _ = embed_files(EXAMPLES, names, model, EmbedOptions(input_size=96, batch_size=4))
     assert errors == [None] * 9 and vectors.shape == (9, 1280)
     distances = np.linalg.norm(_unit(vectors)[:, None] - _unit(vectors)[None], axis=-1)
@@ -73,7 +73,7 @@ def test_undecodable_files_get_nan_rows_and_reasons_in_order(tmp_path):
     save(picture(1), tmp_path / "a.png")
     truncated(tmp_path / "b.jpg")
     save(picture(2), tmp_path / "c.png")
-    model = load_backbone("resnet-18", 8, "", 1, "cpu")
+    model = load_backbone("resnet-18", 8, None, 1, "cpu")
     vectors, errors, compute = embed_files(tmp_path, ["a.png", "b.jpg", "c.png"], model, EmbedOptions(batch_size=2))
     assert errors[0] is None and errors[1].startswith("decoding failed") and errors[2] is None
     assert np.isfinite(vectors[[0, 2]]).all() and np.isnan(vectors[1]).all()

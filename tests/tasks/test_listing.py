@@ -7,7 +7,7 @@ from tests.images import picture, save
 def test_flat_folder_is_label_zero_and_sorted(tmp_path):
     for name in ["b.jpg", "a.png", "notes.txt"]:
         save(picture(1), tmp_path / name) if name != "notes.txt" else (tmp_path / name).write_text("x")
-    files = list_images(str(tmp_path))
+    files = list_images(tmp_path)
     assert [(f.filename, f.label) for f in files] == [("a.png", 0), ("b.jpg", 0)]
     assert files[0].size == (tmp_path / "a.png").stat().st_size
 
@@ -24,7 +24,7 @@ def test_symlinks_leaving_input_dir_are_not_followed(tmp_path):
     os.symlink(outside / "secret.jpg", inside / "link_out.jpg")
     os.symlink(inside / "a.jpg", inside / "link_in.jpg")
     os.symlink(inside, inside / "loop")  # a directory loop must not hang the walk
-    assert [f.filename for f in list_images(str(inside))] == ["a.jpg", "link_in.jpg"]
+    assert [f.filename for f in list_images(inside)] == ["a.jpg", "link_in.jpg"]
 
 
 def test_relevant_filenames_restrict_the_listing(tmp_path):
@@ -34,4 +34,4 @@ def test_relevant_filenames_restrict_the_listing(tmp_path):
     listing.write_text("# wanted\n./sub/c.jpg\n\na.jpg\nmissing.jpg\n")
     wanted = read_relevant_filenames(listing)
     assert wanted == ["sub/c.jpg", "a.jpg", "missing.jpg"]
-    assert [f.filename for f in list_images(str(tmp_path / "in"), wanted)] == ["a.jpg", "sub/c.jpg"]
+    assert [f.filename for f in list_images(tmp_path / "in", wanted)] == ["a.jpg", "sub/c.jpg"]

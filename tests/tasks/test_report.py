@@ -110,7 +110,7 @@ def run(tmp_path_factory) -> tuple[Path, dict]:
     (images / "empty.png").write_bytes(b"")
 
     work = run_dir / "intermediate"
-    samples = classify(check_files(images, list_images(str(images)), CheckOptions()), remove_exact_duplicates=True)
+    samples = classify(check_files(images, list_images(images), CheckOptions()), remove_exact_duplicates=True)
     write_parquet(samples, work / "samples.parquet")
     ok = [name for name, status in zip(samples.column("filename").to_pylist(), samples.column("status").to_pylist())
           if status == "ok"]
@@ -120,8 +120,8 @@ def run(tmp_path_factory) -> tuple[Path, dict]:
                   work / "embeddings.parquet")
     config = ThresherConfig(input_dir=str(images), output_dir=str(root), n_example_images=4,
                             stopping_condition={"n_samples": N_SELECT}).model_dump(mode="json", exclude={"token"})
-    selection = select_samples.fn(str(work / "embeddings.parquet"), "coreset", N_SELECT, -1, True, 1, "cpu",
-                                  str(work / "selection.parquet"))
+    selection = select_samples.fn(work / "embeddings.parquet", "coreset", N_SELECT, -1, True, 1, "cpu",
+                                  work / "selection.parquet")
     counts = {"n_input_files": 19, "n_corrupt": 2, "n_duplicate": 3, "n_removed": N_GOOD - N_SELECT, "n_sampled": N_SELECT}
     job = {"started": "2026-01-01T10:00:00+00:00", "finished": "2026-01-01T10:01:00+00:00", "duration_seconds": 60.0,
            "run_directory": str(run_dir)}

@@ -18,7 +18,7 @@ from tasks.video import VIDEO_SCHEMA, frame_ranges, probe_row
 from tests.images import picture, save
 from tests.videos import frames, write_video
 
-SPEC = ModelSpec("resnet-18", num_ftrs=16, checkpoint="", seed=1)
+SPEC = ModelSpec("resnet-18", num_ftrs=16, checkpoint=None, seed=1)
 TINY = TrainOptions(max_epochs=1, batch_size=8, out_dim=16, lr=0.1, augment=Augmentations(input_size=32))
 
 
@@ -38,14 +38,14 @@ def test_one_epoch_writes_a_checkpoint_that_embeds_and_resumes(images, tmp_path)
     assert set(payload["state_dict"]) == set(build_backbone("resnet-18", 16, 1).state_dict())
 
     # resuming carries on the epoch count
-    resumed = train(images, ModelSpec("resnet-18", 16, str(checkpoint), 1), TINY, tmp_path / "run2")
+    resumed = train(images, ModelSpec("resnet-18", 16, checkpoint, 1), TINY, tmp_path / "run2")
     assert resumed.name == "lightly_epoch_1.ckpt"
 
     # the trained backbone embeds differently from the untrained one
     options = EmbedOptions(input_size=32, batch_size=8)
     names = [p.name for p in images[:4]]
-    before, _, _ = embed_files(images[0].parent, names, load_backbone("resnet-18", 16, "", 1, "cpu"), options)
-    after, _, _ = embed_files(images[0].parent, names, load_backbone("resnet-18", 16, str(checkpoint), 1, "cpu"), options)
+    before, _, _ = embed_files(images[0].parent, names, load_backbone("resnet-18", 16, None, 1, "cpu"), options)
+    after, _, _ = embed_files(images[0].parent, names, load_backbone("resnet-18", 16, checkpoint, 1, "cpu"), options)
     assert before.shape == after.shape == (4, 16) and not np.allclose(before, after, atol=1e-4)
 
 
@@ -66,15 +66,15 @@ def test_loss_decreases_on_a_fixed_batch(images):
 def test_checkpoint_of_another_out_dim_is_refused_with_the_key(tmp_path):
     model, _ = build_simclr(SPEC, out_dim=16)
     checkpoint = save_checkpoint(checkpoint_payload(model, SPEC, TINY, epoch=3, loss=1.0), tmp_path)
-    assert build_simclr(ModelSpec("resnet-18", 16, str(checkpoint), 1), out_dim=16)[1] == 4
+    assert build_simclr(ModelSpec("resnet-18", 16, checkpoint, 1), out_dim=16)[1] == 4
     with pytest.raises(ValueError, match="lightly.model.out_dim"):
-        build_simclr(ModelSpec("resnet-18", 16, str(checkpoint), 1), out_dim=32)
+        build_simclr(ModelSpec("resnet-18", 16, checkpoint, 1), out_dim=32)
 
 
 def test_a_bare_backbone_checkpoint_starts_a_new_head(tmp_path):
     backbone = build_backbone("resnet-18", 16, seed=5)
     torch.save(backbone.state_dict(), tmp_path / "bare.pth")
-    model, start = build_simclr(ModelSpec("resnet-18", 16, str(tmp_path / "bare.pth"), 1), out_dim=16)
+    model, start = build_simclr(ModelSpec("resnet-18", 16, tmp_path / "bare.pth", 1), out_dim=16)
     assert start == 0 and torch.equal(model.backbone.state_dict()["8.weight"], backbone.state_dict()["8.weight"])
 
 
@@ -85,7 +85,7 @@ def test_too_few_images_is_a_clear_error(images):
 
 def test_video_frames_are_sampled_to_image_files(tmp_path):
     write_video(tmp_path / "in" / "clip.mp4", frames(12))
-    videos = pa.Table.from_pylist([probe_row(tmp_path / "in", f, False) for f in list_images(str(tmp_path / "in"))],
+    videos = pa.Table.from_pylist([probe_row(tmp_path / "in", f, False) for f in list_images(tmp_path / "in")],
                                   schema=VIDEO_SCHEMA)
     sampled = sample_ranges(frame_ranges(videos, size=5), max_frames=4)
     paths = extract_frames(tmp_path / "in", sampled, tmp_path / "frames")
@@ -99,7 +99,7 @@ def test_train_model_task_reports_progress(images, tmp_path, prefect_server):
 
     @flow
     def one_training() -> str:
-        return train_model(str(images[0].parent), [p.name for p in images], SPEC, TINY, str(tmp_path))
+        return train_model(images[0].parent, [p.name for p in images], SPEC, TINY, tmp_path)
 
     checkpoint = one_training()
     assert Path(checkpoint).name == "lightly_epoch_0.ckpt"

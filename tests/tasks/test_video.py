@@ -20,7 +20,7 @@ SOURCE = frames(23)
 
 
 def _probe(root: Path, use_frame_count_metadata: bool = False) -> pa.Table:
-    files = list_images(str(root))
+    files = list_images(root)
     return pa.Table.from_pylist([probe_row(root, f, use_frame_count_metadata) for f in files], schema=VIDEO_SCHEMA)
 
 
@@ -50,7 +50,7 @@ def test_listing_finds_videos_and_labels_them_by_video_index(tmp_path):
     write_video(tmp_path / "b.mpeg", SOURCE[:3], codec="mpeg1video")
     write_video(tmp_path / "sub" / "a.mp4", SOURCE[:3])
     Image.fromarray(SOURCE[0]).save(tmp_path / "photo.png")
-    files = list_images(str(tmp_path))
+    files = list_images(tmp_path)
     assert [(f.filename, f.label) for f in files] == [("b.mpeg", 0), ("photo.png", 0), ("sub/a.mp4", 1)]
 
 
@@ -127,7 +127,7 @@ def test_dumped_frames_equal_their_source_frames(library, tmp_path):
 def test_embedding_frames_streams_them_resized(library):
     videos = _probe(library)
     [ranges] = video_shards(videos, 256, 1, keep={frame_name("clips/mpeg4.mp4", i, 23) for i in range(4)})
-    model = load_backbone("resnet-18", 8, "", 1, "cpu")
+    model = load_backbone("resnet-18", 8, None, 1, "cpu")
     names, vectors, errors, _ = embed_frames(library, ranges, model, EmbedOptions(input_size=32, batch_size=3))
     assert names == [frame_name("clips/mpeg4.mp4", i, 23) for i in range(4)]
     assert vectors.shape == (4, 8) and errors == [None] * 4
@@ -158,7 +158,7 @@ def test_a_frame_range_of_an_input_file_is_one_check_row_per_frame(tmp_path):
         pytest.skip("no VP8 encoder")
     write_video(tmp_path / "v.webm", SOURCE[:4], codec="libvpx")
     videos = _probe(tmp_path)
-    image = InputFile("x.png", 0, 1, 0.0)
+    image = InputFile("x.png", 0, 1, "0.0")
     Image.fromarray(SOURCE[0]).save(tmp_path / "x.png")
     rows = check_files(tmp_path, [image, *frame_ranges(videos, 256)], CheckOptions()).column("filename").to_pylist()
     assert rows == ["x.png"] + [f"v-{i}-webm.png" for i in range(4)]
