@@ -45,11 +45,12 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from PIL import Image
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from upath import UPath
 
 from tasks.decoding import CorruptImage, open_image
 from tasks.gathering import load_embeddings
 from tasks.selection import selected_filenames
-from tasks.storage import read_parquet, write_text
+from tasks.storage import atomic_target, describe, is_local, location, read_bytes, read_parquet, write_text
 
 matplotlib.use("Agg")  # Dask workers have no display
 
@@ -83,6 +84,7 @@ class ReportSettings:
     """The configuration keys the report reads, in one place."""
 
     input_dir: str
+    storage_options: dict
     normalize: bool
     memory_gb: float
     n_example_images: int
@@ -97,6 +99,7 @@ class ReportSettings:
     def from_config(cls, config: dict) -> ReportSettings:
         return cls(
             input_dir=config["input_dir"],
+            storage_options=config["storage_options"],
             normalize=config["normalize_embeddings"],
             memory_gb=config["memory_requirement_in_GB"],
             n_example_images=config["n_example_images"],
@@ -266,7 +269,7 @@ def example_pairs(
     ]
 
 
-def file_lists(samples_path: Path) -> dict:
+def file_lists(samples_path: UPath) -> dict:
     """The first corrupt files with their reasons and the largest exact-duplicate groups."""
     samples = read_parquet([samples_path])
     status = samples.column("status")
@@ -418,13 +421,13 @@ def _figure(width: float = HALF_WIDTH, height: float = 3.0) -> tuple[Figure, Axe
     return figure, figure.add_subplot()
 
 
-def _save(figure: Figure, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+def _save(figure: Figure, path: UPath) -> str:
+    with atomic_target(path) as tmp:
+        figure.savefig(tmp, format="png")
     return path.name
 
 
-def plot_distance_histogram(stats: dict, title: str, path: Path) -> str:
+def plot_distance_histogram(stats: dict, title: str, path: UPath) -> str:
     figure, ax = _figure()
     hist = stats["histogram"]
     ax.stairs(hist["counts"], hist["edges"], fill=True, color="#3b75af", alpha=0.85)
@@ -440,7 +443,7 @@ def plot_distance_histogram(stats: dict, title: str, path: Path) -> str:
     return _save(figure, path)
 
 
-def plot_nn_distances(statistics: dict, path: Path) -> str:
+def plot_nn_distances(statistics: dict, path: UPath) -> str:
     figure, ax = _figure(FULL_WIDTH * 0.75, 3.0)
     labels = {"before": "all samples", "after": "selected", "random": "random subset, same size"}
     for name, colour in zip(labels, ("#777777", COLOURS["selected"], "#1f6fb4")):
@@ -456,10 +459,10 @@ def plot_nn_distances(statistics: dict, path: Path) -> str:
     return _save(figure, path)
 
 
-def _thumbnail(input_dir: str, filename: str, max_pixels: int) -> Image.Image | None:
+def _thumbnail(input_dir: UPath, filename: str, max_pixels: int) -> Image.Image | None:
     """A small RGB preview, or None when the file cannot be read now (moved, a video frame, embeddings= input)."""
     try:
-        image = open_image((Path(input_dir) / filename).read_bytes(), max_pixels)
+        image = open_image(read_bytes(input_dir / filename), max_pixels)
     except (OSError, CorruptImage):
         return None
     image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
@@ -481,7 +484,7 @@ def _overlay_points(xy: np.ndarray, scatter: Scatter) -> list[int]:
     return sorted(chosen.values())
 
 
-def plot_scatter(view: dict, scatter: Scatter, thumbnails: dict[str, Image.Image | None] | None, path: Path) -> str:
+def plot_scatter(view: dict, scatter: Scatter, thumbnails: dict[str, Image.Image | None] | None, path: UPath) -> str:
     """Removed, datapool and selected points (selected on top); with `thumbnails`, images of
     selected samples drawn at their points."""
     figure, ax = _figure(HALF_WIDTH, 3.1)
@@ -508,7 +511,7 @@ def plot_scatter(view: dict, scatter: Scatter, thumbnails: dict[str, Image.Image
     return _save(figure, path)
 
 
-def plot_pair(pair: dict, images: tuple[Image.Image | None, Image.Image | None], path: Path) -> str:
+def plot_pair(pair: dict, images: tuple[Image.Image | None, Image.Image | None], path: UPath) -> str:
     figure = Figure(figsize=(HALF_WIDTH, 2.4), dpi=DPI, layout="constrained")
     for ax, image, role in zip(figure.subplots(1, 2), images, ("retained", "removed")):
         if image is None:
@@ -525,7 +528,7 @@ def _shorten(name: str, width: int = 34) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
-def plot_video_timelines(timelines: dict[str, list[float]], path: Path) -> str:
+def plot_video_timelines(timelines: dict[str, list[float]], path: UPath) -> str:
     shown = list(timelines.items())[:LIST_LIMIT]
     figure, ax = _figure(FULL_WIDTH, 1.0 + 0.32 * len(shown))
     for row, (_, seconds) in enumerate(shown):
@@ -537,7 +540,7 @@ def plot_video_timelines(timelines: dict[str, list[float]], path: Path) -> str:
     return _save(figure, path)
 
 
-def plot_datapool_growth(history: list[dict], path: Path) -> str:
+def plot_datapool_growth(history: list[dict], path: UPath) -> str:
     figure, ax = _figure(FULL_WIDTH * 0.75, 3.2)
     runs = [entry["run"] for entry in history]
     added = np.array([entry["n_samples"] for entry in history])
@@ -550,7 +553,7 @@ def plot_datapool_growth(history: list[dict], path: Path) -> str:
     return _save(figure, path)
 
 
-def write_plots(report: dict, views: list[dict], scatter: Scatter, settings: ReportSettings, plots_dir: Path) -> dict:
+def write_plots(report: dict, views: list[dict], scatter: Scatter, settings: ReportSettings, plots_dir: UPath) -> dict:
     """Every plot of the report as plots/<name>.png; returns {plot key: file name}."""
     plots: dict = {}
     for name in ("before", "after"):
@@ -562,7 +565,8 @@ def write_plots(report: dict, views: list[dict], scatter: Scatter, settings: Rep
         plots["nn_distance_distr"] = plot_nn_distances(report["distances"], plots_dir / "nn_distance_distr.png")
     wanted = {scatter.names[i] for view in views for i in _overlay_points(view["xy"], scatter)}
     wanted |= {pair[role] for pair in report["example_pairs"] for role in ("retained", "removed")}
-    thumbnails = {name: _thumbnail(settings.input_dir, name, settings.max_pixels) for name in sorted(wanted)}
+    source = location(settings.input_dir, settings.storage_options)
+    thumbnails = {name: _thumbnail(source, name, settings.max_pixels) for name in sorted(wanted)}
     for view in views:
         key = f"scatter_{view['key']}"
         plots[key] = plot_scatter(view, scatter, thumbnails, plots_dir / f"{key}.png")
@@ -582,8 +586,13 @@ def write_plots(report: dict, views: list[dict], scatter: Scatter, settings: Rep
 # HTML and PDF
 
 
-def _data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+def uri(path: UPath) -> str:
+    """A link to a report file: file:// for a local one, the bucket URL for an object."""
+    return path.resolve().as_uri() if is_local(path) else describe(path)
+
+
+def _data_uri(path: UPath) -> str:
+    return "data:image/png;base64," + base64.b64encode(read_bytes(path)).decode("ascii")
 
 
 def _number(value: float | int | None, digits: int = 3) -> str:
@@ -594,7 +603,7 @@ def _number(value: float | int | None, digits: int = 3) -> str:
     return f"{value:,.{digits}f}"
 
 
-def render_html(report: dict, plots_dir: Path) -> str:
+def render_html(report: dict, plots_dir: UPath) -> str:
     """The report as one HTML page with every plot embedded, so the file can be mailed or archived alone."""
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -606,10 +615,11 @@ def render_html(report: dict, plots_dir: Path) -> str:
     )
 
 
-def write_pdf(html: str, path: Path) -> None:
+def write_pdf(html: str, path: UPath) -> None:
     import weasyprint  # imported here: it loads pango and fonts, which only this step needs
 
-    weasyprint.HTML(string=html).write_pdf(path)
+    with atomic_target(path) as tmp:
+        weasyprint.HTML(string=html).write_pdf(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,9 +627,9 @@ def write_pdf(html: str, path: Path) -> None:
 
 
 def build_report(
-    run_dir: Path, samples_path: Path, embeddings_path: Path, selection_path: Path, job: dict, counts: dict,
+    run_dir: UPath, samples_path: UPath, embeddings_path: UPath, selection_path: UPath, job: dict, counts: dict,
     stages: dict, selection: dict, config: dict, video_timelines: dict[str, list[float]] | None = None,
-    datapool_history: list[dict] | None = None, datapool_embeddings_path: Path | None = None,
+    datapool_history: list[dict] | None = None, datapool_embeddings_path: UPath | None = None,
 ) -> dict:
     """Write report.json, report.html, report.pdf and plots/ into run_dir; returns the report."""
     settings = ReportSettings.from_config(config)
@@ -655,7 +665,7 @@ def build_report(
     return report
 
 
-def artifacts(report: dict, run_dir: Path) -> dict:
+def artifacts(report: dict, run_dir: UPath) -> dict:
     """The Prefect artifacts' contents: a markdown summary, a table of counts and a link to the report."""
     counts, distances, saved = report["counts"], report["distances"], report["savings"]
     rows = [
@@ -672,35 +682,34 @@ def artifacts(report: dict, run_dir: Path) -> dict:
         f"({saved['n_images_not_labelled']:,} images), {saved['training_gpu_hours_saved']:,.2f} GPU hours, "
         f"{saved['co2_saved_kg']:,.2f} kg CO2.",
         "", "| distance | all samples | selected | random subset |", "|---|---|---|---|", *lines,
-        "", f"Full report: `{run_dir / 'report.pdf'}`",
+        "", f"Full report: `{describe(run_dir / 'report.pdf')}`",
     ])
     return {
         "markdown": {"key": f"{ARTIFACT_PREFIX}-summary", "markdown": markdown, "description": "Thresher run summary"},
         "table": {"key": f"{ARTIFACT_PREFIX}-counts", "table": [{"count": k, "value": v} for k, v in counts.items()],
                   "description": "Files per outcome"},
-        "link": {"key": f"{ARTIFACT_PREFIX}-pdf", "link": (run_dir / "report.pdf").resolve().as_uri(),
+        "link": {"key": f"{ARTIFACT_PREFIX}-pdf", "link": uri(run_dir / "report.pdf"),
                  "link_text": "report.pdf", "description": "The run's PDF report"},
     }
 
 
 @task(name="report")
 def write_report(
-    run_dir: str, samples_path: str, embeddings_path: str, selection_path: str, job: dict, counts: dict,
+    run_dir: UPath, samples_path: UPath, embeddings_path: UPath, selection_path: UPath, job: dict, counts: dict,
     stages: dict, selection: dict, config: dict, video_timelines: dict[str, list[float]] | None = None,
-    datapool_history: list[dict] | None = None, datapool_embeddings_path: str | None = None,
-) -> str:
+    datapool_history: list[dict] | None = None, datapool_embeddings_path: UPath | None = None,
+) -> UPath:
     """The report files in run_dir and its summary as Prefect artifacts; returns the report.json path.
 
     `video_timelines` is {video: seconds of its selected frames}; `datapool_history` is
     [{"run": name, "n_samples": added}] in run order; `datapool_embeddings_path` is a table of the
     pool's earlier selections in the gathered-embeddings format (drawn as 'datapool' points)."""
-    run = Path(run_dir)
     report = build_report(
-        run, Path(samples_path), Path(embeddings_path), Path(selection_path), job, counts, stages, selection, config,
-        video_timelines, datapool_history, Path(datapool_embeddings_path) if datapool_embeddings_path else None,
+        run_dir, samples_path, embeddings_path, selection_path, job, counts, stages, selection, config,
+        video_timelines, datapool_history, datapool_embeddings_path,
     )
-    published = artifacts(report, run)
+    published = artifacts(report, run_dir)
     create_markdown_artifact(**published["markdown"])
     create_table_artifact(**published["table"])
     create_link_artifact(**published["link"])
-    return str(run / "report.json")
+    return run_dir / "report.json"
