@@ -42,7 +42,7 @@ from tasks.listing import InputFile, is_video, list_datasource, read_relevant_fi
 from tasks.outputs import write_outputs
 from tasks.report import write_report
 from tasks.selection import select_samples, select_sequences, selected_filenames
-from tasks.storage import describe, existing_names, read_parquet, write_parquet, write_text
+from tasks.storage import describe, existing_names, read_parquet, remove_partial_files, write_parquet, write_text
 from tasks.training import Augmentations, TrainOptions, train_model
 from tasks.video import (
     FrameRange, corrupt_video_rows, count_samples, frame_infos, probe_videos, read_videos, video_shards,
@@ -143,8 +143,13 @@ def pipeline(config: ThresherConfig) -> dict:
     write_text(dump_config(config), run_dir / "config" / "config.yaml")
     write_text("".join(f"- {item}\n" for item in overrides_of(config)), run_dir / "config" / "overrides.yaml")
     logger.info("Run directory: %s", describe(run_dir))
-
     pool_dir = config.pool_dir()
+    swept = remove_partial_files(run_dir, recursive=True) + sum(
+        remove_partial_files(folder) for folder in (config.cache_path() / "check", config.cache_path() / "embed", pool_dir)
+        if folder)
+    if swept:
+        logger.info("Removed %d partial files that killed runs had left.", swept)
+
     with PoolLock(pool_dir) if pool_dir else nullcontext():
         dim, model = embedding_identity(config)
         pool = read_pool(pool_dir) if pool_dir else None
@@ -382,7 +387,12 @@ class Stages:
             unmapped(config.output_image_size), unmapped(config.output_image_format),
             unmapped(config.corruptness_check.max_pixels),
         )
-        track(futures, "dump", groups, self.timings)
+        failed = {name: reason for shard in track(futures, "dump", groups, self.timings) for name, reason in shard.items()}
+        self.counts["n_dump_failed"] = len(failed)
+        if failed:
+            shown = "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items())[:5])
+            get_run_logger().warning("%d selected files could not be dumped to data/sampled (changed or deleted since "
+                                     "they were checked): %s", len(failed), shown)
 
     def update_pool(self, pool_dir: UPath, pool: pa.Table | None, model: str) -> None:
         start = time.perf_counter()

@@ -14,7 +14,7 @@ from PIL import Image
 from prefect import task
 from upath import UPath
 
-from tasks.decoding import load_image
+from tasks.decoding import CorruptImage, load_image
 from tasks.storage import atomic_target
 from tasks.video import FrameRange, frame_image, read_frames
 
@@ -52,17 +52,18 @@ def dump_image(source: UPath, target: UPath, spec: int | tuple[int, int], fmt: s
     save_image(load_image(source, max_pixels), target, spec, fmt)
 
 
-def dump_frames(input_dir: UPath, ranges: list[FrameRange], out_dir: UPath, spec: int | tuple[int, int], fmt: str) -> int:
-    """Write the frames of the ranges as out_dir/<frame name with the extension fmt>; returns how many."""
+def dump_frames(input_dir: UPath, ranges: list[FrameRange], out_dir: UPath, spec: int | tuple[int, int], fmt: str
+                ) -> dict[str, str]:
+    """Write the frames of the ranges as out_dir/<frame name with the extension fmt>; returns
+    {frame: reason} for the frames that cannot be decoded now (their video changed during the run)."""
     names = dump_names([name for rng in ranges for name in rng.names()], fmt)
-    written = 0
+    failed = {}
     for name, image in read_frames(input_dir, ranges, frame_image):
         if isinstance(image, str):
-            raise RuntimeError(f"{name} was selected but cannot be decoded now ({image}): "
-                               "its video changed during the run; run again.")
-        save_image(image, out_dir / names[name], spec, fmt)
-        written += 1
-    return written
+            failed[name] = image
+        else:
+            save_image(image, out_dir / names[name], spec, fmt)
+    return failed
 
 
 def save_image(image: Image.Image, target: UPath, spec: int | tuple[int, int], fmt: str) -> None:
@@ -78,9 +79,15 @@ def save_image(image: Image.Image, target: UPath, spec: int | tuple[int, int], f
 def dump_shard(
     input_dir: UPath, names: list[tuple[str, str]] | list[FrameRange], out_dir: UPath, spec: int | tuple[int, int],
     fmt: str, max_pixels: int,
-) -> int:
+) -> dict[str, str]:
+    """Dump one shard; returns {file: reason} for selected files that cannot be read now (deleted or
+    changed since they were checked): the others are still dumped and the run goes on."""
     if names and isinstance(names[0], FrameRange):
         return dump_frames(input_dir, names, out_dir, spec, fmt)
+    failed = {}
     for filename, output in names:
-        dump_image(input_dir / filename, out_dir / output, spec, fmt, max_pixels)
-    return len(names)
+        try:
+            dump_image(input_dir / filename, out_dir / output, spec, fmt, max_pixels)
+        except (OSError, CorruptImage) as error:
+            failed[filename] = str(error)
+    return failed

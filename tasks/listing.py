@@ -56,6 +56,10 @@ def _walk(root: Path) -> list[tuple[str, int, str]]:
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(dirpath) / name
+            if not _is_utf8(str(path)):
+                log.warning("Skipping %s: its name is not valid UTF-8, which the output lists and CSVs need; "
+                            "rename the file (e.g. with convmv) to include it.", ascii(str(path)))
+                continue
             try:
                 stat = path.stat()
             except OSError as error:  # dangling symlink, symlink loop, or gone since the directory was read
@@ -93,6 +97,15 @@ def _find(root: UPath) -> list[tuple[str, int, str]]:
     prefix = root.path.rstrip("/") + "/"
     return sorted((name.removeprefix(prefix), int(info.get("size") or 0), object_version(info))
                   for name, info in infos.items() if info.get("type", "file") == "file" and name.startswith(prefix))
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name whose bytes are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def is_video(filename: str) -> bool:

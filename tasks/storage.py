@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -125,10 +127,46 @@ def describe(path: UPath) -> str:
     return str(path) if is_local(path) else f"{path.protocol}://{path.path}"
 
 
+# Who writes a temporary file: `remove_partial_files` tells a killed writer's file from a live one's.
+HOST = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname())[:64]
+PARTIAL = re.compile(r"^\..*\.(?P<host>[A-Za-z0-9_-]*)\.(?P<pid>\d+)-\d+\.tmp$")
+
+
 def atomic_path(path: Path) -> Path:
-    """A sibling temporary name, unique per writing thread; renaming it onto `path` is atomic on one
-    filesystem. The name is cut so that the temporary name of a 255-byte name still fits."""
-    return path.with_name(f".{path.name[:100]}.{os.getpid()}-{threading.get_ident()}.tmp")
+    """A sibling temporary name, unique per host and writing thread; renaming it onto `path` is
+    atomic on one filesystem. The name is cut so that the temporary name of a 255-byte name still fits."""
+    return path.with_name(f".{path.name[:100]}.{HOST}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+
+def remove_partial_files(folder: UPath, recursive: bool = False, max_age: float = 24 * 3600) -> int:
+    """Delete the temporary files of killed writers in a local folder: those written by a process of
+    this host that no longer exists, and any older than max_age seconds (a writer on another host
+    sharing the folder). Returns how many were deleted."""
+    if not is_local(folder) or not folder.is_dir():
+        return 0
+    removed = 0
+    for path in folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"):
+        match = PARTIAL.match(path.name)
+        if match is None:
+            continue
+        try:
+            dead = match["host"] == HOST and not _process_exists(int(match["pid"]))
+            if dead or time.time() - path.stat().st_mtime > max_age:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # renamed or removed by its writer meanwhile
+            continue
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextmanager

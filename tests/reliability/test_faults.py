@@ -96,6 +96,8 @@ def test_a_run_killed_at_each_stage_resumes_to_the_clean_result(clean_run, tmp_p
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_outputs(run, clean)
+    left = [p for root in (shared, out) for p in root.rglob("*.tmp")]
+    assert not left, f"the resumed run kept the killed runs' temporary files: {left}"
 
 
 def test_a_worker_killed_mid_run_is_retried_to_the_same_result(clean_run, tmp_path, dask_address):

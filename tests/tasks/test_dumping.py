@@ -1,6 +1,6 @@
 from PIL import Image
 
-from tasks.dumping import dump_image, dump_names, target_size
+from tasks.dumping import dump_image, dump_names, dump_shard, target_size
 from tests.images import picture, save
 
 
@@ -20,3 +20,12 @@ def test_dump_reencodes_and_resizes(tmp_path):
     dump_image(source, tmp_path / "out" / "in.jpg", 30, "jpg", max_pixels=10**6)
     with Image.open(tmp_path / "out" / "in.jpg") as out:
         assert out.format == "JPEG" and out.size == (45, 30)
+
+
+def test_a_selected_file_deleted_before_the_dump_is_reported_and_the_rest_dumped(tmp_path):
+    save(picture(1, (40, 30)), tmp_path / "in" / "kept.png")
+    save(picture(2, (40, 30)), tmp_path / "in" / "gone.png").unlink()
+    failed = dump_shard.fn(tmp_path / "in", [("gone.png", "gone.png"), ("kept.png", "kept.png")], tmp_path / "out",
+                           -1, "png", 10**6)
+    assert list(failed) == ["gone.png"] and "No such file" in failed["gone.png"]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["kept.png"]

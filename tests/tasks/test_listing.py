@@ -35,3 +35,11 @@ def test_relevant_filenames_restrict_the_listing(tmp_path):
     wanted = read_relevant_filenames(listing)
     assert wanted == ["sub/c.jpg", "a.jpg", "missing.jpg"]
     assert [f.filename for f in list_images(tmp_path / "in", wanted)] == ["a.jpg", "sub/c.jpg"]
+
+
+def test_names_that_are_not_utf8_are_skipped_with_a_warning(tmp_path, caplog):
+    save(picture(1), tmp_path / "good.jpg")
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg"), "wb") as handle:  # Latin-1 bytes
+        handle.write((tmp_path / "good.jpg").read_bytes())
+    assert [f.filename for f in list_images(tmp_path)] == ["good.jpg"]
+    assert "caf\\udce9.jpg" in caplog.text and "not valid UTF-8" in caplog.text

@@ -1,0 +1,66 @@
+import os
+import subprocess
+import time
+
+import pyarrow as pa
+import pytest
+
+from tasks.storage import (
+    HOST, StorageError, atomic_path, literal_secrets, location, options_for, read_parquet, remove_partial_files,
+    write_parquet,
+)
+
+
+def test_local_paths_are_resolved_and_urls_keep_their_options(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert location("data") == tmp_path / "data"
+    options = {"s3": {"endpoint_url": "http://a"}, "s3://special": {"endpoint_url": "http://b"}}
+    assert location("s3://bucket/x/", options).storage_options["endpoint_url"] == "http://a"
+    assert location("s3://special/x", options).storage_options["endpoint_url"] == "http://b"
+    assert location("s3://special-other/x", options).storage_options["endpoint_url"] == "http://a"
+
+
+def test_s3_gets_retries_with_backoff_unless_configured():
+    assert options_for("s3://b", {})["config_kwargs"]["retries"]["mode"] == "adaptive"
+    assert options_for("s3://b", {"s3": {"config_kwargs": {"retries": {"max_attempts": 2}}}})["config_kwargs"] == {
+        "retries": {"max_attempts": 2}}
+    assert "config_kwargs" not in options_for("gs://b", {})
+
+
+def test_secrets_are_references_resolved_at_use(monkeypatch):
+    options = {"az": {"account_name": "acct", "account_key": "${THRESHER_TEST_KEY}"}}
+    assert literal_secrets(options) == []
+    monkeypatch.setenv("THRESHER_TEST_KEY", "s3cr3t")
+    assert options_for("az://c/p", options)["account_key"] == "s3cr3t"
+    monkeypatch.delenv("THRESHER_TEST_KEY")
+    with pytest.raises(StorageError, match=r"THRESHER_TEST_KEY.*not set"):
+        options_for("az://c/p", options)
+
+
+def test_literal_credentials_are_found_but_not_token_modes():
+    options = {"s3": {"key": "AKIA", "client_kwargs": {"aws_secret_access_key": "x"}, "endpoint_url": "http://h"},
+               "gs": {"token": "anon"}}
+    assert literal_secrets(options) == ["storage_options.s3.key", "storage_options.s3.client_kwargs.aws_secret_access_key"]
+
+
+def test_parquet_round_trip_leaves_no_temporary_file(tmp_path):
+    table = pa.table({"a": [1, 2]})
+    write_parquet(table, tmp_path / "sub" / "t.parquet")
+    assert read_parquet([tmp_path / "sub" / "t.parquet"] * 2).column("a").to_pylist() == [1, 2, 1, 2]
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["t.parquet"]
+
+
+def test_partial_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = tmp_path / f".shard.parquet.{HOST}.{dead.pid}-1.tmp"
+    live = atomic_path(tmp_path / "other.parquet")  # this process: alive
+    foreign = tmp_path / ".x.parquet.elsewhere.12345-1.tmp"  # another host: kept until old
+    unrelated = tmp_path / ".notes.tmp"
+    for path in (left, live, foreign, unrelated):
+        path.write_bytes(b"partial")
+    assert remove_partial_files(tmp_path) == 1
+    assert not left.exists() and live.exists() and foreign.exists() and unrelated.exists()
+    old = time.time() - 2 * 24 * 3600
+    os.utime(foreign, (old, old))
+    assert remove_partial_files(tmp_path) == 1 and not foreign.exists()
