@@ -84,9 +84,9 @@ def test_bad_embeddings_file_and_pool_dimension_stop_the_run_with_a_message(tmp_
     assert "header must be filenames,embedding_0" in capsys.readouterr().err
 
     write_embeddings_csv(shared / "eight.csv", ["a.jpg"], np.ones((1, 8), np.float32), [0])
-    samples = classify(check_table([{"filename": "b.jpg", "label": 0, "size": 1, "mtime": 0.0, "content_hash": "h",
+    samples = classify(check_table([{"filename": "b.jpg", "label": 0, "size": 1, "version": "0.0", "content_hash": "h",
                                      "width": 1, "height": 1, "error": None}]), True)
-    rows = run_rows(str(tmp_path), samples, {"b.jpg": ("b.jpg", 1, 0.0)}, {}, {"b.jpg": np.ones(3, np.float32)},
+    rows = run_rows(str(tmp_path), samples, {"b.jpg": ("b.jpg", 1, "0.0")}, {}, {"b.jpg": np.ones(3, np.float32)},
                     "r0", 3, "embeddings-file")
     commit(shared / "pool", rows, keep_history=False)
     assert main([*run, "embeddings=eight.csv", "datapool.name=pool"]) == 1

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from lightly.utils.io import load_embeddings
 
@@ -123,3 +124,18 @@ def test_old_lock_from_another_host_is_stale(tmp_path):
     os.utime(lock, (old, old))
     with PoolLock(pool):
         assert json.loads(lock.read_text())["host"] == socket.gethostname()
+
+
+def test_a_schema_1_pool_reads_with_its_modification_times_as_versions(tmp_path):
+    current = _rows("r1", ["a.jpg", "b.jpg"], ["sampled", "removed"])
+    mtime = 1732180000.123456
+    fields = [pa.field("mtime", pa.float64()) if f.name == "version" else f for f in current.schema]
+    meta = {**current.schema.metadata, b"thresher.schema_version": b"1"}
+    old = current.set_column(current.schema.get_field_index("version"), "mtime", pa.array([mtime, mtime]))
+    (tmp_path / "pool").mkdir()
+    pq.write_table(old.cast(pa.schema(fields, metadata=meta)), tmp_path / "pool" / POOL_FILE)
+    pool = read_pool(tmp_path / "pool")
+    assert pool.schema == pool_schema(3, MODEL)
+    # exactly what listing now records for a local file with that modification time
+    assert processed_keys(pool, "/data") == {("a.jpg", 10, repr(mtime)), ("b.jpg", 10, repr(mtime))}
+    assert pool.column("embedding").to_pylist() == current.column("embedding").to_pylist()
