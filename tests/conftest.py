@@ -1,4 +1,5 @@
-"""Shared fixtures: one Prefect test server and one warm Dask cluster for the whole session."""
+"""Shared fixtures: one Prefect test server, one warm Dask cluster and the object-store servers
+(tests/objectstores.py) for the whole session."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import os
 
 import flows  # noqa: F401  (sets Prefect's environment before Prefect is imported)
 import pytest
+
+# Object-store servers (S3, GCS, Azure) and their fresh-bucket fixtures.
+pytest_plugins = ["tests.objectstores"]
 
 
 @pytest.fixture(scope="session")
