@@ -378,6 +378,8 @@ def _describe_errors(error: ValidationError) -> str:
             continue
         if item["type"] == "missing":
             lines[key] = f"{key}: required, e.g. {key}=path/to/folder"
+        elif key.startswith("storage_options"):  # its value may hold a credential: never echo it
+            lines[key] = f"{key}: {item['msg']}"
         else:
             lines[key] = f"{key}={item.get('input')!r}: {item['msg']}"
     return "Invalid configuration:\n  " + "\n  ".join(lines.values())

@@ -21,7 +21,7 @@ from PIL import Image
 from prefect import get_run_logger, task
 from upath import UPath
 
-from tasks.storage import describe, is_local, read_bytes
+from tasks.storage import StorageError, describe, explain, is_local, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,10 @@ def _find(root: UPath) -> list[tuple[str, int, str]]:
     """Objects under a bucket prefix, from one paginated recursive listing (not a request per object)."""
     try:
         infos = root.fs.find(root.path, detail=True)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"input_dir={describe(root)}: the bucket or container does not exist ({error}).") from None
-    except PermissionError as error:
-        raise PermissionError(f"input_dir={describe(root)}: access denied ({error}); check the credentials.") from None
+    except Exception as error:  # after the store's own retries: a missing bucket, denied access, ...
+        raise StorageError(f"cannot list input_dir={describe(root)}: {explain(error)}") from error
+    if not infos and not root.fs.exists(root.path.split("/", 1)[0]):  # Azure lists a missing container as empty
+        raise StorageError(f"cannot list input_dir={describe(root)}: the bucket or container does not exist.")
     prefix = root.path.rstrip("/") + "/"
     return sorted((name.removeprefix(prefix), int(info.get("size") or 0), object_version(info))
                   for name, info in infos.items() if info.get("type", "file") == "file" and name.startswith(prefix))

@@ -45,8 +45,11 @@ SECRET_OPTIONS = frozenset({
 TOKEN_MODES = frozenset({"anon", "google_default", "cache", "cloud", "browser"})
 REFERENCE = re.compile(r"^(?:\$\{(?P<env>[A-Za-z_][A-Za-z0-9_]*)\}|prefect-secret:(?P<block>[\w-]+))$")
 
+# Filesystem instances live as long as their process (a Dask worker serves many runs): a cached listing
+# would hide objects uploaded since, so every listing asks the store.
+DEFAULTS: dict[str, Any] = {"use_listings_cache": False}
 # Retries with backoff for throttling and 5xx on top of s3fs's own (botocore's default is 5 tries in legacy mode).
-S3_DEFAULTS: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}}}
+S3_DEFAULTS: dict[str, Any] = {**DEFAULTS, "config_kwargs": {"retries": {"max_attempts": 10, "mode": "adaptive"}}}
 
 
 class StorageError(RuntimeError):
@@ -92,7 +95,7 @@ def options_for(url: str, options: Mapping[str, Mapping[str, Any]]) -> dict[str,
         chosen = options[max(prefixes, key=len)]
     else:
         chosen = options.get(protocol, {})
-    defaults = S3_DEFAULTS if protocol in {"s3", "s3a"} else {}
+    defaults = S3_DEFAULTS if protocol in {"s3", "s3a"} else DEFAULTS
     return {**defaults, **{name: _resolve(value, f"{protocol}.{name}") for name, value in chosen.items()}}
 
 
@@ -188,8 +191,22 @@ def atomic_target(path: UPath) -> Iterator[Path]:
         yield tmp
         try:
             path.fs.put_file(str(tmp), path.path)
-        except (FileNotFoundError, PermissionError) as error:
-            raise StorageError(f"cannot write {describe(path)}: {error}") from error
+        except Exception as error:  # after the store's own retries: a missing bucket, denied access, ...
+            raise StorageError(f"cannot write {describe(path)}: {explain(error)}") from error
+
+
+def explain(error: Exception) -> str:
+    """An object-store error in words: the three stores' clients raise different types for the same
+    causes (a missing bucket, denied access)."""
+    status = getattr(getattr(error, "response", None), "status_code", None) or getattr(error, "status_code", None)
+    if isinstance(error, FileNotFoundError) or status == 404:
+        cause = "the bucket, container or object does not exist"
+    elif isinstance(error, PermissionError) or status in (401, 403):
+        cause = "access denied: check the credentials and their permissions"
+    else:
+        return f"{type(error).__name__}: {error}"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{cause} ({first_line})"
 
 
 def write_parquet(table: pa.Table, path: UPath) -> UPath:

@@ -24,7 +24,7 @@ def test_s3_gets_retries_with_backoff_unless_configured():
     assert options_for("s3://b", {})["config_kwargs"]["retries"]["mode"] == "adaptive"
     assert options_for("s3://b", {"s3": {"config_kwargs": {"retries": {"max_attempts": 2}}}})["config_kwargs"] == {
         "retries": {"max_attempts": 2}}
-    assert "config_kwargs" not in options_for("gs://b", {})
+    assert options_for("gs://b", {}) == {"use_listings_cache": False}
 
 
 def test_secrets_are_references_resolved_at_use(monkeypatch):
