@@ -32,11 +32,9 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -119,17 +117,21 @@ def serve(command: Callable[[int], list[str]], log: Path, timeout: float = 30) -
             time.sleep(0.05)
         yield endpoint
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        with suppress(ProcessLookupError):  # the group is gone when the server died by itself
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
 
 def answers(endpoint: str) -> bool:
+    """Whether an HTTP server answers at `endpoint`, whatever the status (and ignoring any proxy)."""
+    connection = http.client.HTTPConnection(endpoint.removeprefix("http://"), timeout=1)
     try:
-        urllib.request.urlopen(endpoint, timeout=1).close()
-    except urllib.error.HTTPError:
-        return True  # an error status is an answer: the server is up
-    except OSError:
+        connection.request("GET", "/")
+        connection.getresponse()
+    except (OSError, http.client.HTTPException):
         return False
+    finally:
+        connection.close()
     return True
 
 

@@ -1,0 +1,84 @@
+"""Listing: how fast one recursive listing of an S3 bucket with many small objects runs, against
+moto's S3 server on loopback.
+
+    .venv/bin/python -m benchmarks.listing [--n 100000]
+
+Starts moto's server in a process of its own with a bucket of n one-byte objects under nested
+prefixes (part_XXX/shard_X/img_XXXXXX.jpg), then times `list_objects` alone: one paginated
+listing of the whole bucket, with details. Prints the seconds and objects/s. Not part of the test
+suite.
+
+The objects are put into moto's in-memory backend directly, in the server's process, before it
+listens: 100,000 take seconds that way, minutes through the S3 API (about 200 PUTs/s on two
+cores); to moto the two are the same objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import fsspec
+
+from tests.objectstores import S3_ENV, serve
+
+BUCKET = "listing"
+
+
+def list_objects(url: str, storage_options: dict) -> dict[str, dict]:
+    """The listing under measure: every object under `url`, with its details."""
+    fs, path = fsspec.url_to_fs(url, **storage_options)
+    return fs.find(path, detail=True)
+
+
+def key(i: int) -> str:
+    return f"part_{i // 1000:03d}/shard_{i // 100 % 10}/img_{i:06d}.jpg"
+
+
+def serve_filled_bucket(port: int, n: int) -> None:
+    """Runs in the server's process (`--serve PORT`): fills the bucket, then serves until killed."""
+    from moto.core.models import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    from moto.server import main as moto_server
+
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    backend.create_bucket(BUCKET, S3_ENV["AWS_DEFAULT_REGION"])
+    for i in range(n):
+        backend.put_object(BUCKET, key(i), b"x")
+    moto_server(["-H", "127.0.0.1", "-p", str(port)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=100_000, help="objects in the bucket")
+    parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve_filled_bucket(args.serve, args.n)
+        return
+
+    os.environ.update(S3_ENV)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+
+        def command(port: int) -> list[str]:
+            return [sys.executable, "-m", "benchmarks.listing", "--serve", str(port), "--n", str(args.n)]
+
+        with serve(command, Path(tmp) / "moto.log", timeout=300) as endpoint:
+            print(f"moto up with {args.n:,} objects in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+            started, cpu = time.perf_counter(), time.process_time()
+            listing = list_objects(f"s3://{BUCKET}", {"endpoint_url": endpoint})
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    assert len(listing) == args.n, (len(listing), args.n)
+    # moto scans the whole bucket for each page of 1,000 keys, so at large n its time dominates:
+    # the CPU time of this process is the listing's own cost.
+    print(f"listed {args.n:,} objects in {seconds:.2f} s: {args.n / seconds:,.0f} objects/s "
+          f"({cpu:.2f} s of CPU in this process)")
+
+
+if __name__ == "__main__":
+    main()
