@@ -22,17 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import fsspec
-
+from tasks.listing import InputFile, list_images
+from tasks.storage import location
 from tests.objectstores import S3_ENV, serve
 
 BUCKET = "listing"
 
 
-def list_objects(url: str, storage_options: dict) -> dict[str, dict]:
-    """The listing under measure: every object under `url`, with its details."""
-    fs, path = fsspec.url_to_fs(url, **storage_options)
-    return fs.find(path, detail=True)
+def list_objects(url: str, storage_options: dict) -> list[InputFile]:
+    """The listing under measure: the pipeline's listing stage (one paginated listing, names, sizes, ETags)."""
+    return list_images(location(url, {"s3": storage_options}))
 
 
 def key(i: int) -> str:

@@ -64,3 +64,13 @@ def test_partial_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     old = time.time() - 2 * 24 * 3600
     os.utime(foreign, (old, old))
     assert remove_partial_files(tmp_path) == 1 and not foreign.exists()
+
+
+def test_a_prefect_secret_block_is_resolved_by_name(prefect_server):
+    from prefect.blocks.system import Secret
+
+    Secret(value="from-a-block").save("thresher-test-key", overwrite=True)
+    assert options_for("abfs://c/p", {"abfs": {"account_key": "prefect-secret:thresher-test-key"}})["account_key"] == \
+        "from-a-block"
+    with pytest.raises(StorageError, match="no-such-block"):
+        options_for("abfs://c/p", {"abfs": {"account_key": "prefect-secret:no-such-block"}})
