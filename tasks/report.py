@@ -761,12 +761,15 @@ def _number(value: float | int | None, digits: int = 3) -> str:
     return f"{value:,.{digits}f}"
 
 
-def render_html(report: dict, plots_dir: Path) -> str:
-    """The report as one HTML page with every plot embedded, so the file can be mailed or archived alone."""
+def render_html(report: dict, plots_dir: Path, embed: bool = True) -> str:
+    """The report as one HTML page with every plot embedded, so the file can be mailed or archived
+    alone; or, with embed=False, linking the plot files (for weasyprint, which then reads the PNGs
+    instead of parsing megabytes of base64 first)."""
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     environment.filters["number"] = _number
-    environment.filters["plot"] = lambda name: _data_uri(plots_dir / name)
+    environment.filters["plot"] = ((lambda name: _data_uri(plots_dir / name)) if embed else
+                                   (lambda name: (plots_dir / name).resolve().as_uri()))
     return environment.get_template("report.html.j2").render(
         report=report, css=(TEMPLATES / "report.css").read_text(encoding="utf-8"), list_limit=LIST_LIMIT,
         config_yaml=yaml.safe_dump(report["config"], sort_keys=False, allow_unicode=True),
@@ -832,9 +835,8 @@ def build_report(
         "views": [{k: v for k, v in view.items() if k != "xy"} for view in views],
     }
     report["plots"] = write_plots(report, views, scatter, settings, run_dir / "plots", cache)
-    html = render_html(report, run_dir / "plots")
-    write_text(html, run_dir / "report.html")
-    write_pdf(html, run_dir / "report.pdf")
+    write_text(render_html(report, run_dir / "plots"), run_dir / "report.html")
+    write_pdf(render_html(report, run_dir / "plots", embed=False), run_dir / "report.pdf")
     write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False), run_dir / "report.json")
     return report
 
