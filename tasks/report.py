@@ -24,6 +24,7 @@ samples and estimated from that many random samples (each against the whole set)
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import os
@@ -765,15 +766,22 @@ def render_html(report: dict, plots_dir: Path, embed: bool = True) -> str:
     """The report as one HTML page with every plot embedded, so the file can be mailed or archived
     alone; or, with embed=False, linking the plot files (for weasyprint, which then reads the PNGs
     instead of parsing megabytes of base64 first)."""
+    return _templates().get_template("report.html.j2").render(
+        report=report, css=(TEMPLATES / "report.css").read_text(encoding="utf-8"), list_limit=LIST_LIMIT,
+        config_yaml=yaml.safe_dump(report["config"], sort_keys=False, allow_unicode=True),
+        plot_source=(lambda name: _data_uri(plots_dir / name)) if embed else
+                    (lambda name: (plots_dir / name).resolve().as_uri()),
+    )
+
+
+@functools.cache
+def _templates() -> jinja2.Environment:
+    """One environment per process, so the template is compiled once (it keeps compiled templates)."""
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     environment.filters["number"] = _number
-    environment.filters["plot"] = ((lambda name: _data_uri(plots_dir / name)) if embed else
-                                   (lambda name: (plots_dir / name).resolve().as_uri()))
-    return environment.get_template("report.html.j2").render(
-        report=report, css=(TEMPLATES / "report.css").read_text(encoding="utf-8"), list_limit=LIST_LIMIT,
-        config_yaml=yaml.safe_dump(report["config"], sort_keys=False, allow_unicode=True),
-    )
+    environment.filters["plot"] = jinja2.pass_context(lambda context, name: context["plot_source"](name))
+    return environment
 
 
 def write_pdf(html: str, path: Path) -> None:
