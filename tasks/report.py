@@ -144,6 +144,9 @@ def content_key(*parts: object) -> str:
                 feed(item)
         elif isinstance(value, (list, tuple)):  # alike, as a tuple comes back from JSON as a list
             digest.update(f"list {len(value)};".encode())
+            if all(item is None or isinstance(item, str) for item in value):  # file names: one call, not 10^6
+                digest.update(json.dumps(value, ensure_ascii=False).encode())
+                return
             for item in value:
                 feed(item)
         else:
