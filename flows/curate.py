@@ -416,7 +416,7 @@ class Stages:
             self.run_dir, self.samples_path, self.embeddings_path, self.selection_path, job, self.counts,
             self.timings, self.selection, config.model_dump(mode="json", exclude={"token"}),
             self.timelines if config.show_video_sampling_timeline and self.timelines else None,
-            history(pool_dir) if pool_dir else None, self.centers_path,
+            history(pool_dir) if pool_dir else None, self.centers_path, self.cache,
         )
         return self.counts
 

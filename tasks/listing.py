@@ -21,7 +21,7 @@ from PIL import Image
 from prefect import get_run_logger, task
 from upath import UPath
 
-from tasks.storage import StorageError, describe, explain, is_local, read_bytes
+from tasks.storage import StorageError, describe, explain, is_local, object_version, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +72,6 @@ def _walk(root: Path) -> list[tuple[str, int, str]]:
                     continue
             found.append((path.relative_to(root).as_posix(), stat.st_size, repr(stat.st_mtime)))
     return found
-
-
-# Info keys that carry an object's version, in order of preference: S3's ETag, Azure's etag, GCS's
-# generation; stores that have none of them fall back to the modification time.
-VERSION_KEYS = ("ETag", "etag", "generation", "version_id", "LastModified", "last_modified", "updated", "mtime")
-
-
-def object_version(info: dict) -> str:
-    for key in VERSION_KEYS:
-        if info.get(key) not in (None, ""):
-            return str(info[key]).strip('"')
-    return ""
 
 
 def _find(root: UPath) -> list[tuple[str, int, str]]:

@@ -7,7 +7,9 @@ size as a baseline), distance histograms, 2-D views of the embeddings, retained 
 their nearest removed neighbour, corrupt files and duplicate groups, and, when given, video
 timelines and datapool growth. It is built in three steps that are tested on their own:
 numbers (a JSON-ready dict) -> plots (PNG files drawn from the numbers and a few arrays) ->
-HTML (a jinja2 template) -> PDF (weasyprint renders the same HTML).
+HTML (a jinja2 template) -> PDF (weasyprint renders the same HTML). With a cache directory, the
+slow results (distance numbers, 2-D projections, plots) are stored under a hash of their inputs
+and reused by a later run whose inputs are the same (`ReportCache`).
 
 Pairwise distances are exact while the full distance matrix fits in `memory_requirement_in_GB`
 and there are at most EXACT_PAIRS pairs; beyond that they are estimated from independent random
@@ -22,13 +24,15 @@ samples and estimated from that many random samples (each against the whole set)
 from __future__ import annotations
 
 import base64
+import functools
+import io
 import json
 import math
 import os
 import platform
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields, is_dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -37,6 +41,7 @@ import matplotlib
 import numpy as np
 import pyarrow.compute as pc
 import torch
+import xxhash
 import yaml
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -47,10 +52,13 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from upath import UPath
 
+from tasks.caching import CODE_VERSION
 from tasks.decoding import CorruptImage, open_image
 from tasks.gathering import load_embeddings
 from tasks.selection import selected_filenames
-from tasks.storage import atomic_target, describe, is_local, location, read_bytes, read_parquet, write_text
+from tasks.storage import (
+    atomic_target, describe, file_identity, is_local, location, read_bytes, read_parquet, write_text,
+)
 
 matplotlib.use("Agg")  # Dask workers have no display
 
@@ -107,6 +115,105 @@ class ReportSettings:
             seed=config["lightly"]["seed"],
             **config["report"],
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reuse across runs
+
+# Part of every key: results of other code are never reused. The module's own source is in it, as
+# an edit to a plot changes its picture without changing the release.
+CODE_IDENTITY = (CODE_VERSION, xxhash.xxh3_64_hexdigest(Path(__file__).read_bytes()),
+                 *(metadata.version(name) for name in ("numpy", "scipy", "matplotlib", "umap-learn")))
+
+
+def content_key(*parts: object) -> str:
+    """A hash of `parts`: arrays by dtype, shape and bytes; dicts, lists, tuples and dataclasses
+    item by item; previews by their files' identities; numbers, strings and None by type and repr.
+
+    >>> content_key({"n": 1}, np.zeros(2)) == content_key({"n": 1}, np.zeros(2)) != content_key({"n": 2}, np.zeros(2))
+    True
+    """
+    digest = xxhash.xxh3_128()
+
+    def feed(value: object) -> None:
+        if isinstance(value, np.ndarray):
+            digest.update(f"array {value.dtype.str} {value.shape};".encode())
+            digest.update(np.ascontiguousarray(value).data)
+        elif isinstance(value, Thumbnails):
+            feed(value.identity())
+        elif is_dataclass(value):
+            feed({field.name: getattr(value, field.name) for field in fields(value)})
+        elif isinstance(value, dict):
+            digest.update(f"dict {len(value)};".encode())
+            for item in value.items():
+                feed(item)
+        elif isinstance(value, (list, tuple)):  # alike, as a tuple comes back from JSON as a list
+            digest.update(f"list {len(value)};".encode())
+            if all(item is None or isinstance(item, str) for item in value):  # file names: one call, not 10^6
+                digest.update(json.dumps(value, ensure_ascii=False).encode())
+                return
+            for item in value:
+                feed(item)
+        else:
+            value = value.item() if isinstance(value, np.generic) else value
+            assert value is None or isinstance(value, (bool, int, float, str)), f"no content key for {type(value)}"
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+
+    feed((CODE_IDENTITY, parts))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ReportCache:
+    """The report's slow results in `<cache_dir>/report/`, each named by a content key of what
+    determines it: an unchanged rerun reuses the distance numbers, the 2-D projections and every
+    plot, and an input that changed gets a new key and is computed. Like the shard cache
+    (tasks/caching.py), a file is its own cache record and is written atomically, so a file that
+    exists is complete. Without a root, everything is computed."""
+
+    root: UPath | None = None
+
+    def numbers(self, compute: Callable[[], dict], *key: object) -> dict:
+        """compute(), or what it returned for an earlier call with an equal key (a JSON round trip
+        keeps every number exact)."""
+        if self.root is None:
+            return compute()
+        path = self.root / "numbers" / f"{content_key(*key)}.json"
+        if path.exists():
+            return json.loads(read_bytes(path))
+        value = compute()
+        write_text(json.dumps(value, allow_nan=False), path)
+        return value
+
+    def arrays(self, compute: Callable[[], dict[str, np.ndarray]], *key: object) -> dict[str, np.ndarray]:
+        """compute(), or the arrays it returned for an earlier call with an equal key."""
+        if self.root is None:
+            return compute()
+        path = self.root / "arrays" / f"{content_key(*key)}.npz"
+        if path.exists():
+            with np.load(io.BytesIO(read_bytes(path))) as stored:
+                return {name: stored[name] for name in stored.files}
+        value = compute()
+        with atomic_target(path) as tmp, tmp.open("wb") as file:
+            np.savez(file, **value)
+        return value
+
+    def plot(self, draw: Callable[..., str], *inputs: object, path: UPath) -> str:
+        """draw(*inputs, path), or a copy of the picture an earlier call drew from equal inputs."""
+        if self.root is None:
+            return draw(*inputs, path)
+        stored = self.root / "plots" / f"{content_key(draw.__name__, *inputs)}.png"
+        if stored.exists():
+            copy(stored, path)
+            return path.name
+        name = draw(*inputs, path)
+        copy(path, stored)
+        return name
+
+
+def copy(source: UPath, target: UPath) -> None:
+    with atomic_target(target) as tmp:
+        tmp.write_bytes(read_bytes(source))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,9 +475,22 @@ def scatter_points(
 
 
 def pca_2d(points: np.ndarray) -> np.ndarray:
+    """The points on their first two principal axes, each axis pointing towards its largest loading.
+
+    ARPACK finds just the two leading singular vectors, as exactly as a full eigendecomposition of
+    the d x d covariance but without its O(d^3) cost (seconds at d = 1280)."""
+    from scipy.sparse.linalg import svds  # imported here, like umap: only a report with points needs it
+
     centred = points.astype(np.float64) - points.mean(axis=0, dtype=np.float64)
-    _, vectors = np.linalg.eigh(centred.T @ centred)
-    return (centred @ vectors[:, ::-1][:, :2]).astype(np.float32)
+    if not centred.any():  # one distinct point: no axes (and ARPACK cannot start)
+        return np.zeros((len(points), 2), np.float32)
+    if min(centred.shape) > 2:
+        _, values, axes = svds(centred, k=2, random_state=0)
+        axes = axes[np.argsort(values)[::-1]]
+    else:  # ARPACK needs more rows and columns than axes
+        axes = np.linalg.svd(centred, full_matrices=False)[2][:2]
+    axes *= np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])[:, None]
+    return (centred @ axes.T).astype(np.float32)
 
 
 def _knn(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -386,30 +506,47 @@ def _knn(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return index, np.sqrt(np.maximum(np.take_along_axis(d2, index, 1), 0.0))
 
 
-def umap_2d(points: np.ndarray, k: int, seed: int) -> np.ndarray:
+def umap_2d(points: np.ndarray, k: int, seed: int, pca: np.ndarray) -> np.ndarray:
+    """UMAP of the points from their PCA (`pca_2d(points)`), which every k shares.
+
+    PCA initialisation: the spectral one solves an eigenproblem per connected component, seconds on
+    clustered data. UMAP's own init="pca" would compute the same PCA again for every k; as it does,
+    the start gets noise of 1e-4 of its scale, which keeps an axis without spread from dividing by
+    zero when UMAP rescales it."""
     import umap  # imported here: its import (numba, pynndescent) costs seconds every stage would pay
 
     index, distances = _knn(points, k)
+    scale = float(np.abs(pca).max()) or 1.0
+    start = 10.0 * pca / scale + np.random.default_rng(seed).normal(0.0, 1e-4, pca.shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # n_jobs overridden by random_state; precomputed graph notes
-        # PCA initialisation: the spectral one solves an eigenproblem per connected component, seconds on clustered data.
-        model = umap.UMAP(n_neighbors=k, random_state=seed, n_jobs=1, n_epochs=200, init="pca",
+        model = umap.UMAP(n_neighbors=k, random_state=seed, n_jobs=1, n_epochs=200, init=start.astype(np.float32),
                           precomputed_knn=(index, distances))
         return model.fit_transform(points).astype(np.float32)
 
 
-def embedding_views(scatter: Scatter, seed: int) -> list[dict]:
-    """PCA of the scatter points and UMAP at each k of UMAP_NEIGHBOURS on their first UMAP_POINTS."""
+def embedding_views(scatter: Scatter, seed: int, cache: ReportCache = ReportCache()) -> list[dict]:
+    """PCA of the scatter points and UMAP at each k of UMAP_NEIGHBOURS on their first UMAP_POINTS;
+    the projections come from the cache when it holds those of the same points."""
     n = len(scatter.vectors)
-    views = [{"key": "pca", "title": "PCA", "n_points": n, "xy": pca_2d(scatter.vectors)}] if n >= 2 else []
     umap_n = min(n, UMAP_POINTS)
-    for k in UMAP_NEIGHBOURS:
-        used = min(k, umap_n - 1)
-        if used < 2:
-            continue
-        views.append({"key": f"umap_k_{k}", "title": f"UMAP, k = {k}" + (f" ({used} used)" if used < k else ""),
-                      "n_points": umap_n, "xy": umap_2d(scatter.vectors[:umap_n], used, seed)})
-    return views
+    neighbours = {f"umap_k_{k}": (k, min(k, umap_n - 1)) for k in UMAP_NEIGHBOURS if min(k, umap_n - 1) >= 2}
+    if n < 2:
+        return []
+
+    def project() -> dict[str, np.ndarray]:
+        xy = {"pca": pca_2d(scatter.vectors)}
+        if neighbours:
+            start = xy["pca"] if umap_n == n else pca_2d(scatter.vectors[:umap_n])
+            xy |= {key: umap_2d(scatter.vectors[:umap_n], used, seed, start) for key, (_, used) in neighbours.items()}
+        return xy
+
+    xy = cache.arrays(project, "embedding views", scatter.vectors, seed)
+    return [{"key": "pca", "title": "PCA", "n_points": n, "xy": xy["pca"]}] + [
+        {"key": key, "title": f"UMAP, k = {k}" + (f" ({used} used)" if used < k else ""), "n_points": umap_n,
+         "xy": xy[key]}
+        for key, (k, used) in neighbours.items()
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,6 +606,30 @@ def _thumbnail(input_dir: UPath, filename: str, max_pixels: int) -> Image.Image 
     return image
 
 
+class Thumbnails:
+    """Previews of some input files, each read when a plot first draws it. A plot's content key
+    holds the files' identities (name, size, version, as the shard cache keys files), not their
+    pixels, so a plot reused from the cache reads no image."""
+
+    def __init__(self, input_dir: UPath, max_pixels: int, names: Iterable[str] = (),
+                 loaded: dict[str, Image.Image | None] | None = None) -> None:
+        self.input_dir, self.max_pixels, self.names = input_dir, max_pixels, sorted(set(names))
+        self._loaded = {} if loaded is None else loaded
+
+    def subset(self, names: Iterable[str]) -> Thumbnails:
+        """The previews of `names`, sharing the ones read already."""
+        return Thumbnails(self.input_dir, self.max_pixels, names, self._loaded)
+
+    def identity(self) -> tuple:
+        return describe(self.input_dir), self.max_pixels, [(name, file_identity(self.input_dir / name))
+                                                           for name in self.names]
+
+    def get(self, name: str) -> Image.Image | None:
+        if name not in self._loaded:
+            self._loaded[name] = _thumbnail(self.input_dir, name, self.max_pixels)
+        return self._loaded[name]
+
+
 def _overlay_points(xy: np.ndarray, scatter: Scatter) -> list[int]:
     """One selected point per cell of an OVERLAY_GRID x OVERLAY_GRID grid: the one nearest the cell's centre."""
     low, high = xy.min(axis=0), xy.max(axis=0)
@@ -484,7 +645,7 @@ def _overlay_points(xy: np.ndarray, scatter: Scatter) -> list[int]:
     return sorted(chosen.values())
 
 
-def plot_scatter(view: dict, scatter: Scatter, thumbnails: dict[str, Image.Image | None] | None, path: UPath) -> str:
+def plot_scatter(view: dict, scatter: Scatter, thumbnails: Thumbnails | None, path: UPath) -> str:
     """Removed, datapool and selected points (selected on top); with `thumbnails`, images of
     selected samples drawn at their points."""
     figure, ax = _figure(HALF_WIDTH, 3.1)
@@ -511,9 +672,10 @@ def plot_scatter(view: dict, scatter: Scatter, thumbnails: dict[str, Image.Image
     return _save(figure, path)
 
 
-def plot_pair(pair: dict, images: tuple[Image.Image | None, Image.Image | None], path: UPath) -> str:
+def plot_pair(pair: dict, thumbnails: Thumbnails, path: UPath) -> str:
     figure = Figure(figsize=(HALF_WIDTH, 2.4), dpi=DPI, layout="constrained")
-    for ax, image, role in zip(figure.subplots(1, 2), images, ("retained", "removed")):
+    for ax, role in zip(figure.subplots(1, 2), ("retained", "removed")):
+        image = thumbnails.get(pair[role])
         if image is None:
             ax.text(0.5, 0.5, "no preview", ha="center", va="center", color="#777")
         else:
@@ -553,42 +715,44 @@ def plot_datapool_growth(history: list[dict], path: UPath) -> str:
     return _save(figure, path)
 
 
-def write_plots(report: dict, views: list[dict], scatter: Scatter, settings: ReportSettings, plots_dir: UPath) -> dict:
-    """Every plot of the report as plots/<name>.png; returns {plot key: file name}."""
+def write_plots(report: dict, views: list[dict], scatter: Scatter | None, settings: ReportSettings, plots_dir: UPath,
+                cache: ReportCache = ReportCache()) -> dict:
+    """Every plot of the report as plots/<name>.png, drawn or copied from the cache when it holds a
+    plot of the same data; returns {plot key: file name}."""
     plots: dict = {}
     for name in ("before", "after"):
         stats = report["distances"][name]["pairwise"]
         if stats:
             title = "Pairwise distances, all samples" if name == "before" else "Pairwise distances, selected samples"
-            plots[f"distance_distr_{name}"] = plot_distance_histogram(stats, title, plots_dir / f"distance_distr_{name}.png")
+            plots[f"distance_distr_{name}"] = cache.plot(plot_distance_histogram, stats, title,
+                                                         path=plots_dir / f"distance_distr_{name}.png")
     if report["distances"]["before"]["nearest_neighbour"]:
-        plots["nn_distance_distr"] = plot_nn_distances(report["distances"], plots_dir / "nn_distance_distr.png")
-    wanted = {scatter.names[i] for view in views for i in _overlay_points(view["xy"], scatter)}
-    wanted |= {pair[role] for pair in report["example_pairs"] for role in ("retained", "removed")}
-    source = location(settings.input_dir, settings.storage_options)
-    thumbnails = {name: _thumbnail(source, name, settings.max_pixels) for name in sorted(wanted)}
+        plots["nn_distance_distr"] = cache.plot(plot_nn_distances, report["distances"],
+                                                path=plots_dir / "nn_distance_distr.png")
+    previews = Thumbnails(location(settings.input_dir, settings.storage_options), settings.max_pixels)
     for view in views:
+        assert scatter is not None, "views are drawn from scatter points"
         key = f"scatter_{view['key']}"
-        plots[key] = plot_scatter(view, scatter, thumbnails, plots_dir / f"{key}.png")
-        plots[f"{key}_no_overlay"] = plot_scatter(view, scatter, None, plots_dir / f"{key}_no_overlay.png")
+        shown = previews.subset(scatter.names[i] for i in _overlay_points(view["xy"], scatter))
+        plots[key] = cache.plot(plot_scatter, view, scatter, shown, path=plots_dir / f"{key}.png")
+        plots[f"{key}_no_overlay"] = cache.plot(plot_scatter, view, scatter, None,
+                                                path=plots_dir / f"{key}_no_overlay.png")
     plots["filter_decisions"] = [
-        plot_pair(pair, (thumbnails[pair["retained"]], thumbnails[pair["removed"]]), plots_dir / f"filter_decision_{i}.png")
+        cache.plot(plot_pair, pair, previews.subset([pair["retained"], pair["removed"]]),
+                   path=plots_dir / f"filter_decision_{i}.png")
         for i, pair in enumerate(report["example_pairs"])
     ]
     if report.get("video_timelines"):
-        plots["video_timelines"] = plot_video_timelines(report["video_timelines"], plots_dir / "video_timelines.png")
+        plots["video_timelines"] = cache.plot(plot_video_timelines, report["video_timelines"],
+                                              path=plots_dir / "video_timelines.png")
     if report.get("datapool_history"):
-        plots["datapool_growth"] = plot_datapool_growth(report["datapool_history"], plots_dir / "datapool_growth.png")
+        plots["datapool_growth"] = cache.plot(plot_datapool_growth, report["datapool_history"],
+                                              path=plots_dir / "datapool_growth.png")
     return plots
 
 
 # ----------------------------------------------------------------------------------------------
 # HTML and PDF
-
-
-def uri(path: UPath) -> str:
-    """A link to a report file: file:// for a local one, the bucket URL for an object."""
-    return path.resolve().as_uri() if is_local(path) else describe(path)
 
 
 def _data_uri(path: UPath) -> str:
@@ -603,16 +767,25 @@ def _number(value: float | int | None, digits: int = 3) -> str:
     return f"{value:,.{digits}f}"
 
 
-def render_html(report: dict, plots_dir: UPath) -> str:
-    """The report as one HTML page with every plot embedded, so the file can be mailed or archived alone."""
+def render_html(report: dict, plots_dir: UPath, embed: bool = True) -> str:
+    """The report as one HTML page with every plot embedded, so the file can be mailed or archived
+    alone; or, with embed=False, linking the plot files (for weasyprint, which then reads the PNGs
+    instead of parsing megabytes of base64 first)."""
+    return _templates().get_template("report.html.j2").render(
+        report=report, css=(TEMPLATES / "report.css").read_text(encoding="utf-8"), list_limit=LIST_LIMIT,
+        config_yaml=yaml.safe_dump(report["config"], sort_keys=False, allow_unicode=True),
+        plot_source=(lambda name: _data_uri(plots_dir / name)) if embed else (lambda name: uri(plots_dir / name)),
+    )
+
+
+@functools.cache
+def _templates() -> jinja2.Environment:
+    """One environment per process, so the template is compiled once (it keeps compiled templates)."""
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                                      undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     environment.filters["number"] = _number
-    environment.filters["plot"] = lambda name: _data_uri(plots_dir / name)
-    return environment.get_template("report.html.j2").render(
-        report=report, css=(TEMPLATES / "report.css").read_text(encoding="utf-8"), list_limit=LIST_LIMIT,
-        config_yaml=yaml.safe_dump(report["config"], sort_keys=False, allow_unicode=True),
-    )
+    environment.filters["plot"] = jinja2.pass_context(lambda context, name: context["plot_source"](name))
+    return environment
 
 
 def write_pdf(html: str, path: UPath) -> None:
@@ -620,6 +793,11 @@ def write_pdf(html: str, path: UPath) -> None:
 
     with atomic_target(path) as tmp:
         weasyprint.HTML(string=html).write_pdf(tmp)
+
+
+def uri(path: UPath) -> str:
+    """A link to a report file: file:// for a local one, the bucket URL for an object."""
+    return path.resolve().as_uri() if is_local(path) else describe(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -630,13 +808,25 @@ def build_report(
     run_dir: UPath, samples_path: UPath, embeddings_path: UPath, selection_path: UPath, job: dict, counts: dict,
     stages: dict, selection: dict, config: dict, video_timelines: dict[str, list[float]] | None = None,
     datapool_history: list[dict] | None = None, datapool_embeddings_path: UPath | None = None,
+    cache_dir: UPath | None = None,
 ) -> dict:
-    """Write report.json, report.html, report.pdf and plots/ into run_dir; returns the report."""
+    """Write report.json, report.html, report.pdf and plots/ into run_dir; returns the report.
+
+    With `cache_dir`, results of an earlier report on the same data are reused from
+    `cache_dir/report/` (see ReportCache)."""
     settings = ReportSettings.from_config(config)
+    cache = ReportCache(cache_dir / "report" if cache_dir else None)
     filenames, _, vectors = load_embeddings(embeddings_path, normalize=settings.normalize)
     chosen = set(selected_filenames(selection_path))
     selected = np.fromiter((f in chosen for f in filenames), bool, count=len(filenames))
-    datapool = load_embeddings(datapool_embeddings_path, settings.normalize)[2] if datapool_embeddings_path else None
+
+    def selection_numbers() -> dict:
+        rows, others = np.flatnonzero(selected), np.flatnonzero(~selected)
+        return {"distances": distance_statistics(vectors, rows, settings.memory_gb, settings.seed),
+                "example_pairs": example_pairs(vectors, filenames, rows, others, settings.n_example_images, settings.seed)}
+
+    numbers = cache.numbers(selection_numbers, "selection numbers", vectors, filenames, selected, settings.memory_gb,
+                            settings.seed, settings.n_example_images)
     report = {
         "schema_version": SCHEMA_VERSION,
         "job": {**job, "machine": machine()},
@@ -644,23 +834,28 @@ def build_report(
         "stages": stage_table(stages),
         "selection": selection,
         "savings": savings(counts, settings),
-        "distances": distance_statistics(vectors, np.flatnonzero(selected), settings.memory_gb, settings.seed),
-        "example_pairs": example_pairs(vectors, filenames, np.flatnonzero(selected), np.flatnonzero(~selected),
-                                       settings.n_example_images, settings.seed),
+        **numbers,
         "files": file_lists(samples_path),
         "video_timelines": video_timelines,
         "datapool_history": datapool_history,
         "config": config,
     }
-    scatter = scatter_points(vectors, filenames, selected, datapool, settings.seed)
-    views = embedding_views(scatter, settings.seed)
-    report["embedding_views"] = {"n_points": len(scatter.vectors), "n_total": scatter.n_total,
-                                 "n_datapool_points": int(np.sum(scatter.groups == GROUPS.index("datapool"))),
-                                 "views": [{k: v for k, v in view.items() if k != "xy"} for view in views]}
-    report["plots"] = write_plots(report, views, scatter, settings, run_dir / "plots")
-    html = render_html(report, run_dir / "plots")
-    write_text(html, run_dir / "report.html")
-    write_pdf(html, run_dir / "report.pdf")
+    # The views show this run's samples among the pool's; a run with none (nothing new for the
+    # datapool) has nothing to show there, and skips the projections.
+    scatter, views = None, []
+    if len(vectors):
+        datapool = load_embeddings(datapool_embeddings_path, settings.normalize)[2] if datapool_embeddings_path else None
+        scatter = scatter_points(vectors, filenames, selected, datapool, settings.seed)
+        views = embedding_views(scatter, settings.seed, cache)
+    report["embedding_views"] = {
+        "n_points": len(scatter.vectors) if scatter else 0, "n_total": scatter.n_total if scatter else 0,
+        "n_datapool_points": int(np.sum(scatter.groups == GROUPS.index("datapool"))) if scatter else 0,
+        "views": [{k: v for k, v in view.items() if k != "xy"} for view in views],
+    }
+    report["plots"] = write_plots(report, views, scatter, settings, run_dir / "plots", cache)
+    write_text(render_html(report, run_dir / "plots"), run_dir / "report.html")
+    # weasyprint reads local plot files faster than it parses their base64; objects are embedded.
+    write_pdf(render_html(report, run_dir / "plots", embed=not is_local(run_dir)), run_dir / "report.pdf")
     write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False), run_dir / "report.json")
     return report
 
@@ -698,15 +893,17 @@ def write_report(
     run_dir: UPath, samples_path: UPath, embeddings_path: UPath, selection_path: UPath, job: dict, counts: dict,
     stages: dict, selection: dict, config: dict, video_timelines: dict[str, list[float]] | None = None,
     datapool_history: list[dict] | None = None, datapool_embeddings_path: UPath | None = None,
+    cache_dir: UPath | None = None,
 ) -> UPath:
     """The report files in run_dir and its summary as Prefect artifacts; returns the report.json path.
 
     `video_timelines` is {video: seconds of its selected frames}; `datapool_history` is
     [{"run": name, "n_samples": added}] in run order; `datapool_embeddings_path` is a table of the
-    pool's earlier selections in the gathered-embeddings format (drawn as 'datapool' points)."""
+    pool's earlier selections in the gathered-embeddings format (drawn as 'datapool' points);
+    `cache_dir` holds results of earlier reports to reuse (see ReportCache)."""
     report = build_report(
         run_dir, samples_path, embeddings_path, selection_path, job, counts, stages, selection, config,
-        video_timelines, datapool_history, datapool_embeddings_path,
+        video_timelines, datapool_history, datapool_embeddings_path, cache_dir,
     )
     published = artifacts(report, run_dir)
     create_markdown_artifact(**published["markdown"])

@@ -244,6 +244,30 @@ def read_bytes(path: UPath) -> bytes:
         return handle.read()
 
 
+# Info keys that carry an object's version, in order of preference: S3's ETag, Azure's etag, GCS's
+# generation; stores that have none of them fall back to the modification time.
+VERSION_KEYS = ("ETag", "etag", "generation", "version_id", "LastModified", "last_modified", "updated", "mtime")
+
+
+def object_version(info: dict) -> str:
+    for key in VERSION_KEYS:
+        if info.get(key) not in (None, ""):
+            return str(info[key]).strip('"')
+    return ""
+
+
+def file_identity(path: UPath) -> tuple[int, str] | None:
+    """(size, version) of a file as listing records it, or None when it is not there."""
+    try:
+        if is_local(path):
+            stat_result = path.stat()
+            return stat_result.st_size, repr(stat_result.st_mtime)
+        info = path.fs.info(path.path)
+    except OSError:
+        return None
+    return int(info.get("size") or 0), object_version(info)
+
+
 class NotARegularFile(OSError):
     """A local name that is a pipe, socket or device rather than a file."""
 

@@ -1,20 +1,24 @@
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from matplotlib.figure import Figure
 from PIL import Image
 from pypdf import PdfReader
 from scipy.spatial.distance import cdist, pdist
 
+import tasks.report
 from flows.config import ThresherConfig
 from tasks.decoding import CheckOptions, check_files
 from tasks.dedup import classify
 from tasks.listing import list_images
 from tasks.report import (
-    ReportSettings, artifacts, build_report, example_pairs, histogram, nearest_neighbours, pairwise_stats, savings,
+    ReportSettings, artifacts, build_report, content_key, example_pairs, histogram, nearest_neighbours, pairwise_stats,
+    pca_2d, savings,
 )
 from tasks.selection import select_samples, selected_filenames
 from tasks.storage import write_parquet
@@ -91,15 +95,36 @@ def test_savings_count_removed_and_duplicate_images_at_the_configured_rates():
     assert saved["co2_saved_kg"] == pytest.approx(800 * 0.1 / 3600 * 0.4 * 0.4, abs=1e-3)
 
 
-# A small real run: 14 images, 3 planted exact duplicates (two copies of one image, one of
-# another) and 2 corrupt files, classified by the real check and dedup stages, selected by coreset.
 N_GOOD, N_SELECT = 14, 5
 TIMELINES = {"cam.mp4": [0.0, 1.5, 3.25], "sub/walk.avi": [2.0]}
 HISTORY = [{"run": "2026-01-01_10-00-00", "n_samples": 120}, {"run": "2026-02-01_10-00-00", "n_samples": 40}]
 
 
+def test_pca_finds_the_leading_principal_axes():
+    rng = np.random.default_rng(6)
+    x = (rng.normal(size=(300, 40)) * np.linspace(5, 0.1, 40)) @ np.linalg.qr(rng.normal(size=(40, 40)))[0]
+    centred = x - x.mean(axis=0)
+    axes = np.linalg.eigh(centred.T @ centred)[1][:, ::-1][:, :2]
+    np.testing.assert_allclose(np.abs(pca_2d(x.astype(np.float32))), np.abs(centred @ axes), atol=1e-3)
+
+
+def test_pca_of_too_few_or_identical_points_is_finite():
+    assert pca_2d(np.ones((4, 8), np.float32)).tolist() == [[0.0, 0.0]] * 4
+    two = pca_2d(np.array([[0, 0, 0], [1, 1, 1]], np.float32))
+    assert two.shape == (2, 2) and abs(two[0, 0] - two[1, 0]) == pytest.approx(np.sqrt(3), rel=1e-5)
+
+
+def test_content_keys_tell_values_types_and_shapes_apart():
+    assert content_key([1, "a"], {"k": None}) == content_key((1, "a"), {"k": None})
+    keys = {content_key(value) for value in (1, 1.0, "1", True, [1], np.ones(1), np.ones((1, 1)), np.ones(1, np.float32))}
+    assert len(keys) == 8
+
+
+# A small real run: 14 images, 3 planted exact duplicates (two copies of one image, one of
+# another) and 2 corrupt files, classified by the real check and dedup stages, selected by coreset.
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, dict]:
+def inputs(tmp_path_factory) -> dict:
+    """build_report's arguments for the small run, less the run directory."""
     root = tmp_path_factory.mktemp("report")
     images, run_dir = root / "in", root / "run"
     for i in range(N_GOOD):
@@ -126,9 +151,22 @@ def run(tmp_path_factory) -> tuple[Path, dict]:
     job = {"started": "2026-01-01T10:00:00+00:00", "finished": "2026-01-01T10:01:00+00:00", "duration_seconds": 60.0,
            "run_directory": str(run_dir)}
     stages = {"check": {"seconds": 2.0, "items": 19, "items_per_second": 9.5}}
-    report = build_report(run_dir, work / "samples.parquet", work / "embeddings.parquet", work / "selection.parquet",
-                          job, counts, stages, selection, config, TIMELINES, HISTORY)
-    return run_dir, {"report": report, "ok": ok, "vectors": vectors, "selection": selection}
+    return {"samples_path": work / "samples.parquet", "embeddings_path": work / "embeddings.parquet",
+            "selection_path": work / "selection.parquet", "job": job, "counts": counts, "stages": stages,
+            "selection": selection, "config": config, "video_timelines": TIMELINES, "datapool_history": HISTORY,
+            "ok": ok, "vectors": vectors}
+
+
+def _build(inputs: dict, run_dir: Path, **changes) -> dict:
+    arguments = {key: value for key, value in inputs.items() if key not in ("ok", "vectors")}
+    return build_report(run_dir, **(arguments | changes))
+
+
+@pytest.fixture(scope="module")
+def run(inputs) -> tuple[Path, dict]:
+    run_dir = inputs["samples_path"].parents[1]
+    report = _build(inputs, run_dir)
+    return run_dir, {"report": report, "ok": inputs["ok"], "vectors": inputs["vectors"], "selection": inputs["selection"]}
 
 
 def test_report_json_lists_the_planted_corrupt_files_and_duplicate_groups(run):
@@ -195,6 +233,26 @@ def test_pdf_has_every_section_and_the_numbers_of_the_json(run):
     assert "empty file (0 bytes)" in text and "copy_a2.jpg" in text
     assert f"{report['distances']['after']['pairwise']['min']:.3f}" in text
     assert f"{report['savings']['labeling_cost_saved_usd']:.2f} USD" in text
+    # every plot is in it (weasyprint leaves out, with a warning only, an image it cannot read)
+    pictures = {(run_dir / "plots" / name).read_bytes() for name in _plot_files(report["plots"])}
+    assert _pdf_images(run_dir / "report.pdf") >= len(pictures) >= 10
+
+
+def _pdf_images(path: Path) -> int:
+    """Image objects drawn on the pages of a PDF."""
+    images = set()
+
+    def walk(resources) -> None:
+        for reference in (resources or {}).get("/XObject", {}).values():
+            drawn = reference.get_object()
+            if drawn["/Subtype"] == "/Image":
+                images.add(reference.idnum)
+            elif drawn["/Subtype"] == "/Form":
+                walk(drawn.get("/Resources"))
+
+    for page in PdfReader(path).pages:
+        walk(page.get("/Resources"))
+    return len(images)
 
 
 def test_html_is_self_contained(run):
@@ -212,3 +270,112 @@ def test_artifacts_have_valid_keys_and_the_counts(run):
     assert {"count": "n_duplicate", "value": 3} in published["table"]["table"]
     assert published["link"]["link"] == (run_dir / "report.pdf").resolve().as_uri()
     assert "5 selected" in published["markdown"]["markdown"]
+
+
+# The report cache: a rerun on the same data reuses, a changed input recomputes what depends on it.
+REUSED = ("embedding_views", "distances", "example_pairs", "plots")
+
+
+def _fail(*args, **kwargs):
+    raise AssertionError("recomputed, although the cache holds it")
+
+
+def _count_calls(monkeypatch, name: str) -> list:
+    calls: list = []
+    original = getattr(tasks.report, name)
+    monkeypatch.setattr(tasks.report, name, lambda *args, **kwargs: calls.append(name) or original(*args, **kwargs))
+    return calls
+
+
+def _pngs(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (run_dir / "plots").iterdir()}
+
+
+def test_a_rerun_on_the_same_data_reuses_numbers_projections_and_plots(inputs, run, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = _build(inputs, tmp_path / "first", cache_dir=cache)
+    stored = {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()}
+    assert {p.parent.name for p in stored} == {"numbers", "arrays", "plots"}
+    # a report computed on a miss is the one computed without a cache
+    assert {key: first[key] for key in REUSED} == {key: run[1]["report"][key] for key in REUSED}
+
+    for name in ("distance_statistics", "example_pairs", "pca_2d", "umap_2d", "_thumbnail"):
+        monkeypatch.setattr(tasks.report, name, _fail)
+    monkeypatch.setattr(Figure, "savefig", _fail)
+    second = _build(inputs, tmp_path / "second", cache_dir=cache)
+    assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == stored
+    # exactly the same numbers and pictures, and a complete report around them
+    assert {key: second[key] for key in REUSED} == {key: first[key] for key in REUSED}
+    assert json.loads((tmp_path / "second" / "report.json").read_text())["distances"] == first["distances"]
+    assert _pngs(tmp_path / "second") == _pngs(tmp_path / "first")
+    text = " ".join(page.extract_text() for page in PdfReader(tmp_path / "second" / "report.pdf").pages)
+    assert "Visualisation of the embeddings" in text and "Retained and removed images" in text
+
+
+def test_a_new_selection_recomputes_its_numbers_and_plots_but_not_the_projections(inputs, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = _build(inputs, tmp_path / "first", cache_dir=cache)
+    work = tmp_path / "work"
+    wider = select_samples.fn(inputs["embeddings_path"], "coreset", N_SELECT + 3, -1, True, 1, "cpu",
+                              work / "selection.parquet")
+    distances, projections = _count_calls(monkeypatch, "distance_statistics"), _count_calls(monkeypatch, "umap_2d")
+    second = _build(inputs, tmp_path / "second", cache_dir=cache, selection_path=work / "selection.parquet",
+                    selection=wider)
+    assert distances and not projections  # the same embeddings: the same 2-D views
+    assert second["distances"]["after"]["n_samples"] == N_SELECT + 3 != first["distances"]["after"]["n_samples"]
+    assert second["embedding_views"] == first["embedding_views"]
+    before, after = _pngs(tmp_path / "first"), _pngs(tmp_path / "second")
+    assert after["distance_distr_before.png"] == before["distance_distr_before.png"]
+    assert after["distance_distr_after.png"] != before["distance_distr_after.png"]
+    assert after["scatter_pca_no_overlay.png"] != before["scatter_pca_no_overlay.png"]  # more points are orange
+
+
+def test_changed_embeddings_recompute_the_projections(inputs, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    _build(inputs, tmp_path / "first", cache_dir=cache)
+    vectors = inputs["vectors"].copy()
+    vectors[0] *= -1
+    moved = tmp_path / "embeddings.parquet"
+    write_parquet(pa.table({"filename": inputs["ok"], "label": pa.array([0] * len(vectors), pa.int32()),
+                            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 16)}), moved)
+    projections = _count_calls(monkeypatch, "umap_2d")
+    second = _build(inputs, tmp_path / "second", cache_dir=cache, embeddings_path=moved)
+    assert len(projections) == 3
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert second["distances"]["before"]["pairwise"]["max"] == pytest.approx(pdist(unit.astype(np.float64)).max(), rel=1e-5)
+
+
+def test_a_changed_image_redraws_the_plots_that_show_it(inputs, tmp_path):
+    images = tmp_path / "in"
+    shutil.copytree(inputs["config"]["input_dir"], images)
+    config = inputs["config"] | {"input_dir": str(images)}
+    cache = tmp_path / "cache"
+    first = _build(inputs, tmp_path / "first", cache_dir=cache, config=config)
+    shown = first["example_pairs"][0]["retained"]
+    save(picture(99), images / shown, format="JPEG", quality=90)
+    second = _build(inputs, tmp_path / "second", cache_dir=cache, config=config)
+    before, after = _pngs(tmp_path / "first"), _pngs(tmp_path / "second")
+    assert after["filter_decision_0.png"] != before["filter_decision_0.png"]
+    unchanged = [name for name in before if name.startswith(("distance", "nn_", "video", "datapool"))]
+    assert unchanged and all(after[name] == before[name] for name in unchanged)
+    assert second["example_pairs"] == first["example_pairs"]
+
+
+def test_a_run_without_samples_of_its_own_projects_nothing(inputs, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    write_parquet(pa.table({"filename": pa.array([], pa.string()), "label": pa.array([], pa.int32()),
+                            "embedding": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), 16)}),
+                  work / "embeddings.parquet")
+    selection = select_samples.fn(work / "embeddings.parquet", "coreset", N_SELECT, -1, True, 1, "cpu",
+                                  work / "selection.parquet")
+    for name in ("pca_2d", "umap_2d", "_thumbnail"):
+        monkeypatch.setattr(tasks.report, name, _fail)
+    counts = {"n_input_files": 0, "n_corrupt": 0, "n_duplicate": 0, "n_removed": 0, "n_sampled": 0,
+              "n_skipped_processed": 19}
+    report = _build(inputs, tmp_path / "empty", embeddings_path=work / "embeddings.parquet",
+                    selection_path=work / "selection.parquet", selection=selection, counts=counts, video_timelines=None,
+                    cache_dir=tmp_path / "cache")
+    assert report["embedding_views"]["views"] == [] and report["example_pairs"] == []
+    assert set(report["plots"]) == {"filter_decisions", "datapool_growth"}
+    text = re.sub(r"\s+", " ", " ".join(page.extract_text() for page in PdfReader(tmp_path / "empty" / "report.pdf").pages))
+    assert "this run has no embedded samples; its files were all processed by earlier runs" in text
