@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from upath import UPath
 
-from tasks.storage import StorageError, describe, is_local, literal_secrets, location
+from tasks.storage import StorageError, describe, flatten, is_local, literal_secrets, location
 
 log = logging.getLogger(__name__)
 
@@ -455,21 +455,11 @@ def check_consistency(config: ThresherConfig) -> None:
         )
 
 
-def _flatten(data: dict, prefix: str = "") -> list[tuple[str, Any]]:
-    items = []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            items.extend(_flatten(value, f"{prefix}{key}."))
-        else:
-            items.append((f"{prefix}{key}", value))
-    return items
-
-
 def overrides_of(config: ThresherConfig) -> list[str]:
     """The `key=value` overrides that rebuild this config from the defaults (secrets left out)."""
     data = config.model_dump(mode="json", exclude_defaults=True, exclude={"token"})
     return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for key, value in _flatten(data)]
+            for key, value in flatten(data)]
 
 
 def flow_signature() -> inspect.Signature:

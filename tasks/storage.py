@@ -68,7 +68,7 @@ def literal_secrets(options: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """`storage_options.<entry>.<option>` keys that hold a credential as a literal value."""
     found = []
     for entry, values in options.items():
-        for name, value in _flatten(values):
+        for name, value in flatten(values):
             leaf = name.rsplit(".", 1)[-1]
             if leaf in SECRET_OPTIONS and isinstance(value, str) and value and not REFERENCE.match(value):
                 if not (leaf == "token" and value in TOKEN_MODES):
@@ -76,11 +76,12 @@ def literal_secrets(options: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return found
 
 
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+def flatten(values: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested mappings as (dotted key, value) pairs, the form of `key=value` overrides."""
     items = []
     for name, value in values.items():
         if isinstance(value, Mapping):
-            items.extend(_flatten(value, f"{prefix}{name}."))
+            items.extend(flatten(value, f"{prefix}{name}."))
         else:
             items.append((f"{prefix}{name}", value))
     return items
