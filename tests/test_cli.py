@@ -66,7 +66,7 @@ def test_curation_writes_the_lightly_layout(tmp_path, dask_address):
 
     report = json.loads((run / "report.json").read_text())
     assert report["counts"] == {"n_input_files": 15, "n_corrupt": 2, "n_duplicate": 1, "n_removed": 6, "n_sampled": 6,
-                                "n_skipped_processed": 0}
+                                "n_skipped_processed": 0, "n_dump_failed": 0}
     distances = report["distances"]
     assert distances["after"]["pairwise"]["min"] >= distances["before"]["pairwise"]["min"]
     stages = {row["stage"]: row for row in report["stages"]}
