@@ -193,7 +193,8 @@ class ThresherConfig(_Section):
     )
     run_directory: str | None = Field(None, description="Run folder name inside output_dir; default is a timestamp.")
     cache_dir: str = Field(
-        "", description="Where shard results are cached across runs; empty means .thresher-cache in shared_dir."
+        "", description="Folder or bucket URL where shard results and the report's numbers, projections and plots are "
+        "cached across runs; empty means .thresher-cache in shared_dir."
     )
 
     token: SecretStr = Field(SecretStr(""), description="Lightly Platform token; not applicable (never written out).")
