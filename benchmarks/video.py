@@ -51,7 +51,7 @@ def baseline(path: Path) -> int:
 
 
 def videos_table(path: Path) -> pa.Table:
-    file = InputFile(path.name, 0, path.stat().st_size, path.stat().st_mtime)
+    file = InputFile(path.name, 0, path.stat().st_size, repr(path.stat().st_mtime))
     return pa.Table.from_pylist([probe_row(path.parent, file, False)], schema=VIDEO_SCHEMA)
 
 
