@@ -33,7 +33,7 @@ from upath import UPath
 
 from tasks.embeddings_csv import write_embeddings_csv
 from tasks.gathering import embedding_matrix
-from tasks.storage import atomic_target, create_exclusive, describe, is_local, read_table
+from tasks.storage import atomic_target, create_exclusive, describe, is_local, local_version, read_table
 
 POOL_FILE = "datapool.parquet"
 CSV_FILE = "datapool_latest.csv"
@@ -85,7 +85,8 @@ def upgrade(table: pa.Table) -> pa.Table:
     if meta.get(b"thresher.schema_version") != b"1":
         return table
     dim, model = pool_identity(table)
-    versions = pa.array([None if t is None else repr(t) for t in table.column("mtime").to_pylist()], pa.string())
+    versions = pa.array([None if t is None else local_version(t) for t in table.column("mtime").to_pylist()],
+                        pa.string())
     table = table.set_column(table.schema.get_field_index("mtime"), "version", versions)
     return table.cast(pool_schema(dim, model))
 

@@ -21,7 +21,7 @@ from PIL import Image
 from prefect import get_run_logger, task
 from upath import UPath
 
-from tasks.storage import StorageError, describe, explain, is_local, object_version, read_bytes
+from tasks.storage import StorageError, describe, explain, is_local, local_version, object_version, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def _walk(root: Path) -> list[tuple[str, int, str]]:
                 if not target.is_relative_to(real_root):
                     log.warning("Skipping %s: it is a symlink to %s, outside input_dir.", path, target)
                     continue
-            found.append((path.relative_to(root).as_posix(), stat.st_size, repr(stat.st_mtime)))
+            found.append((path.relative_to(root).as_posix(), stat.st_size, local_version(stat.st_mtime)))
     return found
 
 

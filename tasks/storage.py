@@ -257,12 +257,17 @@ def object_version(info: dict) -> str:
     return ""
 
 
+def local_version(mtime: float) -> str:
+    """A local file's version: its modification time, written so that it reads back exactly."""
+    return repr(mtime)
+
+
 def file_identity(path: UPath) -> tuple[int, str] | None:
     """(size, version) of a file as listing records it, or None when it is not there."""
     try:
         if is_local(path):
             stat_result = path.stat()
-            return stat_result.st_size, repr(stat_result.st_mtime)
+            return stat_result.st_size, local_version(stat_result.st_mtime)
         info = path.fs.info(path.path)
     except OSError:
         return None
