@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -103,7 +102,6 @@ def main() -> int:
         write_images(root / "in", args.n)
         write_video(root / "in" / "long.mp4", frames(args.video_frames), gop=25)
         print(f"generated {args.n} images and a {args.video_frames}-frame video in {time.perf_counter() - start:.0f} s")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
         command = [sys.executable, "-m", "flows.cli", "run", f"input_dir={root / 'in'}", f"output_dir={root / 'out'}",
                    f"shared_dir={root}", "run_directory=soak", "stopping_condition.n_samples=0.01",
                    "lightly.collate.input_size=32", *args.overrides]

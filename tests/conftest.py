@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import flows  # noqa: F401  (sets Prefect's environment before Prefect is imported)
 import pytest
