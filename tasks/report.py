@@ -44,9 +44,10 @@ import torch
 import xxhash
 import yaml
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
-from matplotlib.ticker import FuncFormatter, NullFormatter
+from matplotlib.ticker import FuncFormatter, NullLocator
 from PIL import Image
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -559,8 +560,14 @@ def _figure(width: float = HALF_WIDTH, height: float = 3.0) -> tuple[Figure, Axe
 
 
 def _save(figure: Figure, path: UPath) -> str:
+    """The figure as an RGB PNG. One draw lays it out and renders it (savefig draws twice for its
+    layout engine, the same picture); without the alpha channel weasyprint embeds the PNG as it is
+    instead of splitting off an alpha mask."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    image = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB")
     with atomic_target(path) as tmp:
-        figure.savefig(tmp, format="png")
+        image.save(tmp, format="PNG")
     return path.name
 
 
@@ -569,8 +576,10 @@ def plot_distance_histogram(stats: dict, title: str, path: UPath) -> str:
     hist = stats["histogram"]
     ax.stairs(hist["counts"], hist["edges"], fill=True, color="#3b75af", alpha=0.85)
     ax.set_yscale("log")
+    peak = max(hist["counts"])
+    ax.set_ylim(0.5, 2.0 * peak**1.3)  # a quarter of the height above the peak, for the note at the top
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_locator(NullLocator())  # minor ticks of a log axis cost more than the rest of the plot
     ax.set_xlabel("pairwise distance")
     ax.set_ylabel("pairs (log scale)")
     ax.set_title(title, fontsize=10)
@@ -773,9 +782,22 @@ def render_html(report: dict, plots_dir: UPath, embed: bool = True) -> str:
     instead of parsing megabytes of base64 first)."""
     return _templates().get_template("report.html.j2").render(
         report=report, css=(TEMPLATES / "report.css").read_text(encoding="utf-8"), list_limit=LIST_LIMIT,
-        config_yaml=yaml.safe_dump(report["config"], sort_keys=False, allow_unicode=True),
+        config_columns=config_columns(report["config"]),
         plot_source=(lambda name: _data_uri(plots_dir / name)) if embed else (lambda name: uri(plots_dir / name)),
     )
+
+
+def config_columns(config: dict) -> tuple[str, str]:
+    """The configuration as YAML in two halves, split at the top-level key nearest the middle line,
+    for the report's two columns (CSS columns cost weasyprint trial layouts to balance them).
+
+    >>> config_columns({"a": 1, "b": {"c": 2}, "d": 3})
+    ('a: 1\\n', 'b:\\n  c: 2\\nd: 3\\n')
+    """
+    lines = yaml.safe_dump(config, sort_keys=False, allow_unicode=True).splitlines(keepends=True)
+    keys = [i for i, line in enumerate(lines) if not line.startswith((" ", "-"))]  # a top-level list's items start with "-"
+    middle = min(keys, key=lambda i: abs(i - len(lines) / 2))
+    return "".join(lines[:middle]), "".join(lines[middle:])
 
 
 @functools.cache
