@@ -10,7 +10,10 @@ what it has done before; the outputs follow the Lightly Worker's run-directory l
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,6 +25,8 @@ import dask
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
+from prefect.context import FlowRunContext
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect_dask import DaskTaskRunner
 from tqdm import tqdm
 from upath import UPath
@@ -73,6 +78,21 @@ def cluster_info(config: ThresherConfig) -> Cluster:
                            any("GPU" in w.get("resources", {}) for w in workers))
     kwargs = load_cluster_spec(config.dask.cluster, config.dask.n_workers, config.dask.threads_per_worker)["cluster_kwargs"]
     return Cluster(kwargs["n_workers"] * kwargs["threads_per_worker"], "GPU" in kwargs.get("resources", {}))
+
+
+class ClusterExecutor(Executor):
+    """The flow's Dask cluster as an executor of plain functions (the report's UMAPs and plots).
+    The task runner starts its cluster on first use, so a run with nothing to submit starts none."""
+
+    def __init__(self, task_runner: DaskTaskRunner) -> None:
+        self.task_runner = task_runner
+
+    @functools.cached_property
+    def cluster(self) -> Executor:
+        return self.task_runner.client.get_executor(pure=False)
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
+        return self.cluster.submit(fn, *args, **kwargs)
 
 
 def _timed(timings: dict, stage: str, items: int, start: float) -> None:
@@ -417,6 +437,7 @@ class Stages:
             self.timings, self.selection, config.model_dump(mode="json", exclude={"token"}),
             self.timelines if config.show_video_sampling_timeline and self.timelines else None,
             history(pool_dir) if pool_dir else None, self.centers_path, self.cache,
+            ClusterExecutor(FlowRunContext.get().task_runner),
         )
         return self.counts
 
@@ -425,7 +446,11 @@ def _curate(**parameters: Any) -> dict:
     """Validate the parameters (the same checks and messages as `thresher run`), then run the
     pipeline on the Dask cluster they name."""
     config = validate_config(parameters)
-    return pipeline.with_options(task_runner=task_runner(config))(config)
+    # The pipeline runs in this flow's process and thread, whose heartbeats already tell the server
+    # that it is alive. A second heartbeat thread would cost every run up to a second at its end:
+    # Prefect joins the thread, which wakes once a second.
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return pipeline.with_options(task_runner=task_runner(config))(config)
 
 
 _curate.__signature__ = flow_signature()  # type: ignore[attr-defined]

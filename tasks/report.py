@@ -32,6 +32,7 @@ import os
 import platform
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, fields, is_dataclass
 from importlib import metadata
 from pathlib import Path
@@ -51,6 +52,7 @@ from matplotlib.ticker import FuncFormatter, NullLocator
 from PIL import Image
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from upath import UPath
 
 from tasks.caching import CODE_VERSION
@@ -116,6 +118,32 @@ class ReportSettings:
             seed=config["lightly"]["seed"],
             **config["report"],
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the work runs: the UMAPs and plots are independent, so in a flow they run side by side on
+# the Dask workers (idle by the time of the report); without a cluster, one after another here.
+
+
+class InProcess(Executor):
+    """Runs each call at once, in this process."""
+
+    def submit(self, fn: Callable, /, *args: object, **kwargs: object) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as error:
+            future.set_exception(error)
+        return future
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One picture of the report: draw(*inputs, path) draws plots/<name>."""
+
+    name: str
+    draw: Callable[..., None]
+    inputs: tuple
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,17 +227,20 @@ class ReportCache:
             np.savez(file, **value)
         return value
 
-    def plot(self, draw: Callable[..., str], *inputs: object, path: UPath) -> str:
-        """draw(*inputs, path), or a copy of the picture an earlier call drew from equal inputs."""
-        if self.root is None:
-            return draw(*inputs, path)
-        stored = self.root / "plots" / f"{content_key(draw.__name__, *inputs)}.png"
-        if stored.exists():
-            copy(stored, path)
-            return path.name
-        name = draw(*inputs, path)
-        copy(path, stored)
-        return name
+    def draw(self, plots: list[Plot], plots_dir: UPath, executor: Executor) -> None:
+        """Every plot into plots_dir: a copy of the picture an earlier report drew from equal
+        inputs, or drawn on `executor`, the plots side by side."""
+        drawing = []
+        for plot in plots:
+            stored = self.root / "plots" / f"{content_key(plot.draw.__name__, *plot.inputs)}.png" if self.root else None
+            if stored is not None and stored.exists():
+                copy(stored, plots_dir / plot.name)
+            else:
+                drawing.append((executor.submit(plot.draw, *plot.inputs, plots_dir / plot.name), plot.name, stored))
+        for future, name, stored in drawing:
+            future.result()
+            if stored is not None:
+                copy(plots_dir / name, stored)
 
 
 def copy(source: UPath, target: UPath) -> None:
@@ -452,9 +483,9 @@ def _cpu_model() -> str:
 
 @dataclass
 class Scatter:
-    """The points drawn in the scatter plots: a uniform sample of this run's samples and the datapool's."""
+    """What the scatter plots show of their points (a uniform sample of this run's samples and the
+    datapool's) beside the points' 2-D positions."""
 
-    vectors: np.ndarray
     groups: np.ndarray  # index into GROUPS
     names: list[str | None]  # file of a point of this run, None for datapool points
     n_total: int
@@ -462,8 +493,9 @@ class Scatter:
 
 def scatter_points(
     vectors: np.ndarray, filenames: list[str], selected: np.ndarray, datapool: np.ndarray | None, seed: int,
-) -> Scatter:
-    """At most SCATTER_POINTS points in random order (so any prefix is a uniform sample too)."""
+) -> tuple[np.ndarray, Scatter]:
+    """At most SCATTER_POINTS points in random order (so any prefix is a uniform sample too): their
+    embeddings, and what the plots show of them."""
     pool = datapool if datapool is not None else np.empty((0, vectors.shape[1]), np.float32)
     n_total = len(vectors) + len(pool)
     rows = np.random.default_rng(seed).permutation(n_total)[:SCATTER_POINTS]
@@ -472,7 +504,7 @@ def scatter_points(
     groups = np.concatenate([selected[own].astype(np.int8), np.full(len(pooled), GROUPS.index("datapool"), np.int8)])
     names = [filenames[i] for i in own] + [None] * len(pooled)
     order = np.random.default_rng(seed + 1).permutation(len(points))
-    return Scatter(points[order], groups[order], [names[i] for i in order], n_total)
+    return points[order], Scatter(groups[order], [names[i] for i in order], n_total)
 
 
 def pca_2d(points: np.ndarray) -> np.ndarray:
@@ -526,23 +558,26 @@ def umap_2d(points: np.ndarray, k: int, seed: int, pca: np.ndarray) -> np.ndarra
         return model.fit_transform(points).astype(np.float32)
 
 
-def embedding_views(scatter: Scatter, seed: int, cache: ReportCache = ReportCache()) -> list[dict]:
-    """PCA of the scatter points and UMAP at each k of UMAP_NEIGHBOURS on their first UMAP_POINTS;
-    the projections come from the cache when it holds those of the same points."""
-    n = len(scatter.vectors)
+def embedding_views(points: np.ndarray, seed: int, cache: ReportCache = ReportCache(),
+                    executor: Executor = InProcess()) -> list[dict]:
+    """PCA of the scatter points and UMAP at each k of UMAP_NEIGHBOURS on their first UMAP_POINTS,
+    the UMAPs side by side on `executor`; the projections come from the cache when it holds those
+    of the same points."""
+    n = len(points)
     umap_n = min(n, UMAP_POINTS)
     neighbours = {f"umap_k_{k}": (k, min(k, umap_n - 1)) for k in UMAP_NEIGHBOURS if min(k, umap_n - 1) >= 2}
     if n < 2:
         return []
 
     def project() -> dict[str, np.ndarray]:
-        xy = {"pca": pca_2d(scatter.vectors)}
+        xy = {"pca": pca_2d(points)}
         if neighbours:
-            start = xy["pca"] if umap_n == n else pca_2d(scatter.vectors[:umap_n])
-            xy |= {key: umap_2d(scatter.vectors[:umap_n], used, seed, start) for key, (_, used) in neighbours.items()}
+            start = xy["pca"] if umap_n == n else pca_2d(points[:umap_n])
+            umaps = {key: executor.submit(umap_2d, points[:umap_n], used, seed, start) for key, (_, used) in neighbours.items()}
+            xy |= {key: future.result() for key, future in umaps.items()}
         return xy
 
-    xy = cache.arrays(project, "embedding views", scatter.vectors, seed)
+    xy = cache.arrays(project, "embedding views", points, seed)
     return [{"key": "pca", "title": "PCA", "n_points": n, "xy": xy["pca"]}] + [
         {"key": key, "title": f"UMAP, k = {k}" + (f" ({used} used)" if used < k else ""), "n_points": umap_n,
          "xy": xy[key]}
@@ -559,7 +594,7 @@ def _figure(width: float = HALF_WIDTH, height: float = 3.0) -> tuple[Figure, Axe
     return figure, figure.add_subplot()
 
 
-def _save(figure: Figure, path: UPath) -> str:
+def _save(figure: Figure, path: UPath) -> None:
     """The figure as an RGB PNG. One draw lays it out and renders it (savefig draws twice for its
     layout engine, the same picture); without the alpha channel weasyprint embeds the PNG as it is
     instead of splitting off an alpha mask."""
@@ -568,10 +603,9 @@ def _save(figure: Figure, path: UPath) -> str:
     image = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB")
     with atomic_target(path) as tmp:
         image.save(tmp, format="PNG")
-    return path.name
 
 
-def plot_distance_histogram(stats: dict, title: str, path: UPath) -> str:
+def plot_distance_histogram(stats: dict, title: str, path: UPath) -> None:
     figure, ax = _figure()
     hist = stats["histogram"]
     ax.stairs(hist["counts"], hist["edges"], fill=True, color="#3b75af", alpha=0.85)
@@ -586,10 +620,10 @@ def plot_distance_histogram(stats: dict, title: str, path: UPath) -> str:
     source = (f"exact: all {stats['n_pairs']:,} pairs" if stats["exact"] else
               f"estimate from {stats['n_pairs']:,} random pairs\n(CDF error < {stats['cdf_error_95']:.4f}, 95%)")
     ax.text(0.02, 0.97, source, transform=ax.transAxes, va="top", fontsize=8, color="#333")
-    return _save(figure, path)
+    _save(figure, path)
 
 
-def plot_nn_distances(statistics: dict, path: UPath) -> str:
+def plot_nn_distances(statistics: dict, path: UPath) -> None:
     figure, ax = _figure(FULL_WIDTH * 0.75, 3.0)
     labels = {"before": "all samples", "after": "selected", "random": "random subset, same size"}
     for name, colour in zip(labels, ("#777777", COLOURS["selected"], "#1f6fb4")):
@@ -602,7 +636,7 @@ def plot_nn_distances(statistics: dict, path: UPath) -> str:
     ax.set_ylabel("samples")
     ax.set_title("Nearest-neighbour distances")
     ax.legend(fontsize=8)
-    return _save(figure, path)
+    _save(figure, path)
 
 
 def _thumbnail(input_dir: UPath, filename: str, max_pixels: int) -> Image.Image | None:
@@ -654,7 +688,7 @@ def _overlay_points(xy: np.ndarray, scatter: Scatter) -> list[int]:
     return sorted(chosen.values())
 
 
-def plot_scatter(view: dict, scatter: Scatter, thumbnails: Thumbnails | None, path: UPath) -> str:
+def plot_scatter(view: dict, scatter: Scatter, thumbnails: Thumbnails | None, path: UPath) -> None:
     """Removed, datapool and selected points (selected on top); with `thumbnails`, images of
     selected samples drawn at their points."""
     figure, ax = _figure(HALF_WIDTH, 3.1)
@@ -678,10 +712,10 @@ def plot_scatter(view: dict, scatter: Scatter, thumbnails: Thumbnails | None, pa
     ax.set_xticks([])
     ax.set_yticks([])
     ax.legend(fontsize=8, markerscale=2, loc="best")
-    return _save(figure, path)
+    _save(figure, path)
 
 
-def plot_pair(pair: dict, thumbnails: Thumbnails, path: UPath) -> str:
+def plot_pair(pair: dict, thumbnails: Thumbnails, path: UPath) -> None:
     figure = Figure(figsize=(HALF_WIDTH, 2.4), dpi=DPI, layout="constrained")
     for ax, role in zip(figure.subplots(1, 2), ("retained", "removed")):
         image = thumbnails.get(pair[role])
@@ -692,14 +726,14 @@ def plot_pair(pair: dict, thumbnails: Thumbnails, path: UPath) -> str:
         ax.set_axis_off()
         ax.set_title(f"{role}\n{_shorten(pair[role], 26)}", fontsize=8)
     figure.suptitle(f"distance {pair['distance']:.3f}", fontsize=10)
-    return _save(figure, path)
+    _save(figure, path)
 
 
 def _shorten(name: str, width: int = 34) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1) :]
 
 
-def plot_video_timelines(timelines: dict[str, list[float]], path: UPath) -> str:
+def plot_video_timelines(timelines: dict[str, list[float]], path: UPath) -> None:
     shown = list(timelines.items())[:LIST_LIMIT]
     figure, ax = _figure(FULL_WIDTH, 1.0 + 0.32 * len(shown))
     for row, (_, seconds) in enumerate(shown):
@@ -708,10 +742,10 @@ def plot_video_timelines(timelines: dict[str, list[float]], path: UPath) -> str:
     ax.invert_yaxis()
     ax.set_xlabel("time in video (s)")
     ax.set_title("Selected frames per video")
-    return _save(figure, path)
+    _save(figure, path)
 
 
-def plot_datapool_growth(history: list[dict], path: UPath) -> str:
+def plot_datapool_growth(history: list[dict], path: UPath) -> None:
     figure, ax = _figure(FULL_WIDTH * 0.75, 3.2)
     runs = [entry["run"] for entry in history]
     added = np.array([entry["n_samples"] for entry in history])
@@ -721,43 +755,43 @@ def plot_datapool_growth(history: list[dict], path: UPath) -> str:
     ax.set_ylabel("samples")
     ax.set_title("Datapool growth")
     ax.legend(fontsize=8)
-    return _save(figure, path)
+    _save(figure, path)
 
 
 def write_plots(report: dict, views: list[dict], scatter: Scatter | None, settings: ReportSettings, plots_dir: UPath,
-                cache: ReportCache = ReportCache()) -> dict:
-    """Every plot of the report as plots/<name>.png, drawn or copied from the cache when it holds a
-    plot of the same data; returns {plot key: file name}."""
-    plots: dict = {}
+                cache: ReportCache = ReportCache(), executor: Executor = InProcess()) -> dict:
+    """Every plot of the report as plots/<name>.png, drawn on `executor` or copied from the cache
+    when it holds a plot of the same data; returns {plot key: file name}."""
+    plots: list[Plot] = []
+
+    def add(key: str, draw: Callable[..., None], *inputs: object) -> str:
+        plots.append(Plot(f"{key}.png", draw, inputs))
+        return f"{key}.png"
+
+    names: dict = {}
     for name in ("before", "after"):
         stats = report["distances"][name]["pairwise"]
         if stats:
             title = "Pairwise distances, all samples" if name == "before" else "Pairwise distances, selected samples"
-            plots[f"distance_distr_{name}"] = cache.plot(plot_distance_histogram, stats, title,
-                                                         path=plots_dir / f"distance_distr_{name}.png")
+            names[f"distance_distr_{name}"] = add(f"distance_distr_{name}", plot_distance_histogram, stats, title)
     if report["distances"]["before"]["nearest_neighbour"]:
-        plots["nn_distance_distr"] = cache.plot(plot_nn_distances, report["distances"],
-                                                path=plots_dir / "nn_distance_distr.png")
+        names["nn_distance_distr"] = add("nn_distance_distr", plot_nn_distances, report["distances"])
     previews = Thumbnails(location(settings.input_dir, settings.storage_options), settings.max_pixels)
     for view in views:
         assert scatter is not None, "views are drawn from scatter points"
         key = f"scatter_{view['key']}"
         shown = previews.subset(scatter.names[i] for i in _overlay_points(view["xy"], scatter))
-        plots[key] = cache.plot(plot_scatter, view, scatter, shown, path=plots_dir / f"{key}.png")
-        plots[f"{key}_no_overlay"] = cache.plot(plot_scatter, view, scatter, None,
-                                                path=plots_dir / f"{key}_no_overlay.png")
-    plots["filter_decisions"] = [
-        cache.plot(plot_pair, pair, previews.subset([pair["retained"], pair["removed"]]),
-                   path=plots_dir / f"filter_decision_{i}.png")
-        for i, pair in enumerate(report["example_pairs"])
-    ]
+        names[key] = add(key, plot_scatter, view, scatter, shown)
+        names[f"{key}_no_overlay"] = add(f"{key}_no_overlay", plot_scatter, view, scatter, None)
+    names["filter_decisions"] = [add(f"filter_decision_{i}", plot_pair, pair,
+                                     previews.subset([pair["retained"], pair["removed"]]))
+                                 for i, pair in enumerate(report["example_pairs"])]
     if report.get("video_timelines"):
-        plots["video_timelines"] = cache.plot(plot_video_timelines, report["video_timelines"],
-                                              path=plots_dir / "video_timelines.png")
+        names["video_timelines"] = add("video_timelines", plot_video_timelines, report["video_timelines"])
     if report.get("datapool_history"):
-        plots["datapool_growth"] = cache.plot(plot_datapool_growth, report["datapool_history"],
-                                              path=plots_dir / "datapool_growth.png")
-    return plots
+        names["datapool_growth"] = add("datapool_growth", plot_datapool_growth, report["datapool_history"])
+    cache.draw(plots, plots_dir, executor)
+    return names
 
 
 # ----------------------------------------------------------------------------------------------
@@ -830,12 +864,12 @@ def build_report(
     run_dir: UPath, samples_path: UPath, embeddings_path: UPath, selection_path: UPath, job: dict, counts: dict,
     stages: dict, selection: dict, config: dict, video_timelines: dict[str, list[float]] | None = None,
     datapool_history: list[dict] | None = None, datapool_embeddings_path: UPath | None = None,
-    cache_dir: UPath | None = None,
+    cache_dir: UPath | None = None, executor: Executor = InProcess(),
 ) -> dict:
     """Write report.json, report.html, report.pdf and plots/ into run_dir; returns the report.
 
     With `cache_dir`, results of an earlier report on the same data are reused from
-    `cache_dir/report/` (see ReportCache)."""
+    `cache_dir/report/` (see ReportCache). The UMAPs and plots run on `executor`."""
     settings = ReportSettings.from_config(config)
     cache = ReportCache(cache_dir / "report" if cache_dir else None)
     filenames, _, vectors = load_embeddings(embeddings_path, normalize=settings.normalize)
@@ -867,14 +901,14 @@ def build_report(
     scatter, views = None, []
     if len(vectors):
         datapool = load_embeddings(datapool_embeddings_path, settings.normalize)[2] if datapool_embeddings_path else None
-        scatter = scatter_points(vectors, filenames, selected, datapool, settings.seed)
-        views = embedding_views(scatter, settings.seed, cache)
+        points, scatter = scatter_points(vectors, filenames, selected, datapool, settings.seed)
+        views = embedding_views(points, settings.seed, cache, executor)
     report["embedding_views"] = {
-        "n_points": len(scatter.vectors) if scatter else 0, "n_total": scatter.n_total if scatter else 0,
+        "n_points": len(scatter.groups) if scatter else 0, "n_total": scatter.n_total if scatter else 0,
         "n_datapool_points": int(np.sum(scatter.groups == GROUPS.index("datapool"))) if scatter else 0,
         "views": [{k: v for k, v in view.items() if k != "xy"} for view in views],
     }
-    report["plots"] = write_plots(report, views, scatter, settings, run_dir / "plots", cache)
+    report["plots"] = write_plots(report, views, scatter, settings, run_dir / "plots", cache, executor)
     write_text(render_html(report, run_dir / "plots"), run_dir / "report.html")
     # weasyprint reads local plot files faster than it parses their base64; objects are embedded.
     write_pdf(render_html(report, run_dir / "plots", embed=not is_local(run_dir)), run_dir / "report.pdf")
@@ -910,22 +944,25 @@ def artifacts(report: dict, run_dir: UPath) -> dict:
     }
 
 
-@task(name="report")
+# No Prefect cache key: the report is never reused whole (its job section is new every run), and
+# an executor cannot be hashed.
+@task(name="report", cache_policy=NO_CACHE)
 def write_report(
     run_dir: UPath, samples_path: UPath, embeddings_path: UPath, selection_path: UPath, job: dict, counts: dict,
     stages: dict, selection: dict, config: dict, video_timelines: dict[str, list[float]] | None = None,
     datapool_history: list[dict] | None = None, datapool_embeddings_path: UPath | None = None,
-    cache_dir: UPath | None = None,
+    cache_dir: UPath | None = None, executor: Executor = InProcess(),
 ) -> UPath:
     """The report files in run_dir and its summary as Prefect artifacts; returns the report.json path.
 
     `video_timelines` is {video: seconds of its selected frames}; `datapool_history` is
     [{"run": name, "n_samples": added}] in run order; `datapool_embeddings_path` is a table of the
     pool's earlier selections in the gathered-embeddings format (drawn as 'datapool' points);
-    `cache_dir` holds results of earlier reports to reuse (see ReportCache)."""
+    `cache_dir` holds results of earlier reports to reuse (see ReportCache); the UMAPs and plots
+    run on `executor` (in a flow, the cluster's)."""
     report = build_report(
         run_dir, samples_path, embeddings_path, selection_path, job, counts, stages, selection, config,
-        video_timelines, datapool_history, datapool_embeddings_path, cache_dir,
+        video_timelines, datapool_history, datapool_embeddings_path, cache_dir, executor,
     )
     published = artifacts(report, run_dir)
     create_markdown_artifact(**published["markdown"])

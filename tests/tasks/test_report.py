@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from matplotlib.figure import Figure
+from dask.utils import key_split
+from distributed import Client, LocalCluster, get_task_stream
 from PIL import Image
 from pypdf import PdfReader
 from scipy.spatial.distance import cdist, pdist
@@ -203,6 +204,19 @@ def test_report_distances_are_exact_for_the_selection_and_all_samples(run):
 
 
 
+def test_on_a_cluster_the_report_is_the_same_as_in_one_process(inputs, run, tmp_path):
+    """The flow's way: UMAPs and plots run on the Dask workers, into the same run directory. (Worker
+    threads here, to spare the test two processes importing torch; the flow tests run it on processes.)"""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, Client(cluster) as client, \
+            get_task_stream(client) as stream:
+        report = _build(inputs, tmp_path / "cluster", executor=client.get_executor(pure=False))
+    run_dir, data = run
+    assert {key: report[key] for key in REUSED} == {key: data["report"][key] for key in REUSED}
+    assert _pngs(tmp_path / "cluster") == _pngs(run_dir)
+    ran = [key_split(task["key"]) for task in stream.data]
+    assert ran.count("umap_2d") == 3 and ran.count("plot_scatter") == 8 and ran.count("plot_pair") == 4
+
+
 def _plot_files(plots: dict) -> list[str]:
     return [name for value in plots.values() for name in (value if isinstance(value, list) else [value])]
 
@@ -299,9 +313,8 @@ def test_a_rerun_on_the_same_data_reuses_numbers_projections_and_plots(inputs, r
     # a report computed on a miss is the one computed without a cache
     assert {key: first[key] for key in REUSED} == {key: run[1]["report"][key] for key in REUSED}
 
-    for name in ("distance_statistics", "example_pairs", "pca_2d", "umap_2d", "_thumbnail"):
+    for name in ("distance_statistics", "example_pairs", "pca_2d", "umap_2d", "_thumbnail", "_save"):
         monkeypatch.setattr(tasks.report, name, _fail)
-    monkeypatch.setattr(Figure, "savefig", _fail)
     second = _build(inputs, tmp_path / "second", cache_dir=cache)
     assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == stored
     # exactly the same numbers and pictures, and a complete report around them
