@@ -92,7 +92,9 @@ class ClusterExecutor(Executor):
         return self.task_runner.client.get_executor(pure=False)
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
-        return self.cluster.submit(fn, *args, **kwargs)
+        # A UMAP takes its points along (up to UMAP_POINTS embeddings, 25 MB at d = 1280), by design.
+        with dask.config.set({"distributed.admin.large-graph-warning-threshold": "64MB"}):
+            return self.cluster.submit(fn, *args, **kwargs)
 
 
 def _timed(timings: dict, stage: str, items: int, start: float) -> None:
