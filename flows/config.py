@@ -55,7 +55,8 @@ class CorruptnessCheck(_Section):
         description="Images that declare more pixels are rejected as decompression bombs before any pixel is decoded.",
     )
     decode_timeout: float = Field(
-        60.0, gt=0, description="Seconds one image may take to decode; a slower one is listed as corrupt, so no file can stall a run.",
+        60.0, gt=0, description="Seconds one image, or one video frame, may take to decode; a slower image is listed as corrupt, "
+                    "as are a video's frames from the slow one on, so no file can stall a run.",
     )
     allow_extension_mismatch: bool = Field(
         False,

@@ -15,11 +15,8 @@ which `tasks/video.py` checks frame by frame (pixel hash and corruption score).
 from __future__ import annotations
 
 import io
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -30,13 +27,12 @@ from upath import UPath
 
 from tasks.listing import InputFile
 from tasks.storage import read_bytes, write_parquet
+from tasks.timeouts import within
 from tasks.video import FrameRange, check_ranges
 
 # Pillow's own bomb check uses a fixed global limit; ours is the configurable max_pixels, checked
 # from the header before decoding, so Pillow's is switched off in the processes that decode.
 Image.MAX_IMAGE_PIXELS = None
-
-T = TypeVar("T")
 
 # Formats that legitimately carry another format's extension (camera MPO files are JPEGs).
 FORMAT_ALIASES = {"MPO": "JPEG"}
@@ -61,7 +57,7 @@ class CheckOptions:
     max_pixels: int = 178_956_970
     allow_extension_mismatch: bool = False
     corruption_threshold: float = 0.1  # video frames only
-    decode_timeout: float = 60.0  # seconds per image
+    decode_timeout: float = 60.0  # seconds per image or video frame
 
 
 class CorruptImage(Exception):
@@ -83,31 +79,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
-
-
-def within(seconds: float | None, work: Callable[[], T]) -> T:
-    """work(), or TimeoutError after `seconds` (None waits forever). A decoder stuck in C cannot be
-    interrupted, so an overrunning call is left to finish in its daemon thread while the shard
-    moves on; the pixel limit bounds what such a thread can hold."""
-    if seconds is None:
-        return work()
-    outcome: list = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, work()))
-        except BaseException as error:  # re-raised in the caller's thread
-            outcome.append((False, error))
-
-    thread = threading.Thread(target=run, name="thresher-decode", daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if not outcome:
-        raise TimeoutError(f"gave up after {seconds:g} s")
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
 
 
 def load_image(path: UPath, max_pixels: int, timeout: float | None = None) -> Image.Image:
@@ -183,7 +154,7 @@ def check_files(input_dir: UPath, files: list[InputFile | FrameRange], options: 
     rows = []
     for item in files:
         if isinstance(item, FrameRange):
-            rows.extend(check_ranges(input_dir, [item], threshold))
+            rows.extend(check_ranges(input_dir, [item], threshold, options.decode_timeout))
         else:
             rows.append(check_file(input_dir, item, options))
     return check_table(rows)

@@ -67,7 +67,7 @@ class EmbedOptions:
     torch_threads: int = 1
     precision: int = 32
     max_pixels: int = 178_956_970
-    decode_timeout: float = 60.0  # seconds per image
+    decode_timeout: float = 60.0  # seconds per image or video frame
 
 
 def default_device() -> str:
@@ -185,7 +185,8 @@ def embed_frames(
     names: list[str] = []
 
     def inputs():
-        for name, result in read_frames(input_dir, ranges, lambda frame: embedder_input(frame, options.input_size)):
+        for name, result in read_frames(input_dir, ranges, lambda frame: embedder_input(frame, options.input_size),
+                                        options.decode_timeout):
             names.append(name)
             yield result
 

@@ -47,6 +47,7 @@ from upath import UPath
 
 from tasks.listing import InputFile
 from tasks.storage import decoder_source, read_parquet, write_parquet, write_text
+from tasks.timeouts import progressing
 
 # One row per listed video: its frames' pts in presentation order, or why it cannot be used.
 VIDEO_SCHEMA = pa.schema(
@@ -296,16 +297,20 @@ def _match(frames: Iterator[av.VideoFrame], rng: FrameRange) -> Iterator[tuple[i
         yield index, None
 
 
-def read_frames(input_dir: UPath, ranges: list[FrameRange], convert: Callable[[av.VideoFrame], object]
-                ) -> Iterator[tuple[str, object]]:
-    """(frame name, convert(frame)) for every frame of the ranges, or (name, reason) where it failed."""
+def read_frames(input_dir: UPath, ranges: list[FrameRange], convert: Callable[[av.VideoFrame], object],
+                timeout: float | None = None) -> Iterator[tuple[str, object]]:
+    """(frame name, convert(frame)) for every frame of the ranges, or (name, reason) where it failed.
+    A range whose next frame takes longer than `timeout` seconds to decode is given up there."""
     for rng in ranges:
         names = rng.names()
         done = 0
         try:
-            for _, frame in decode_frames(input_dir / rng.file.filename, rng):
+            for _, frame in progressing(decode_frames(input_dir / rng.file.filename, rng), timeout):
                 yield names[done], convert(frame) if frame is not None else "frame could not be decoded"
                 done += 1
+        except TimeoutError as error:
+            for name in names[done:]:
+                yield name, f"decoding timed out: {error} (corruptness_check.decode_timeout)"
         except (av.FFmpegError, OSError) as error:  # the video changed or vanished since probing
             for name in names[done:]:
                 yield name, f"video unreadable: {error}"
@@ -376,10 +381,11 @@ def check_row(file: InputFile, name: str, frame: av.VideoFrame | str, threshold:
     return row
 
 
-def check_ranges(input_dir: UPath, ranges: list[FrameRange], threshold: float | None) -> list[dict]:
+def check_ranges(input_dir: UPath, ranges: list[FrameRange], threshold: float | None,
+                 timeout: float | None = None) -> list[dict]:
     files = {name: rng.file for rng in ranges for name in rng.names()}
     return [check_row(files[name], name, result, threshold)
-            for name, result in read_frames(input_dir, ranges, lambda frame: frame)]
+            for name, result in read_frames(input_dir, ranges, lambda frame: frame, timeout)]
 
 
 def upright(frame: av.VideoFrame, pixels: np.ndarray) -> np.ndarray:

@@ -4,15 +4,20 @@ or frame with its reason, and uses every frame that can be decoded."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
+import tasks.video
 from flows.cli import main
 from tasks.listing import InputFile
-from tasks.video import VIDEO_SCHEMA, embedder_input, frame_image, frame_ranges, probe_row, read_frames
+from tasks.video import (
+    VIDEO_SCHEMA, check_ranges, embedder_input, frame_image, frame_ranges, probe_row, read_frames,
+)
 from tests.videos import audio_only, frames, garbled, rotated, truncated, write_video
 
 def video_corpus(root: Path) -> dict[str, str | None]:
@@ -62,3 +67,31 @@ def test_rotation_metadata_turns_frames_upright(tmp_path):
         assert np.abs(image.astype(int) - np.rot90(expected, -1)).mean() < 8
     upright_input = [x for _, x in read_frames(tmp_path, ranges, lambda frame: embedder_input(frame, 16))]
     assert all(x.shape == (3, 16, 16) for x in upright_input)
+
+
+def test_a_frame_that_never_decodes_times_out_and_the_other_frames_and_videos_go_on(tmp_path, monkeypatch):
+    write_video(tmp_path / "stuck.mp4", frames(6))
+    write_video(tmp_path / "good.mp4", frames(6, first_seed=10))
+    videos = pa.Table.from_pylist([probe_row(tmp_path, InputFile(name, 0, 1, "0.0"), False)
+                                   for name in ("stuck.mp4", "good.mp4")], schema=VIDEO_SCHEMA)
+    release = threading.Event()
+    decode = tasks.video.decode_frames
+
+    def stalling(path, rng):
+        """The real decoder, stuck at the third frame of stuck.mp4 (as a decoder stuck in C looks from Python)."""
+        for i, item in enumerate(decode(path, rng)):
+            if path.name == "stuck.mp4" and i == 2:
+                release.wait()
+            yield item
+
+    monkeypatch.setattr(tasks.video, "decode_frames", stalling)
+    start = time.monotonic()
+    rows = check_ranges(tmp_path, frame_ranges(videos, size=8), threshold=None, timeout=0.5)
+    elapsed = time.monotonic() - start
+    release.set()
+    errors = {row["filename"]: row["error"] for row in rows}
+    assert sorted(errors) == [f"{stem}-{i}-mp4.png" for stem in ("good", "stuck") for i in range(6)]
+    assert [errors[f"stuck-{i}-mp4.png"] for i in range(2)] == [None, None]
+    assert all("decoding timed out" in errors[f"stuck-{i}-mp4.png"] for i in range(2, 6))
+    assert all(errors[f"good-{i}-mp4.png"] is None for i in range(6))
+    assert elapsed < 10
