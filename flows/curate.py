@@ -258,6 +258,7 @@ class Stages:
         groups = stable_shards(videos, lambda f: f.filename, self.config.dask.shard_size, self.slots)
         futures = probe_videos.with_options(retries=self.config.dask.retries).map(
             unmapped(self.input), groups, unmapped(self.config.datasource.use_frame_count_metadata),
+            unmapped(self.config.corruptness_check.decode_timeout),
             [self.work / "probe" / f"shard-{i:05d}.parquet" for i in range(len(groups))],
         )
         probed = read_videos(track(futures, "probe", groups, self.timings))

@@ -31,7 +31,8 @@ import bisect
 import json
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import PurePosixPath
@@ -63,6 +64,8 @@ VIDEO_SCHEMA = pa.schema(
     ]
 )
 
+# Packets handed from the probing thread at a time: one handoff per packet would cost more than the demuxing.
+PROBE_BATCH = 1024
 MACROBLOCK = 16
 # A block edge counts as broken when it is this many times sharper than the block's inside, and
 # at least EDGE_FLOOR grey levels sharper (flat blocks have tiny insides).
@@ -87,51 +90,66 @@ def frame_name(video: str, index: int, n_frames: int) -> str:
 # --------------------------------------------------------------------------- probing
 
 
-def probe(path: UPath, use_frame_count_metadata: bool = False) -> tuple[list[int], list[int], Fraction]:
+def probe(path: UPath, use_frame_count_metadata: bool = False, timeout: float | None = None
+          ) -> tuple[list[int], list[int], Fraction]:
     """(pts of every frame in presentation order, keyframe indices, time base) of the first video stream.
 
     By default the packets are read (cheap: nothing is decoded) because containers' frame counts
     are often missing or wrong. With use_frame_count_metadata the header's count is trusted and
-    the pts are spread evenly at the average frame rate (no keyframe information)."""
+    the pts are spread evenly at the average frame rate (no keyframe information). A video that
+    gives no packets for `timeout` seconds is corrupt."""
+    with closing(progressing(_probe_items(path, use_frame_count_metadata), timeout)) as items:
+        try:
+            time_base, counted = next(items)
+            if counted is not None:
+                return counted, [], time_base
+            timed = sorted(dict(packet for batch in items for packet in batch).items())
+        except TimeoutError as error:
+            raise CorruptVideo(f"probing timed out: {error} (corruptness_check.decode_timeout)") from None
+    if not timed:
+        raise CorruptVideo("contains no video frames")
+    return [pts for pts, _ in timed], [i for i, (_, key) in enumerate(timed) if key], time_base
+
+
+def _probe_items(path: UPath, use_frame_count_metadata: bool) -> Generator[tuple, None, None]:
+    """What probe reads, in one thread from opening to closing: first (time base, the pts from the
+    header's frame count, or None to read the packets), then batches of (pts, is keyframe), one
+    batch a handoff rather than one packet."""
     with decoder_source(path) as source:
         try:
             container = av.open(source)
         except (av.FFmpegError, OSError) as error:
             raise CorruptVideo(f"cannot be opened: {getattr(error, 'strerror', None) or error}") from None
         with container:
-            return _probe_stream(container, use_frame_count_metadata)
+            if not container.streams.video:
+                raise CorruptVideo("has no video stream")
+            stream = container.streams.video[0]
+            time_base = stream.time_base or Fraction(1, 1)
+            if use_frame_count_metadata and stream.frames > 0 and stream.average_rate:
+                step = 1 / (stream.average_rate * time_base)
+                start = stream.start_time or 0
+                yield time_base, [start + round(i * step) for i in range(stream.frames)]
+                return
+            yield time_base, None
+            batch = []
+            try:
+                for packet in container.demux(stream):
+                    pts = packet.pts if packet.pts is not None else packet.dts
+                    if packet.size and pts is not None:
+                        batch.append((pts, packet.is_keyframe))
+                    if len(batch) == PROBE_BATCH:
+                        yield batch
+                        batch = []
+            except av.FFmpegError:
+                pass  # unreadable past this point: the frames read so far are the video
+            yield batch
 
 
-def _probe_stream(container: av.container.InputContainer, use_frame_count_metadata: bool
-                  ) -> tuple[list[int], list[int], Fraction]:
-    """See probe."""
-    if not container.streams.video:
-        raise CorruptVideo("has no video stream")
-    stream = container.streams.video[0]
-    time_base = stream.time_base or Fraction(1, 1)
-    if use_frame_count_metadata and stream.frames > 0 and stream.average_rate:
-        step = 1 / (stream.average_rate * time_base)
-        start = stream.start_time or 0
-        return [start + round(i * step) for i in range(stream.frames)], [], time_base
-    timed = []
-    try:
-        for packet in container.demux(stream):
-            pts = packet.pts if packet.pts is not None else packet.dts
-            if packet.size and pts is not None:
-                timed.append((pts, packet.is_keyframe))
-    except av.FFmpegError:
-        pass  # unreadable past this point: the frames read so far are the video
-    timed = sorted(dict(timed).items())
-    if not timed:
-        raise CorruptVideo("contains no video frames")
-    return [pts for pts, _ in timed], [i for i, (_, key) in enumerate(timed) if key], time_base
-
-
-def probe_row(input_dir: UPath, file: InputFile, use_frame_count_metadata: bool) -> dict:
+def probe_row(input_dir: UPath, file: InputFile, use_frame_count_metadata: bool, timeout: float | None = None) -> dict:
     row = {"filename": file.filename, "label": file.label, "size": file.size, "version": file.version,
            "time_base": None, "pts": None, "keyframes": None, "error": None}
     try:
-        pts, keyframes, time_base = probe(input_dir / file.filename, use_frame_count_metadata)
+        pts, keyframes, time_base = probe(input_dir / file.filename, use_frame_count_metadata, timeout)
     except CorruptVideo as error:
         row["error"] = str(error)
         return row
@@ -140,8 +158,9 @@ def probe_row(input_dir: UPath, file: InputFile, use_frame_count_metadata: bool)
 
 
 @task(name="probe-videos", retries=2, retry_delay_seconds=1)
-def probe_videos(input_dir: UPath, files: list[InputFile], use_frame_count_metadata: bool, out_path: UPath) -> UPath:
-    rows = [probe_row(input_dir, f, use_frame_count_metadata) for f in files]
+def probe_videos(input_dir: UPath, files: list[InputFile], use_frame_count_metadata: bool, timeout: float | None,
+                 out_path: UPath) -> UPath:
+    rows = [probe_row(input_dir, f, use_frame_count_metadata, timeout) for f in files]
     return write_parquet(pa.Table.from_pylist(rows, schema=VIDEO_SCHEMA), out_path)
 
 

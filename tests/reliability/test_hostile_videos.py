@@ -95,3 +95,28 @@ def test_a_frame_that_never_decodes_times_out_and_the_other_frames_and_videos_go
     assert all("decoding timed out" in errors[f"stuck-{i}-mp4.png"] for i in range(2, 6))
     assert all(errors[f"good-{i}-mp4.png"] is None for i in range(6))
     assert elapsed < 10
+
+
+def test_a_video_whose_probing_stalls_is_corrupt_and_probing_goes_on(tmp_path, monkeypatch):
+    write_video(tmp_path / "stuck.mp4", frames(6))
+    write_video(tmp_path / "good.mp4", frames(6, first_seed=10), pts=[0, 1, 2, 7, 8, 20])
+    files = {name: InputFile(name, 0, 1, "0.0") for name in ("stuck.mp4", "good.mp4")}
+    release = threading.Event()
+    read = tasks.video._probe_items
+
+    def stalling(path, use_frame_count_metadata):
+        """The real probe, stuck after the header of stuck.mp4."""
+        for i, item in enumerate(read(path, use_frame_count_metadata)):
+            if path.name == "stuck.mp4" and i == 1:
+                release.wait()
+            yield item
+
+    untimed = probe_row(tmp_path, files["good.mp4"], False)
+    monkeypatch.setattr(tasks.video, "_probe_items", stalling)
+    start = time.monotonic()
+    stuck, good = (probe_row(tmp_path, files[name], False, timeout=0.5) for name in ("stuck.mp4", "good.mp4"))
+    elapsed = time.monotonic() - start
+    release.set()
+    assert "probing timed out" in stuck["error"] and stuck["pts"] is None
+    assert good == untimed and good["error"] is None and len(good["pts"]) == 6
+    assert elapsed < 10
