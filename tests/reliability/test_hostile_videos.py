@@ -69,22 +69,27 @@ def test_rotation_metadata_turns_frames_upright(tmp_path):
     assert all(x.shape == (3, 16, 16) for x in upright_input)
 
 
+def _stall(monkeypatch, name: str, at: int, release: threading.Event) -> None:
+    """tasks.video.<name>, a generator over one video, stopped before its item `at` for stuck.mp4 until
+    `release` is set: a decoder stuck in C, as it looks from Python."""
+    real = getattr(tasks.video, name)
+
+    def stalling(path, *args):
+        for i, item in enumerate(real(path, *args)):
+            if path.name == "stuck.mp4" and i == at:
+                release.wait()
+            yield item
+
+    monkeypatch.setattr(tasks.video, name, stalling)
+
+
 def test_a_frame_that_never_decodes_times_out_and_the_other_frames_and_videos_go_on(tmp_path, monkeypatch):
     write_video(tmp_path / "stuck.mp4", frames(6))
     write_video(tmp_path / "good.mp4", frames(6, first_seed=10))
     videos = pa.Table.from_pylist([probe_row(tmp_path, InputFile(name, 0, 1, "0.0"), False)
                                    for name in ("stuck.mp4", "good.mp4")], schema=VIDEO_SCHEMA)
     release = threading.Event()
-    decode = tasks.video.decode_frames
-
-    def stalling(path, rng):
-        """The real decoder, stuck at the third frame of stuck.mp4 (as a decoder stuck in C looks from Python)."""
-        for i, item in enumerate(decode(path, rng)):
-            if path.name == "stuck.mp4" and i == 2:
-                release.wait()
-            yield item
-
-    monkeypatch.setattr(tasks.video, "decode_frames", stalling)
+    _stall(monkeypatch, "decode_frames", 2, release)
     start = time.monotonic()
     rows = check_ranges(tmp_path, frame_ranges(videos, size=8), threshold=None, timeout=0.5)
     elapsed = time.monotonic() - start
@@ -102,17 +107,8 @@ def test_a_video_whose_probing_stalls_is_corrupt_and_probing_goes_on(tmp_path, m
     write_video(tmp_path / "good.mp4", frames(6, first_seed=10), pts=[0, 1, 2, 7, 8, 20])
     files = {name: InputFile(name, 0, 1, "0.0") for name in ("stuck.mp4", "good.mp4")}
     release = threading.Event()
-    read = tasks.video._probe_items
-
-    def stalling(path, use_frame_count_metadata):
-        """The real probe, stuck after the header of stuck.mp4."""
-        for i, item in enumerate(read(path, use_frame_count_metadata)):
-            if path.name == "stuck.mp4" and i == 1:
-                release.wait()
-            yield item
-
     untimed = probe_row(tmp_path, files["good.mp4"], False)
-    monkeypatch.setattr(tasks.video, "_probe_items", stalling)
+    _stall(monkeypatch, "_probe_items", 1, release)  # after the header
     start = time.monotonic()
     stuck, good = (probe_row(tmp_path, files[name], False, timeout=0.5) for name in ("stuck.mp4", "good.mp4"))
     elapsed = time.monotonic() - start
