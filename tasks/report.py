@@ -548,14 +548,16 @@ def umap_2d(points: np.ndarray, k: int, seed: int, pca: np.ndarray) -> np.ndarra
     zero when UMAP rescales it."""
     import umap  # imported here: its import (numba, pynndescent) costs seconds every stage would pay
 
+    # UMAP's notes on our settings (n_jobs with a seed; no search index for transforming new points,
+    # which the report never does) are dropped for good: a catch_warnings block is not thread-safe,
+    # and a worker with two threads runs two UMAPs at once.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"umap\.")
     index, distances = _knn(points, k)
     scale = float(np.abs(pca).max()) or 1.0
     start = 10.0 * pca / scale + np.random.default_rng(seed).normal(0.0, 1e-4, pca.shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # n_jobs overridden by random_state; precomputed graph notes
-        model = umap.UMAP(n_neighbors=k, random_state=seed, n_jobs=1, n_epochs=200, init=start.astype(np.float32),
-                          precomputed_knn=(index, distances))
-        return model.fit_transform(points).astype(np.float32)
+    model = umap.UMAP(n_neighbors=k, random_state=seed, n_jobs=1, n_epochs=200, init=start.astype(np.float32),
+                      precomputed_knn=(index, distances))
+    return model.fit_transform(points).astype(np.float32)
 
 
 def embedding_views(points: np.ndarray, seed: int, cache: ReportCache = ReportCache(),
