@@ -33,7 +33,9 @@ from upath import UPath
 
 from tasks.embeddings_csv import write_embeddings_csv
 from tasks.gathering import embedding_matrix
-from tasks.storage import atomic_target, create_exclusive, describe, is_local, local_version, read_table
+from tasks.storage import (
+    ROW_GROUP_ROWS, atomic_target, create_exclusive, describe, is_local, local_version, read_table,
+)
 
 POOL_FILE = "datapool.parquet"
 CSV_FILE = "datapool_latest.csv"
@@ -175,7 +177,7 @@ def commit(pool_dir: UPath, table: pa.Table, keep_history: bool) -> None:
         else:
             pool_dir.fs.copy(current.path, archive.path)  # copied inside the store
     with atomic_target(current) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
     write_latest_csv(pool_dir, table)

@@ -21,19 +21,27 @@ from tasks.storage import atomic_target
 
 # lightly allows these bookkeeping columns between the embeddings and the labels.
 OPTIONAL_COLUMNS = ("masked", "selected")
+CSV_ROWS = 8192
 
 
-def write_embeddings_csv(path: UPath, filenames: list[str], vectors: np.ndarray, labels: list[int]) -> UPath:
+def write_embeddings_csv(path: UPath, filenames: list[str], vectors: np.ndarray, labels: list[int],
+                         rows: np.ndarray | None = None) -> UPath:
+    """The CSV of `rows` (all by default), written CSV_ROWS at a time: a block's columns are the
+    only copy of the embeddings made, so the run's embeddings are never in memory twice."""
     dim = vectors.shape[1]
-    columns = [pa.array(filenames, pa.string())]
-    columns += [pa.array(vectors[:, j]) for j in range(dim)]
-    columns.append(pa.array(labels, pa.int64()))
+    rows = np.arange(len(filenames)) if rows is None else rows
     names = ["filenames", *(f"embedding_{j}" for j in range(dim)), "labels"]
+    options = pacsv.WriteOptions(include_header=False, quoting_style="needed")
     # pyarrow quotes header names; lightly writes (and documents) a bare header, so it is written here.
     with atomic_target(path) as tmp, tmp.open("wb") as out:
         out.write((",".join(names) + "\n").encode())
-        pacsv.write_csv(pa.Table.from_arrays(columns, names=names), out,
-                        pacsv.WriteOptions(include_header=False, quoting_style="needed"))
+        for start in range(0, len(rows), CSV_ROWS):
+            block = rows[start : start + CSV_ROWS]
+            part = vectors[block]
+            columns = [pa.array([filenames[i] for i in block], pa.string()),
+                       *(pa.array(part[:, j]) for j in range(dim)),
+                       pa.array([labels[i] for i in block], pa.int64())]
+            pacsv.write_csv(pa.Table.from_arrays(columns, names=names), out, options)
     return path
 
 

@@ -4,7 +4,7 @@ Files that passed the check but failed to decode for embedding (possible when
 `enable_corruptness_check=False`) become corrupt here, with their reason, so every input file
 still ends in exactly one output list.
 
-    >>> samples, embeddings = gather(samples, pq.read_table("shard-00000.parquet"))
+    >>> gather_embeddings(samples_path, shard_paths, out_path, dim=1280)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from upath import UPath
 from tasks.dedup import SAMPLES_SCHEMA
 from tasks.embedding import embedding_schema
 from tasks.embeddings_csv import read_embeddings_csv
-from tasks.storage import read_parquet, write_parquet
+from tasks.storage import parquet_file, parquet_writer, read_parquet, read_table, write_parquet
 
 GATHERED_NAME = "embeddings.parquet"
 
@@ -31,18 +31,25 @@ def embedding_matrix(table: pa.Table) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(len(table), dim)
 
 
-def gather(samples: pa.Table, embedded: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(updated samples, embeddings of the ok samples) with embedding failures moved to corrupt."""
+def failures(embedded: pa.Table) -> dict[str, str]:
+    """{filename: reason} of the rows of an embedding shard that failed to decode."""
     failed = embedded.filter(pc.invert(pc.is_null(embedded.column("error"))))
-    reasons = dict(zip(failed.column("filename").to_pylist(), failed.column("error").to_pylist()))
-    if reasons:
-        names = samples.column("filename").to_pylist()
-        status = [("corrupt" if n in reasons else s) for n, s in zip(names, samples.column("status").to_pylist())]
-        reason = [reasons.get(n, r) for n, r in zip(names, samples.column("reason").to_pylist())]
-        samples = samples.set_column(2, "status", pa.array(status, pa.string()))
-        samples = samples.set_column(3, "reason", pa.array(reason, pa.string()))
-    ok = embedded.filter(pc.is_null(embedded.column("error"))).select(["filename", "label", "embedding"])
-    return samples, ok
+    return dict(zip(failed.column("filename").to_pylist(), failed.column("error").to_pylist()))
+
+
+def mark_corrupt(samples: pa.Table, reasons: dict[str, str]) -> pa.Table:
+    """The samples with those named in `reasons` turned corrupt, with their reason."""
+    if not reasons:
+        return samples
+    names = samples.column("filename").to_pylist()
+    status = [("corrupt" if n in reasons else s) for n, s in zip(names, samples.column("status").to_pylist())]
+    reason = [reasons.get(n, r) for n, r in zip(names, samples.column("reason").to_pylist())]
+    samples = samples.set_column(2, "status", pa.array(status, pa.string()))
+    return samples.set_column(3, "reason", pa.array(reason, pa.string()))
+
+
+def ok_rows(embedded: pa.Table) -> pa.Table:
+    return embedded.filter(pc.is_null(embedded.column("error"))).select(["filename", "label", "embedding"])
 
 
 def from_embeddings_csv(path: UPath) -> tuple[pa.Table, pa.Table]:
@@ -60,26 +67,44 @@ def from_embeddings_csv(path: UPath) -> tuple[pa.Table, pa.Table]:
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
     """Scale rows to unit length in place; all-zero rows stay zero."""
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors))[:, None]  # np.linalg.norm squares a copy
     np.divide(vectors, norms, out=vectors, where=norms > 0)
     return vectors
 
 
 def load_embeddings(path: UPath, normalize: bool) -> tuple[list[str], list[int], np.ndarray]:
-    """filenames, labels and the (n, d) float32 matrix of a gathered table."""
-    table = read_parquet([path])
-    vectors = embedding_matrix(table).copy()
+    """filenames, labels and the (n, d) float32 matrix of a gathered table. The matrix is filled
+    batch by batch, so reading it costs one matrix of memory, not two."""
+    with parquet_file(path) as file:
+        dim = file.schema_arrow.field("embedding").type.list_size
+        vectors = np.empty((file.metadata.num_rows, dim), np.float32)
+        filenames: list[str] = []
+        labels: list[int] = []
+        # By row group: iter_batches reads ahead, holding about twice what it returns.
+        for group in range(file.num_row_groups):
+            part = file.read_row_group(group, columns=["filename", "label", "embedding"])
+            block = part.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            vectors[len(filenames) : len(filenames) + len(part)] = block.reshape(-1, dim)
+            filenames += part.column("filename").to_pylist()
+            labels += part.column("label").to_pylist()
     if normalize:
         normalize_rows(vectors)
-    return table.column("filename").to_pylist(), table.column("label").to_pylist(), vectors
+    return filenames, labels, vectors
 
 
 @task(name="gather")
 def gather_embeddings(samples_path: UPath, shard_paths: list[UPath], out_path: UPath, dim: int) -> int:
     """Returns the number of embedded samples; dim shapes the table when there is nothing to gather
-    (e.g. no new files for a datapool)."""
-    embedded = read_parquet(shard_paths) if shard_paths else embedding_schema(dim).empty_table()
-    samples, embeddings = gather(read_parquet([samples_path]), embedded)
-    write_parquet(samples, samples_path)
-    write_parquet(embeddings, out_path)
-    return len(embeddings)
+    (e.g. no new files for a datapool). The shards are copied one at a time, so gathering holds
+    one shard in memory, not the run's embeddings twice over."""
+    reasons: dict[str, str] = {}
+    gathered = 0
+    with parquet_writer(out_path, ok_rows(embedding_schema(dim).empty_table()).schema) as writer:
+        for path in shard_paths:
+            embedded = read_table(path)
+            reasons |= failures(embedded)
+            ok = ok_rows(embedded)
+            writer.write_table(ok)
+            gathered += len(ok)
+    write_parquet(mark_corrupt(read_parquet([samples_path]), reasons), samples_path)
+    return gathered

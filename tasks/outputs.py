@@ -17,7 +17,7 @@ from prefect import task
 from upath import UPath
 
 from tasks.embeddings_csv import write_embeddings_csv
-from tasks.gathering import load_embeddings
+from tasks.gathering import load_embeddings, normalize_rows
 from tasks.listing import is_video
 from tasks.selection import selected_filenames
 from tasks.storage import read_parquet, write_text
@@ -73,16 +73,13 @@ def write_outputs(
     info = corruptness_information(samples)
     write_text(json.dumps(info, indent=2, ensure_ascii=False), run / "data" / "corruptness_check_information.json")
 
-    filenames, labels, raw = load_embeddings(embeddings_path, normalize=False)
-    write_embeddings_csv(run / "data" / "embeddings.csv", filenames, raw, labels)
-    if normalize:
-        _, _, unit = load_embeddings(embeddings_path, normalize=True)
-        write_embeddings_csv(run / "data" / "normalized_embeddings.csv", filenames, unit, labels)
+    # One matrix in memory: the raw CSVs are written before it is normalised in place.
+    filenames, labels, vectors = load_embeddings(embeddings_path, normalize=False)
+    write_embeddings_csv(run / "data" / "embeddings.csv", filenames, vectors, labels)
     if dump_sampled_embeddings:
         chosen = set(selected)
-        mask = np.array([f in chosen for f in filenames], dtype=bool)
-        write_embeddings_csv(
-            run / "data" / "selected_embeddings.csv",
-            [f for f, m in zip(filenames, mask) if m], raw[mask], [l for l, m in zip(labels, mask) if m],
-        )
+        rows = np.array([i for i, f in enumerate(filenames) if f in chosen], dtype=np.int64)
+        write_embeddings_csv(run / "data" / "selected_embeddings.csv", filenames, vectors, labels, rows)
+    if normalize:
+        write_embeddings_csv(run / "data" / "normalized_embeddings.csv", filenames, normalize_rows(vectors), labels)
     return {name: len(items) for name, items in lists.items()}

@@ -75,6 +75,10 @@ FINE_BINS = 16_384  # histogram resolution before trimming to the data's range
 HISTOGRAM_BINS = 80
 NN_QUERIES = 1_000
 NN_BLOCK = 8_192
+# Rows per block of the passes over all samples: a block's float64 temporaries stay near 100 MB at
+# d = 1280, small beside the run's embeddings (500 MB at 100,000 samples).
+ROW_BLOCK = 8_192
+KNN_BLOCK = 1_024  # rows of the UMAP's exact kNN per distance block (20 MB at UMAP_POINTS)
 SCATTER_POINTS = 20_000
 UMAP_POINTS = 5_000  # UMAP on more is not feasible within the report's time budget
 UMAP_NEIGHBOURS = (5, 15, 50)
@@ -272,8 +276,8 @@ def _sampled_pair_distances(vectors: np.ndarray, pairs: int, seed: int) -> Itera
     i = rng.integers(0, n, size=pairs)
     j = rng.integers(0, n - 1, size=pairs)
     j += j >= i  # uniform over j != i
-    for start in range(0, pairs, 65536):
-        a, b = i[start : start + 65536], j[start : start + 65536]
+    for start in range(0, pairs, ROW_BLOCK):
+        a, b = i[start : start + ROW_BLOCK], j[start : start + ROW_BLOCK]
         yield np.linalg.norm(vectors[a] - vectors[b], axis=1).astype(np.float64)  # a direct difference is exact near 0
 
 
@@ -281,8 +285,8 @@ def _distance_bound(vectors: np.ndarray) -> float:
     """An upper bound of every pairwise distance (triangle inequality through the mean), so the
     histogram's bins are fixed before the single pass over the pairs."""
     centre = vectors.mean(axis=0, dtype=np.float64)
-    radius = max(float(np.linalg.norm(vectors[start : start + 65536] - centre, axis=1).max())
-                 for start in range(0, len(vectors), 65536))
+    radius = max(float(np.linalg.norm(vectors[start : start + ROW_BLOCK] - centre, axis=1).max())
+                 for start in range(0, len(vectors), ROW_BLOCK))
     return 2.0 * radius if radius > 0 else 1.0
 
 
@@ -499,12 +503,17 @@ def scatter_points(
     pool = datapool if datapool is not None else np.empty((0, vectors.shape[1]), np.float32)
     n_total = len(vectors) + len(pool)
     rows = np.random.default_rng(seed).permutation(n_total)[:SCATTER_POINTS]
-    own, pooled = rows[rows < len(vectors)], rows[rows >= len(vectors)] - len(vectors)
-    points = np.concatenate([vectors[own], pool[pooled]])
-    groups = np.concatenate([selected[own].astype(np.int8), np.full(len(pooled), GROUPS.index("datapool"), np.int8)])
-    names = [filenames[i] for i in own] + [None] * len(pooled)
-    order = np.random.default_rng(seed + 1).permutation(len(points))
-    return points[order], Scatter(groups[order], [names[i] for i in order], n_total)
+    # Rows of [vectors; pool], this run's first as drawn, then the pool's, then shuffled again.
+    rows = np.concatenate([rows[rows < len(vectors)], rows[rows >= len(vectors)]])
+    rows = rows[np.random.default_rng(seed + 1).permutation(len(rows))]
+    ours = rows < len(vectors)
+    points = np.empty((len(rows), vectors.shape[1]), np.float32)  # filled in place: one copy of the points
+    points[ours] = vectors[rows[ours]]
+    points[~ours] = pool[rows[~ours] - len(vectors)]
+    groups = np.full(len(rows), GROUPS.index("datapool"), np.int8)
+    groups[ours] = selected[rows[ours]]
+    names = [filenames[i] if i < len(vectors) else None for i in rows.tolist()]
+    return points, Scatter(groups, names, n_total)
 
 
 def pca_2d(points: np.ndarray) -> np.ndarray:
@@ -514,7 +523,7 @@ def pca_2d(points: np.ndarray) -> np.ndarray:
     the d x d covariance but without its O(d^3) cost (seconds at d = 1280)."""
     from scipy.sparse.linalg import svds  # imported here, like umap: only a report with points needs it
 
-    centred = points.astype(np.float64) - points.mean(axis=0, dtype=np.float64)
+    centred = np.subtract(points, points.mean(axis=0, dtype=np.float64), dtype=np.float64)  # no float64 copy first
     if not centred.any():  # one distinct point: no axes (and ARPACK cannot start)
         return np.zeros((len(points), 2), np.float32)
     if min(centred.shape) > 2:
@@ -527,16 +536,26 @@ def pca_2d(points: np.ndarray) -> np.ndarray:
 
 
 def _knn(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest neighbours (self first) from one distance matrix: UMAP's own search on
-    < 4096 points calls a Python metric per pair, and above that compiles pynndescent, both far
-    slower than this on <= UMAP_POINTS points."""
+    """Exact k nearest neighbours (self first), from distances a block of rows at a time: UMAP's
+    own search on < 4096 points calls a Python metric per pair, and above that compiles
+    pynndescent, both far slower than this on <= UMAP_POINTS points."""
     x = points.astype(np.float32)
     sq = np.einsum("ij,ij->i", x, x)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
-    np.fill_diagonal(d2, -1.0)  # self first, even beside an exact duplicate
-    index = np.argpartition(d2, k - 1, axis=1)[:, :k]
-    index = np.take_along_axis(index, np.argsort(np.take_along_axis(d2, index, 1), axis=1), 1)
-    return index, np.sqrt(np.maximum(np.take_along_axis(d2, index, 1), 0.0))
+    index = np.empty((len(x), k), np.int64)
+    distances = np.empty((len(x), k), np.float32)
+    for start in range(0, len(x), KNN_BLOCK):
+        block = slice(start, min(len(x), start + KNN_BLOCK))
+        d2 = x[block] @ x.T
+        d2 *= -2.0
+        d2 += sq[block, None]
+        d2 += sq[None, :]
+        np.maximum(d2, 0.0, out=d2)
+        d2[np.arange(len(d2)), np.arange(block.start, block.stop)] = -1.0  # self first, even beside a duplicate
+        near = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        near = np.take_along_axis(near, np.argsort(np.take_along_axis(d2, near, 1), axis=1), 1)
+        index[block] = near
+        distances[block] = np.sqrt(np.maximum(np.take_along_axis(d2, near, 1), 0.0))
+    return index, distances
 
 
 def umap_2d(points: np.ndarray, k: int, seed: int, pca: np.ndarray) -> np.ndarray:

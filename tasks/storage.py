@@ -36,6 +36,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
 
+# Rows per Parquet row group: the unit a table is read in part by (8,192 embeddings of d = 1280 are
+# 42 MB), where pyarrow's default (a million rows) would make a large table one part.
+ROW_GROUP_ROWS = 8192
+
 # Option names that hold credentials in s3fs, gcsfs and adlfs: a literal value is refused.
 SECRET_OPTIONS = frozenset({
     "key", "secret", "token", "password", "session_token", "account_key", "sas_token", "connection_string",
@@ -212,7 +216,7 @@ def explain(error: Exception) -> str:
 
 def write_parquet(table: pa.Table, path: UPath) -> UPath:
     with atomic_target(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
     return path
 
 
@@ -227,6 +231,25 @@ def read_table(path: UPath) -> pa.Table:
         return pq.read_table(path)
     with path.open("rb") as handle:
         return pq.read_table(handle)
+
+
+@contextmanager
+def parquet_file(path: UPath) -> Iterator[pq.ParquetFile]:
+    """A Parquet file open for reading in parts (its metadata, then batch by batch), so a large
+    table need not be in memory whole."""
+    if is_local(path):
+        with pq.ParquetFile(path) as file:
+            yield file
+        return
+    with path.open("rb") as handle, pq.ParquetFile(handle) as file:
+        yield file
+
+
+@contextmanager
+def parquet_writer(path: UPath, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """A Parquet file written a table at a time, atomically like `write_parquet`."""
+    with atomic_target(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        yield writer
 
 
 def read_parquet(paths: list[UPath]) -> pa.Table:
