@@ -923,6 +923,7 @@ def build_report(
     if len(vectors):
         datapool = load_embeddings(datapool_embeddings_path, settings.normalize)[2] if datapool_embeddings_path else None
         points, scatter = scatter_points(vectors, filenames, selected, datapool, settings.seed)
+        del vectors, datapool  # the projections need only the points: the run's matrix is freed before them
         views = embedding_views(points, settings.seed, cache, executor)
     report["embedding_views"] = {
         "n_points": len(scatter.groups) if scatter else 0, "n_total": scatter.n_total if scatter else 0,
