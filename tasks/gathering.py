@@ -74,7 +74,7 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
 
 def load_embeddings(path: UPath, normalize: bool) -> tuple[list[str], list[int], np.ndarray]:
     """filenames, labels and the (n, d) float32 matrix of a gathered table. The matrix is filled
-    batch by batch, so reading it costs one matrix of memory, not two."""
+    row group by row group, so reading it costs one matrix of memory, not two."""
     with parquet_file(path) as file:
         dim = file.schema_arrow.field("embedding").type.list_size
         vectors = np.empty((file.metadata.num_rows, dim), np.float32)

@@ -235,8 +235,8 @@ def read_table(path: UPath) -> pa.Table:
 
 @contextmanager
 def parquet_file(path: UPath) -> Iterator[pq.ParquetFile]:
-    """A Parquet file open for reading in parts (its metadata, then batch by batch), so a large
-    table need not be in memory whole."""
+    """A Parquet file open for reading in parts (its metadata, then row group by row group), so a
+    large table need not be in memory whole."""
     if is_local(path):
         with pq.ParquetFile(path) as file:
             yield file
