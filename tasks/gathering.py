@@ -83,8 +83,7 @@ def load_embeddings(path: UPath, normalize: bool) -> tuple[list[str], list[int],
         # By row group: iter_batches reads ahead, holding about twice what it returns.
         for group in range(file.num_row_groups):
             part = file.read_row_group(group, columns=["filename", "label", "embedding"])
-            block = part.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            vectors[len(filenames) : len(filenames) + len(part)] = block.reshape(-1, dim)
+            vectors[len(filenames) : len(filenames) + len(part)] = embedding_matrix(part)
             filenames += part.column("filename").to_pylist()
             labels += part.column("label").to_pylist()
     if normalize:
