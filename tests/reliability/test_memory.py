@@ -54,14 +54,17 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-STAGES = {  # (what prepares the stage, the stage), for a run of {shards} shards
-    "gather": ("", "gather_embeddings.fn(Path('{run}/samples.parquet'), "
-                   "sorted(Path('{run}').glob('shard-*.parquet'))[:{shards}], Path('{run}/{shards}.parquet'), {dim})"),
-    "load": ("{gather}", "load_embeddings(Path('{run}/{shards}.parquet'), normalize=True)"),
-    "outputs": ("{gather}", "write_outputs.fn(Path('{run}/out-{shards}'), Path('{run}/samples.parquet'), "
-                            "Path('{run}/{shards}.parquet'), Path('{run}/selection.parquet'), normalize=False, "
-                            "dump_sampled_embeddings=True)"),
-}
+def stage_code(stage: str, run: Path, shards: int) -> tuple[str, str]:
+    """(the code that prepares a stage, the stage's call) for a run of the first `shards` shards."""
+    table = f"Path('{run}/{shards}.parquet')"
+    gather = (f"gather_embeddings.fn(Path('{run}/samples.parquet'), "
+              f"sorted(Path('{run}').glob('shard-*.parquet'))[:{shards}], {table}, {DIM})")
+    if stage == "gather":
+        return "", gather
+    if stage == "load":
+        return gather, f"load_embeddings({table}, normalize=True)"
+    return gather, (f"write_outputs.fn(Path('{run}/out-{shards}'), Path('{run}/samples.parquet'), {table}, "
+                    f"Path('{run}/selection.parquet'), normalize=False, dump_sampled_embeddings=True)")
 
 
 def growth_per_matrix(stage: str, run: Path) -> float:
@@ -70,20 +73,17 @@ def growth_per_matrix(stage: str, run: Path) -> float:
     that what it allocates once (Arrow's thread pools and per-thread heaps, lazy imports: some
     60 MB) is in the baseline; the difference of the two runs cancels what is left of it."""
 
-    def code(part: int, shards: int) -> str:
-        text = STAGES[stage][part].format(gather=STAGES["gather"][1], run="{run}", shards="{shards}", dim="{dim}")
-        return text.format(run=run, shards=shards, dim=DIM)
-
-    lines = ["import ctypes", "import pyarrow", "from pathlib import Path", "from tasks.gathering import gather_embeddings, load_embeddings",
-             "from tasks.outputs import write_outputs",
+    lines = ["import ctypes", "import pyarrow", "from pathlib import Path",
+             "from tasks.gathering import gather_embeddings, load_embeddings", "from tasks.outputs import write_outputs",
              "def memory(key): return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)) * 1024",
-             code(0, 1), code(1, 1)]
+             *stage_code(stage, run, 1)]
     for shards in (SMALL, SHARDS):
-        lines += [code(0, shards),
+        prepare, call = stage_code(stage, run, shards)
+        lines += [prepare,
                   # Memory the allocators hold free would hide part of a run's growth, so it is returned first.
                   "pyarrow.default_memory_pool().release_unused(); ctypes.CDLL('libc.so.6').malloc_trim(0)",
                   "open('/proc/self/clear_refs', 'w').write('5')  # resets the peak (VmHWM) to the current size",
-                  "before = memory('VmRSS:')", f"result = {code(1, shards)}", "del result",
+                  "before = memory('VmRSS:')", f"result = {call}", "del result",
                   "print(memory('VmHWM:') - before)"]
     done = subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
