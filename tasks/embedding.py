@@ -37,6 +37,7 @@ from prefect import task
 from upath import UPath
 
 from tasks.decoding import CorruptImage, load_image
+from tasks.gathering import embedding_schema
 from tasks.storage import read_bytes, write_parquet
 from tasks.video import FrameRange, embedder_input, read_frames
 
@@ -45,18 +46,6 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 EFFICIENTNET_DIM = 1280
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def embedding_schema(dim: int) -> pa.Schema:
-    """Schema of an embedding shard; rows that failed to decode have a null embedding and an error."""
-    return pa.schema(
-        [
-            ("filename", pa.string()),
-            ("label", pa.int32()),
-            ("embedding", pa.list_(pa.float32(), dim)),
-            ("error", pa.string()),
-        ]
-    )
 
 
 @dataclass(frozen=True)

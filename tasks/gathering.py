@@ -17,11 +17,22 @@ from prefect import task
 from upath import UPath
 
 from tasks.dedup import SAMPLES_SCHEMA
-from tasks.embedding import embedding_schema
 from tasks.embeddings_csv import read_embeddings_csv
 from tasks.storage import parquet_file, parquet_writer, read_parquet, read_table, write_parquet
 
 GATHERED_NAME = "embeddings.parquet"
+
+
+def embedding_schema(dim: int) -> pa.Schema:
+    """Schema of an embedding shard; rows that failed to decode have a null embedding and an error."""
+    return pa.schema(
+        [
+            ("filename", pa.string()),
+            ("label", pa.int32()),
+            ("embedding", pa.list_(pa.float32(), dim)),
+            ("error", pa.string()),
+        ]
+    )
 
 
 def embedding_matrix(table: pa.Table) -> np.ndarray:

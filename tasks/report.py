@@ -41,7 +41,6 @@ import jinja2
 import matplotlib
 import numpy as np
 import pyarrow.compute as pc
-import torch
 import xxhash
 import yaml
 from matplotlib.axes import Axes
@@ -460,6 +459,9 @@ def stage_table(stages: dict) -> list[dict]:
 
 
 def machine() -> dict:
+    # Imported here: the report's UMAPs and plots run on workers that need not load torch for them.
+    import torch
+
     return {
         "platform": platform.platform(),
         "cpu": _cpu_model(),

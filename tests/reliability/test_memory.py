@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.dedup import SAMPLES_SCHEMA
-from tasks.embedding import embedding_schema
+from tasks.gathering import embedding_schema
 from tasks.selection import SELECTION_SCHEMA
 
 N, DIM, SHARDS, SMALL = 48_000, 512, 12, 3

@@ -1,6 +1,8 @@
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -392,3 +394,11 @@ def test_a_run_without_samples_of_its_own_projects_nothing(inputs, tmp_path, mon
     assert set(report["plots"]) == {"filter_decisions", "datapool_growth"}
     text = re.sub(r"\s+", " ", " ".join(page.extract_text() for page in PdfReader(tmp_path / "empty" / "report.pdf").pages))
     assert "this run has no embedded samples; its files were all processed by earlier runs" in text
+
+
+def test_the_report_module_does_not_load_torch():
+    """Its UMAPs and plots run on the workers that replace the embedding ones; torch (with timm and
+    torchvision) would add about half a GB of resident memory to each."""
+    code = "import sys, tasks.report; print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
