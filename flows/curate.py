@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,6 +22,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import dask
+from distributed import Client, LocalCluster
+from distributed.utils import import_term
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import FlowRunContext
@@ -66,18 +68,37 @@ def task_runner(config: ThresherConfig) -> DaskTaskRunner:
 class Cluster:
     slots: int  # task slots (threads over all workers), for sizing shards so every slot gets work
     gpu: bool  # some worker offers the GPU resource: GPU stages ask for it, so they run only there
+    own_workers: bool  # the processes of a LocalCluster this run starts, and may replace
 
 
 def cluster_info(config: ThresherConfig) -> Cluster:
     if config.dask.address:
-        from distributed import Client
-
         with Client(config.dask.address, timeout="30s") as client:
             workers = client.scheduler_info()["workers"].values()
             return Cluster(max(1, sum(w["nthreads"] for w in workers)),
-                           any("GPU" in w.get("resources", {}) for w in workers))
-    kwargs = load_cluster_spec(config.dask.cluster, config.dask.n_workers, config.dask.threads_per_worker)["cluster_kwargs"]
-    return Cluster(kwargs["n_workers"] * kwargs["threads_per_worker"], "GPU" in kwargs.get("resources", {}))
+                           any("GPU" in w.get("resources", {}) for w in workers), own_workers=False)
+    spec = load_cluster_spec(config.dask.cluster, config.dask.n_workers, config.dask.threads_per_worker)
+    kwargs = spec["cluster_kwargs"]
+    local = issubclass(import_term(spec.get("cluster_class", "distributed.LocalCluster")), LocalCluster)
+    return Cluster(kwargs["n_workers"] * kwargs["threads_per_worker"], "GPU" in kwargs.get("resources", {}),
+                   own_workers=local and kwargs.get("processes", True))
+
+
+def replace_workers(client: Client, timeout: float = 300) -> None:
+    """Close the workers of the client's local cluster, then start as many new ones. Scaling is the
+    path Dask's own adaptive clusters take; a nanny restart (`Client.restart`) can lose a worker in
+    a race (dask/distributed#7312)."""
+    cluster = client.cluster
+    workers = len(cluster.worker_spec)
+    deadline = time.monotonic() + timeout
+    cluster.scale(0)
+    # The new workers take the old ones' names, so they are asked for only once those are gone.
+    while client.scheduler_info()["workers"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the {workers} Dask workers did not close within {timeout:.0f} s")
+        time.sleep(0.1)
+    cluster.scale(workers)
+    client.wait_for_workers(workers, timeout=max(1.0, deadline - time.monotonic()))
 
 
 class ClusterExecutor(Executor):
@@ -215,6 +236,7 @@ class Stages:
         self.check_paths: list[UPath] = []
         self.counts: dict[str, int] = {"n_skipped_processed": 0}
         self.spec = model_spec(config)  # training replaces its checkpoint with the trained one
+        self.replacing: Future | None = None  # the workers' replacement after embedding, while it runs
         write_parquet(read_videos([]), self.videos_path)
 
     def read_embeddings(self) -> None:
@@ -350,13 +372,36 @@ class Stages:
                 unmapped(self.input), [shards[i] for i in todo], unmapped(spec), unmapped(options),
                 [paths[i] for i in todo])
         embedded = track(futures, "embed", [shards[i] for i in todo], self.timings)
+        del futures  # their keys are released: the workers replaced below hold nothing the flow still wants
         compute = sum(e["compute_seconds"] for e in embedded)
         total = sum(e["seconds"] for e in embedded)
         self.timings["embed"]["compute_efficiency"] = round(compute / total, 3) if total else None
         self.timings["embed"]["cached_shards"] = len(shards) - len(todo)
+        if todo and self.cluster.own_workers:
+            self.start_replacing_workers()
         start = time.perf_counter()
         gathered = gather_embeddings(self.samples_path, paths, self.embeddings_path, self.dim)
         _timed(self.timings, "gather", gathered, start)
+
+    def start_replacing_workers(self) -> None:
+        """Replace this run's worker processes with new ones in the background, while the flow gathers,
+        selects and writes. Embedding leaves each worker holding torch, the model and its allocator's
+        high-water mark (about 1 GB of RSS on CPU, a CUDA context on a GPU); the later stages need
+        none of it, and a new worker starts at under 100 MB. The workers of a cluster given by
+        address are not ours: a service keeps them warm for its next run."""
+        client = FlowRunContext.get().task_runner.client
+        workers = len(client.cluster.worker_spec)
+        get_run_logger().info("Replacing the %d workers to free the model's memory (the flow goes on meanwhile).", workers)
+        background = ThreadPoolExecutor(1, thread_name_prefix="replace-workers")
+        self.replacing = background.submit(replace_workers, client)
+        background.shutdown(wait=False)
+        self.timings["embed"]["workers_replaced"] = workers
+
+    def workers_ready(self) -> None:
+        """Wait for the workers replaced after embedding before the cluster runs anything else."""
+        if self.replacing is not None:
+            self.replacing.result()
+            self.replacing = None
 
     @staticmethod
     def uncached(paths: list[UPath]) -> list[int]:
@@ -400,6 +445,7 @@ class Stages:
 
     def dump(self, selected: list[str]) -> None:
         config = self.config
+        self.workers_ready()
         frame_groups = video_shards(read_videos([self.videos_path]), config.dask.shard_size, self.slots,
                                     set(selected))
         frames = {name for group in frame_groups for rng in group for name in rng.names()}
@@ -432,6 +478,7 @@ class Stages:
 
     def report(self, started: datetime, pool_dir: UPath | None) -> dict[str, int]:
         config = self.config
+        self.workers_ready()
         finished = datetime.now(timezone.utc)
         job = {"started": started.isoformat(), "finished": finished.isoformat(),
                "duration_seconds": round((finished - started).total_seconds(), 3), "run_directory": describe(self.run_dir)}

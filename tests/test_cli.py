@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from distributed import Client
 from lightly.utils.io import load_embeddings
 from PIL import Image
 
@@ -28,11 +29,15 @@ def _run(dask_address: str, *overrides: str) -> int:
 
 def test_curation_writes_the_lightly_layout(tmp_path, dask_address):
     expected = dataset(tmp_path / "in")
+    with Client(dask_address) as client:
+        workers = client.run(os.getpid)
     code = _run(dask_address, f"input_dir={tmp_path / 'in'}", f"output_dir={tmp_path / 'out'}", "run_directory=run",
                 "stopping_condition.n_samples=0.5", "dump_dataset=True", "output_image_size=32",
                 "output_image_format=jpg", "token=TOPSECRET")
     assert code == 0
     run = tmp_path / "out" / "run"
+    with Client(dask_address) as client:
+        assert client.run(os.getpid) == workers, "the workers of a cluster given by address were replaced"
 
     config = yaml.safe_load((run / "config" / "config.yaml").read_text())
     assert config["stopping_condition"]["n_samples"] == 0.5 and config["token"] == "***"
@@ -122,13 +127,19 @@ def test_installed_command_runs_with_one_temporary_prefect_server(tmp_path):
     thresher = Path(sys.executable).with_name("thresher")
     result = subprocess.run(
         [str(thresher), "run", f"input_dir={tmp_path / 'in'}", f"output_dir={tmp_path / 'out'}", "run_directory=r",
-         "stopping_condition.n_samples=2"],
+         "stopping_condition.n_samples=2", "dump_dataset=True"],
         env=env, capture_output=True, text=True, timeout=600,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert output.count("Starting temporary server") == 1, output[-3000:]
-    assert len(_lines(tmp_path / "out" / "r" / "filenames" / "sampled_filenames.txt")) == 2
+    run = tmp_path / "out" / "r"
+    assert len(_lines(run / "filenames" / "sampled_filenames.txt")) == 2
+    # Its own workers are replaced after embedding; the dump and the report's UMAPs run on the new ones.
+    embed = next(s for s in json.loads((run / "report.json").read_text())["stages"] if s["stage"] == "embed")
+    assert embed["workers_replaced"] == os.cpu_count()
+    assert len([p for p in (run / "data" / "sampled").rglob("*") if p.is_file()]) == 2
+    assert any((run / "plots").glob("scatter_umap_k_*.png"))
     assert "Error logging to API" not in output
 
 

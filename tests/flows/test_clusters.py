@@ -3,6 +3,8 @@ import os
 import pytest
 
 from flows.clusters import load_cluster_spec
+from flows.config import parse_overrides, validate_config
+from flows.curate import cluster_info
 
 
 def test_local_spec_is_one_single_threaded_process_per_core():
@@ -23,3 +25,15 @@ def test_spec_from_a_path_and_unknown_names(tmp_path):
     assert load_cluster_spec(str(path), 0, 0)["cluster_kwargs"]["n_workers"] == 5
     with pytest.raises(FileNotFoundError, match="use one of local, local-threads"):
         load_cluster_spec("nope", 0, 0)
+
+
+def test_only_the_processes_of_a_local_cluster_spec_are_the_runs_own_to_replace(tmp_path):
+    def own(*overrides: str) -> bool:
+        keys = [f"input_dir={tmp_path}", f"output_dir={tmp_path}", "stopping_condition.n_samples=1", *overrides]
+        return cluster_info(validate_config(parse_overrides(keys))).own_workers
+
+    assert own() and own("dask.cluster=local", "dask.n_workers=1")
+    assert not own("dask.cluster=local-threads")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("cluster_class: distributed.SpecCluster\ncluster_kwargs: {processes: true, n_workers: 2}\n")
+    assert not own(f"dask.cluster={spec}")
