@@ -34,7 +34,7 @@ from upath import UPath
 from tasks.embeddings_csv import write_embeddings_csv
 from tasks.gathering import embedding_matrix
 from tasks.storage import (
-    ROW_GROUP_ROWS, atomic_target, create_exclusive, describe, is_local, local_version, read_table,
+    ROW_GROUP_ROWS, atomic_target, create_exclusive, describe, is_local, local_version, parquet_options, read_table,
 )
 
 POOL_FILE = "datapool.parquet"
@@ -177,7 +177,7 @@ def commit(pool_dir: UPath, table: pa.Table, keep_history: bool) -> None:
         else:
             pool_dir.fs.copy(current.path, archive.path)  # copied inside the store
     with atomic_target(current) as tmp:
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, **parquet_options(table.schema))
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
     write_latest_csv(pool_dir, table)

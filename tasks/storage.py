@@ -214,9 +214,19 @@ def explain(error: Exception) -> str:
     return f"{cause} ({first_line})"
 
 
+def parquet_options(schema: pa.Schema) -> dict[str, Any]:
+    """Writer options: dictionary encoding and statistics for the plain columns only. An embedding's
+    floats are nearly all distinct, so their dictionary is built only to be dropped, and min/max of
+    list elements serve no reader; with both, writing a table of 2,000 x 1,280 floats took twice as
+    long (85 against 45 ms)."""
+    plain = [field.name for field in schema
+             if not (pa.types.is_list(field.type) or pa.types.is_fixed_size_list(field.type))]
+    return {"use_dictionary": plain, "write_statistics": plain}
+
+
 def write_parquet(table: pa.Table, path: UPath) -> UPath:
     with atomic_target(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, **parquet_options(table.schema))
     return path
 
 
@@ -248,7 +258,7 @@ def parquet_file(path: UPath) -> Iterator[pq.ParquetFile]:
 @contextmanager
 def parquet_writer(path: UPath, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
     """A Parquet file written a table at a time, atomically like `write_parquet`."""
-    with atomic_target(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+    with atomic_target(path) as tmp, pq.ParquetWriter(tmp, schema, **parquet_options(schema)) as writer:
         yield writer
 
 

@@ -3,6 +3,7 @@ import subprocess
 import time
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tasks.storage import (
@@ -48,6 +49,18 @@ def test_parquet_round_trip_leaves_no_temporary_file(tmp_path):
     write_parquet(table, tmp_path / "sub" / "t.parquet")
     assert read_parquet([tmp_path / "sub" / "t.parquet"] * 2).column("a").to_pylist() == [1, 2, 1, 2]
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["t.parquet"]
+
+
+def test_embeddings_are_stored_without_a_dictionary_and_plain_columns_with_one(tmp_path):
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array([0.5, 1.5, 2.5, 3.5], pa.float32()), 2)
+    table = pa.table({"filename": ["a.jpg", "b.jpg"], "embedding": vectors})
+    write_parquet(table, tmp_path / "t.parquet")
+    chunks = pq.ParquetFile(tmp_path / "t.parquet").metadata.row_group(0)
+    columns = {chunks.column(i).path_in_schema: chunks.column(i) for i in range(chunks.num_columns)}
+    assert columns["filename"].has_dictionary_page and columns["filename"].is_stats_set
+    assert not columns["embedding.list.element"].has_dictionary_page
+    assert not columns["embedding.list.element"].is_stats_set
+    assert read_parquet([tmp_path / "t.parquet"]).equals(table)
 
 
 def test_partial_files_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
