@@ -11,6 +11,9 @@ and the values and names the file in every error.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -21,28 +24,55 @@ from tasks.storage import atomic_target
 
 # lightly allows these bookkeeping columns between the embeddings and the labels.
 OPTIONAL_COLUMNS = ("masked", "selected")
-CSV_ROWS = 8192
+# Rows per block of text (14 MB at d = 1280). pyarrow formats numbers without holding the GIL, so
+# blocks are formatted side by side, on up to CSV_THREADS threads (2 cores: 1.7x as fast).
+CSV_ROWS = 1024
+CSV_THREADS = 4
+
+Block = tuple[list[str], list[int], np.ndarray]  # filenames, labels and their (n, d) embeddings
 
 
 def write_embeddings_csv(path: UPath, filenames: list[str], vectors: np.ndarray, labels: list[int],
                          rows: np.ndarray | None = None) -> UPath:
-    """The CSV of `rows` (all by default), written CSV_ROWS at a time: a block's columns are the
-    only copy of the embeddings made, so the run's embeddings are never in memory twice."""
-    dim = vectors.shape[1]
+    """The CSV of `rows` (all by default) of the samples."""
     rows = np.arange(len(filenames)) if rows is None else rows
-    names = ["filenames", *(f"embedding_{j}" for j in range(dim)), "labels"]
-    options = pacsv.WriteOptions(include_header=False, quoting_style="needed")
+    blocks = (([filenames[i] for i in part], [labels[i] for i in part], vectors[part])
+              for part in (rows[start : start + CSV_ROWS] for start in range(0, len(rows), CSV_ROWS)))
+    return write_embeddings_csv_blocks(path, vectors.shape[1], blocks)
+
+
+def write_embeddings_csv_blocks(path: UPath, dim: int, blocks: Iterable[Block]) -> UPath:
+    """The CSV of the samples of `blocks`, in order. A few blocks are formatted at a time, each into
+    its own text, and written in order: the text in memory is a few blocks', never the file's."""
+    threads = min(CSV_THREADS, pa.cpu_count())
+    header = ",".join(column_names(dim)) + "\n"
     # pyarrow quotes header names; lightly writes (and documents) a bare header, so it is written here.
-    with atomic_target(path) as tmp, tmp.open("wb") as out:
-        out.write((",".join(names) + "\n").encode())
-        for start in range(0, len(rows), CSV_ROWS):
-            block = rows[start : start + CSV_ROWS]
-            part = vectors[block]
-            columns = [pa.array([filenames[i] for i in block], pa.string()),
-                       *(pa.array(part[:, j]) for j in range(dim)),
-                       pa.array([labels[i] for i in block], pa.int64())]
-            pacsv.write_csv(pa.Table.from_arrays(columns, names=names), out, options)
+    with atomic_target(path) as tmp, tmp.open("wb") as out, ThreadPoolExecutor(threads) as pool:
+        out.write(header.encode())
+        pending: deque[Future] = deque()
+        for filenames, labels, vectors in blocks:
+            for start in range(0, len(filenames), CSV_ROWS):
+                end = start + CSV_ROWS
+                pending.append(pool.submit(csv_lines, filenames[start:end], labels[start:end], vectors[start:end]))
+                if len(pending) > 2 * threads:
+                    out.write(pending.popleft().result())
+        while pending:
+            out.write(pending.popleft().result())
     return path
+
+
+def csv_lines(filenames: list[str], labels: list[int], vectors: np.ndarray) -> pa.Buffer:
+    """The CSV lines of a block of samples, without the header."""
+    columns = [pa.array(filenames, pa.string()), *(pa.array(vectors[:, j]) for j in range(vectors.shape[1])),
+               pa.array(labels, pa.int64())]
+    text = pa.BufferOutputStream()
+    pacsv.write_csv(pa.Table.from_arrays(columns, names=column_names(vectors.shape[1])), text,
+                    pacsv.WriteOptions(include_header=False, quoting_style="needed"))
+    return text.getvalue()
+
+
+def column_names(dim: int) -> list[str]:
+    return ["filenames", *(f"embedding_{j}" for j in range(dim)), "labels"]
 
 
 def read_embeddings_csv(path: UPath) -> tuple[list[str], np.ndarray, list[int]]:

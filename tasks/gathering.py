@@ -9,6 +9,7 @@ still ends in exactly one output list.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -17,7 +18,7 @@ from prefect import task
 from upath import UPath
 
 from tasks.dedup import SAMPLES_SCHEMA
-from tasks.embeddings_csv import read_embeddings_csv
+from tasks.embeddings_csv import Block, read_embeddings_csv
 from tasks.storage import parquet_file, parquet_writer, read_parquet, read_table, write_parquet
 
 GATHERED_NAME = "embeddings.parquet"
@@ -85,21 +86,31 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
 
 def load_embeddings(path: UPath, normalize: bool) -> tuple[list[str], list[int], np.ndarray]:
     """filenames, labels and the (n, d) float32 matrix of a gathered table. The matrix is filled
-    row group by row group, so reading it costs one matrix of memory, not two."""
+    block by block, so reading it costs one matrix of memory, not two."""
     with parquet_file(path) as file:
-        dim = file.schema_arrow.field("embedding").type.list_size
-        vectors = np.empty((file.metadata.num_rows, dim), np.float32)
-        filenames: list[str] = []
-        labels: list[int] = []
-        # By row group: iter_batches reads ahead, holding about twice what it returns.
-        for group in range(file.num_row_groups):
-            part = file.read_row_group(group, columns=["filename", "label", "embedding"])
-            vectors[len(filenames) : len(filenames) + len(part)] = embedding_matrix(part)
-            filenames += part.column("filename").to_pylist()
-            labels += part.column("label").to_pylist()
+        vectors = np.empty((file.metadata.num_rows, embedding_dim(file.schema_arrow)), np.float32)
+    filenames: list[str] = []
+    labels: list[int] = []
+    for names, block_labels, block in embedding_blocks(path):
+        vectors[len(filenames) : len(filenames) + len(names)] = block
+        filenames += names
+        labels += block_labels
     if normalize:
         normalize_rows(vectors)
     return filenames, labels, vectors
+
+
+def embedding_blocks(path: UPath) -> Iterator[Block]:
+    """(filenames, labels, (n, d) float32 embeddings) of a gathered table, a row group at a time
+    (iter_batches reads ahead, holding about twice what it returns). The embeddings are read-only."""
+    with parquet_file(path) as file:
+        for group in range(file.num_row_groups):
+            part = file.read_row_group(group, columns=["filename", "label", "embedding"])
+            yield part.column("filename").to_pylist(), part.column("label").to_pylist(), embedding_matrix(part)
+
+
+def embedding_dim(schema: pa.Schema) -> int:
+    return schema.field("embedding").type.list_size
 
 
 @task(name="gather")

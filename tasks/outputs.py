@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pyarrow as pa
 from prefect import task
 from upath import UPath
 
-from tasks.embeddings_csv import write_embeddings_csv
-from tasks.gathering import load_embeddings, normalize_rows
+from tasks.embeddings_csv import Block, write_embeddings_csv_blocks
+from tasks.gathering import embedding_blocks, embedding_dim, normalize_rows
 from tasks.listing import is_video
 from tasks.selection import selected_filenames
-from tasks.storage import read_parquet, write_text
+from tasks.storage import parquet_file, read_parquet, write_text
 
 LISTS = ("corrupt", "duplicate", "removed", "sampled")
 
@@ -56,6 +55,13 @@ def list_line(filename: str) -> str:
     return filename.replace("\n", "\\n").replace("\r", "\\r") + "\n"
 
 
+def rows_of(block: Block, chosen: set[str]) -> Block:
+    """The samples of a block whose names are in `chosen`."""
+    names, labels, vectors = block
+    rows = [i for i, name in enumerate(names) if name in chosen]
+    return [names[i] for i in rows], [labels[i] for i in rows], vectors[rows]
+
+
 def write_lists(run_dir: UPath, lists: dict[str, list[str]]) -> None:
     for name, filenames in lists.items():
         write_text("".join(map(list_line, filenames)), run_dir / "filenames" / f"{name}_filenames.txt")
@@ -73,13 +79,16 @@ def write_outputs(
     info = corruptness_information(samples)
     write_text(json.dumps(info, indent=2, ensure_ascii=False), run / "data" / "corruptness_check_information.json")
 
-    # One matrix in memory: the raw CSVs are written before it is normalised in place.
-    filenames, labels, vectors = load_embeddings(embeddings_path, normalize=False)
-    write_embeddings_csv(run / "data" / "embeddings.csv", filenames, vectors, labels)
+    # The CSVs are written from the table a block at a time: the run's embeddings are never in memory whole.
+    with parquet_file(embeddings_path) as file:
+        dim = embedding_dim(file.schema_arrow)
+    write_embeddings_csv_blocks(run / "data" / "embeddings.csv", dim, embedding_blocks(embeddings_path))
     if dump_sampled_embeddings:
         chosen = set(selected)
-        rows = np.array([i for i, f in enumerate(filenames) if f in chosen], dtype=np.int64)
-        write_embeddings_csv(run / "data" / "selected_embeddings.csv", filenames, vectors, labels, rows)
+        write_embeddings_csv_blocks(run / "data" / "selected_embeddings.csv", dim,
+                                    (rows_of(block, chosen) for block in embedding_blocks(embeddings_path)))
     if normalize:
-        write_embeddings_csv(run / "data" / "normalized_embeddings.csv", filenames, normalize_rows(vectors), labels)
+        write_embeddings_csv_blocks(run / "data" / "normalized_embeddings.csv", dim,
+                                    ((names, labels, normalize_rows(vectors.copy()))
+                                     for names, labels, vectors in embedding_blocks(embeddings_path)))
     return {name: len(items) for name, items in lists.items()}

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from lightly.utils.io import load_embeddings
 
-from tasks.embeddings_csv import read_embeddings_csv, write_embeddings_csv
+from tasks.embeddings_csv import CSV_ROWS, read_embeddings_csv, write_embeddings_csv
 
 
 def test_roundtrip_and_lightly_reads_it(tmp_path):
@@ -16,6 +16,16 @@ def test_roundtrip_and_lightly_reads_it(tmp_path):
     lightly_vectors, lightly_labels, lightly_names = load_embeddings(str(path))
     assert list(lightly_names) == names and list(lightly_labels) == [0, 1, 1]
     np.testing.assert_allclose(lightly_vectors, vectors, rtol=1e-6)
+
+
+def test_a_csv_of_many_blocks_keeps_the_order_of_its_rows(tmp_path):
+    n = 2 * CSV_ROWS + 7
+    vectors = np.random.default_rng(1).normal(size=(n, 5)).astype(np.float32)
+    names = [f"{i}.jpg" for i in range(n)]
+    rows = np.random.default_rng(2).permutation(n)[: n - 3]
+    filenames, read, labels = read_embeddings_csv(write_embeddings_csv(tmp_path / "e.csv", names, vectors, list(range(n)), rows))
+    assert filenames == [names[i] for i in rows] and labels == rows.tolist()
+    np.testing.assert_array_equal(read, vectors[rows])
 
 
 @pytest.mark.parametrize(
