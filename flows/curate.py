@@ -129,6 +129,9 @@ def track(futures: list[PrefectFuture], stage: str, shards: list[list], timings:
     artifact in the Prefect UI; results in submission order. A shard that failed after its
     retries stops the run with a message naming its files."""
     start = time.perf_counter()
+    if not futures:  # everything cached or nothing to do: no progress to show
+        _timed(timings, stage, 0, start)
+        return []
     sizes = [count_samples(s) for s in shards]
     index = {id(f): i for i, f in enumerate(futures)}
     results: list[Any] = [None] * len(futures)
