@@ -217,33 +217,47 @@ class ReportCache:
         write_text(json.dumps(value, allow_nan=False), path)
         return value
 
-    def arrays(self, compute: Callable[[], dict[str, np.ndarray]], *key: object) -> dict[str, np.ndarray]:
-        """compute(), or the arrays it returned for an earlier call with an equal key."""
-        if self.root is None:
-            return compute()
-        path = self.root / "arrays" / f"{content_key(*key)}.npz"
-        if path.exists():
-            with np.load(io.BytesIO(read_bytes(path))) as stored:
-                return {name: stored[name] for name in stored.files}
-        value = compute()
-        with atomic_target(path) as tmp, tmp.open("wb") as file:
-            np.savez(file, **value)
-        return value
+    def stored_arrays(self, key: str) -> dict[str, np.ndarray] | None:
+        """The arrays stored under `key` (a content key), or None."""
+        path = self.root / "arrays" / f"{key}.npz" if self.root else None
+        if path is None or not path.exists():
+            return None
+        with np.load(io.BytesIO(read_bytes(path))) as stored:
+            return {name: stored[name] for name in stored.files}
 
-    def draw(self, plots: list[Plot], plots_dir: UPath, executor: Executor) -> None:
-        """Every plot into plots_dir: a copy of the picture an earlier report drew from equal
-        inputs, or drawn on `executor`, the plots side by side."""
+    def store_arrays(self, key: str, value: dict[str, np.ndarray]) -> None:
+        if self.root is not None:
+            with atomic_target(self.root / "arrays" / f"{key}.npz") as tmp, tmp.open("wb") as file:
+                np.savez(file, **value)
+
+    def draw(self, plots: list[Plot], plots_dir: UPath, executor: Executor) -> list[Drawing]:
+        """Every plot into plots_dir: a copy of the picture an earlier report drew from equal inputs,
+        or started on `executor`, the plots side by side; `finish` waits for those."""
         drawing = []
         for plot in plots:
             stored = self.root / "plots" / f"{content_key(plot.draw.__name__, *plot.inputs)}.png" if self.root else None
             if stored is not None and stored.exists():
                 copy(stored, plots_dir / plot.name)
             else:
-                drawing.append((executor.submit(plot.draw, *plot.inputs, plots_dir / plot.name), plot.name, stored))
-        for future, name, stored in drawing:
-            future.result()
-            if stored is not None:
-                copy(plots_dir / name, stored)
+                drawing.append(Drawing(executor.submit(plot.draw, *plot.inputs, plots_dir / plot.name), plot.name, stored))
+        return drawing
+
+    @staticmethod
+    def finish(drawing: list[Drawing], plots_dir: UPath) -> None:
+        """Wait for the plots being drawn and keep each for later reports."""
+        for plot in drawing:
+            plot.future.result()
+            if plot.stored is not None:
+                copy(plots_dir / plot.name, plot.stored)
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """A plot being drawn into plots/<name>, and where the cache keeps it (None without a cache)."""
+
+    future: Future
+    name: str
+    stored: UPath | None
 
 
 def copy(source: UPath, target: UPath) -> None:
@@ -581,31 +595,47 @@ def umap_2d(points: np.ndarray, k: int, seed: int, pca: np.ndarray) -> np.ndarra
     return model.fit_transform(points).astype(np.float32)
 
 
-def embedding_views(points: np.ndarray, seed: int, cache: ReportCache = ReportCache(),
-                    executor: Executor = InProcess()) -> list[dict]:
-    """PCA of the scatter points and UMAP at each k of UMAP_NEIGHBOURS on their first UMAP_POINTS,
-    the UMAPs side by side on `executor`; the projections come from the cache when it holds those
-    of the same points."""
+@dataclass
+class PendingViews:
+    """The 2-D views of the scatter points while their UMAPs run on the executor; `result()` waits
+    for them and stores new projections in the cache."""
+
+    n_points: int
+    umap_points: int
+    neighbours: dict[str, tuple[int, int]]  # view key -> (k asked for, k used)
+    xy: dict[str, np.ndarray | Future]
+    cache: ReportCache
+    key: str | None  # the content key to store new projections under; None when they came from the cache
+
+    def result(self) -> list[dict]:
+        xy = {key: value.result() if isinstance(value, Future) else value for key, value in self.xy.items()}
+        if self.key is not None:
+            self.cache.store_arrays(self.key, xy)
+        return ([{"key": "pca", "title": "PCA", "n_points": self.n_points, "xy": xy["pca"]}] if xy else []) + [
+            {"key": key, "title": f"UMAP, k = {k}" + (f" ({used} used)" if used < k else ""),
+             "n_points": self.umap_points, "xy": xy[key]}
+            for key, (k, used) in self.neighbours.items()
+        ]
+
+
+def start_embedding_views(points: np.ndarray, seed: int, cache: ReportCache = ReportCache(),
+                          executor: Executor = InProcess()) -> PendingViews:
+    """PCA of the scatter points, and UMAP at each k of UMAP_NEIGHBOURS on their first UMAP_POINTS
+    started side by side on `executor`; from the cache when it holds the projections of the same points."""
     n = len(points)
     umap_n = min(n, UMAP_POINTS)
-    neighbours = {f"umap_k_{k}": (k, min(k, umap_n - 1)) for k in UMAP_NEIGHBOURS if min(k, umap_n - 1) >= 2}
     if n < 2:
-        return []
-
-    def project() -> dict[str, np.ndarray]:
-        xy = {"pca": pca_2d(points)}
-        if neighbours:
-            start = xy["pca"] if umap_n == n else pca_2d(points[:umap_n])
-            umaps = {key: executor.submit(umap_2d, points[:umap_n], used, seed, start) for key, (_, used) in neighbours.items()}
-            xy |= {key: future.result() for key, future in umaps.items()}
-        return xy
-
-    xy = cache.arrays(project, "embedding views", points, seed)
-    return [{"key": "pca", "title": "PCA", "n_points": n, "xy": xy["pca"]}] + [
-        {"key": key, "title": f"UMAP, k = {k}" + (f" ({used} used)" if used < k else ""), "n_points": umap_n,
-         "xy": xy[key]}
-        for key, (k, used) in neighbours.items()
-    ]
+        return PendingViews(n, umap_n, {}, {}, cache, None)
+    neighbours = {f"umap_k_{k}": (k, min(k, umap_n - 1)) for k in UMAP_NEIGHBOURS if min(k, umap_n - 1) >= 2}
+    key = content_key("embedding views", points, seed)
+    stored = cache.stored_arrays(key)
+    if stored is not None:
+        return PendingViews(n, umap_n, neighbours, stored, cache, None)
+    xy: dict[str, np.ndarray | Future] = {"pca": pca_2d(points)}
+    if neighbours:
+        start = xy["pca"] if umap_n == n else pca_2d(points[:umap_n])
+        xy |= {view: executor.submit(umap_2d, points[:umap_n], used, seed, start) for view, (_, used) in neighbours.items()}
+    return PendingViews(n, umap_n, neighbours, xy, cache, key)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -781,40 +811,44 @@ def plot_datapool_growth(history: list[dict], path: UPath) -> None:
     _save(figure, path)
 
 
-def write_plots(report: dict, views: list[dict], scatter: Scatter | None, settings: ReportSettings, plots_dir: UPath,
-                cache: ReportCache = ReportCache(), executor: Executor = InProcess()) -> dict:
-    """Every plot of the report as plots/<name>.png, drawn on `executor` or copied from the cache
-    when it holds a plot of the same data; returns {plot key: file name}."""
+def _add(plots: list[Plot], key: str, draw: Callable[..., None], *inputs: object) -> str:
+    plots.append(Plot(f"{key}.png", draw, inputs))
+    return f"{key}.png"
+
+
+def summary_plots(report: dict, previews: Thumbnails) -> tuple[dict, list[Plot]]:
+    """The plots of the distances, the filter decisions, video timelines and datapool growth:
+    {plot key: file name}, and what draws them."""
     plots: list[Plot] = []
-
-    def add(key: str, draw: Callable[..., None], *inputs: object) -> str:
-        plots.append(Plot(f"{key}.png", draw, inputs))
-        return f"{key}.png"
-
     names: dict = {}
     for name in ("before", "after"):
         stats = report["distances"][name]["pairwise"]
         if stats:
             title = "Pairwise distances, all samples" if name == "before" else "Pairwise distances, selected samples"
-            names[f"distance_distr_{name}"] = add(f"distance_distr_{name}", plot_distance_histogram, stats, title)
+            names[f"distance_distr_{name}"] = _add(plots, f"distance_distr_{name}", plot_distance_histogram, stats, title)
     if report["distances"]["before"]["nearest_neighbour"]:
-        names["nn_distance_distr"] = add("nn_distance_distr", plot_nn_distances, report["distances"])
-    previews = Thumbnails(location(settings.input_dir, settings.storage_options), settings.max_pixels)
+        names["nn_distance_distr"] = _add(plots, "nn_distance_distr", plot_nn_distances, report["distances"])
+    names["filter_decisions"] = [_add(plots, f"filter_decision_{i}", plot_pair, pair,
+                                      previews.subset([pair["retained"], pair["removed"]]))
+                                 for i, pair in enumerate(report["example_pairs"])]
+    if report.get("video_timelines"):
+        names["video_timelines"] = _add(plots, "video_timelines", plot_video_timelines, report["video_timelines"])
+    if report.get("datapool_history"):
+        names["datapool_growth"] = _add(plots, "datapool_growth", plot_datapool_growth, report["datapool_history"])
+    return names, plots
+
+
+def view_plots(views: list[dict], scatter: Scatter | None, previews: Thumbnails) -> tuple[dict, list[Plot]]:
+    """Each 2-D view with thumbnails of selected samples and without: {plot key: file name}, and what draws them."""
+    plots: list[Plot] = []
+    names: dict = {}
     for view in views:
         assert scatter is not None, "views are drawn from scatter points"
         key = f"scatter_{view['key']}"
         shown = previews.subset(scatter.names[i] for i in _overlay_points(view["xy"], scatter))
-        names[key] = add(key, plot_scatter, view, scatter, shown)
-        names[f"{key}_no_overlay"] = add(f"{key}_no_overlay", plot_scatter, view, scatter, None)
-    names["filter_decisions"] = [add(f"filter_decision_{i}", plot_pair, pair,
-                                     previews.subset([pair["retained"], pair["removed"]]))
-                                 for i, pair in enumerate(report["example_pairs"])]
-    if report.get("video_timelines"):
-        names["video_timelines"] = add("video_timelines", plot_video_timelines, report["video_timelines"])
-    if report.get("datapool_history"):
-        names["datapool_growth"] = add("datapool_growth", plot_datapool_growth, report["datapool_history"])
-    cache.draw(plots, plots_dir, executor)
-    return names
+        names[key] = _add(plots, key, plot_scatter, view, scatter, shown)
+        names[f"{key}_no_overlay"] = _add(plots, f"{key}_no_overlay", plot_scatter, view, scatter, None)
+    return names, plots
 
 
 # ----------------------------------------------------------------------------------------------
@@ -921,18 +955,27 @@ def build_report(
     }
     # The views show this run's samples among the pool's; a run with none (nothing new for the
     # datapool) has nothing to show there, and skips the projections.
-    scatter, views = None, []
+    scatter, pending = None, None
     if len(vectors):
         datapool = load_embeddings(datapool_embeddings_path, settings.normalize)[2] if datapool_embeddings_path else None
         points, scatter = scatter_points(vectors, filenames, selected, datapool, settings.seed)
         del vectors, datapool  # the projections need only the points: the run's matrix is freed before them
-        views = embedding_views(points, settings.seed, cache, executor)
+        pending = start_embedding_views(points, settings.seed, cache, executor)
+    previews = Thumbnails(location(settings.input_dir, settings.storage_options), settings.max_pixels)
+    plots_dir = run_dir / "plots"
+    # The other plots are drawn while the UMAPs run, by the workers that the UMAPs leave idle.
+    names, plots = summary_plots(report, previews)
+    drawing = cache.draw(plots, plots_dir, executor)
+    views = pending.result() if pending else []
     report["embedding_views"] = {
         "n_points": len(scatter.groups) if scatter else 0, "n_total": scatter.n_total if scatter else 0,
         "n_datapool_points": int(np.sum(scatter.groups == GROUPS.index("datapool"))) if scatter else 0,
         "views": [{k: v for k, v in view.items() if k != "xy"} for view in views],
     }
-    report["plots"] = write_plots(report, views, scatter, settings, run_dir / "plots", cache, executor)
+    view_names, plots = view_plots(views, scatter, previews)
+    drawing += cache.draw(plots, plots_dir, executor)
+    cache.finish(drawing, plots_dir)
+    report["plots"] = names | view_names
     write_text(render_html(report, run_dir / "plots"), run_dir / "report.html")
     # weasyprint reads local plot files faster than it parses their base64; objects are embedded.
     write_pdf(render_html(report, run_dir / "plots", embed=not is_local(run_dir)), run_dir / "report.pdf")
