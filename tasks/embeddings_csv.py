@@ -12,7 +12,7 @@ and the values and names the file in every error.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -50,15 +50,35 @@ def write_embeddings_csv_blocks(path: UPath, dim: int, blocks: Iterable[Block]) 
     with atomic_target(path) as tmp, tmp.open("wb") as out, ThreadPoolExecutor(threads) as pool:
         out.write(header.encode())
         pending: deque[Future] = deque()
-        for filenames, labels, vectors in blocks:
-            for start in range(0, len(filenames), CSV_ROWS):
-                end = start + CSV_ROWS
-                pending.append(pool.submit(csv_lines, filenames[start:end], labels[start:end], vectors[start:end]))
-                if len(pending) > 2 * threads:
-                    out.write(pending.popleft().result())
+        for block in in_blocks_of(blocks, CSV_ROWS):
+            pending.append(pool.submit(csv_lines, *block))
+            if len(pending) > 2 * threads:
+                out.write(pending.popleft().result())
         while pending:
             out.write(pending.popleft().result())
     return path
+
+
+def in_blocks_of(blocks: Iterable[Block], rows: int) -> Iterator[Block]:
+    """The samples of `blocks` again, in blocks of `rows` (the last one smaller): a table's row groups
+    can be a shard each, and a block's cost is mostly per column, whatever its rows.
+
+    >>> [len(names) for names, _, _ in in_blocks_of([(["a"], [0], np.zeros((1, 2)))] * 5, 2)]
+    [2, 2, 1]
+    """
+    names: list[str] = []
+    labels: list[int] = []
+    parts: list[np.ndarray] = []
+    for block_names, block_labels, vectors in blocks:
+        names += block_names
+        labels += block_labels
+        parts.append(vectors)
+        while len(names) >= rows:
+            matrix = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            yield names[:rows], labels[:rows], matrix[:rows]
+            names, labels, parts = names[rows:], labels[rows:], [matrix[rows:]]
+    if names:
+        yield names, labels, np.concatenate(parts)
 
 
 def csv_lines(filenames: list[str], labels: list[int], vectors: np.ndarray) -> pa.Buffer:
