@@ -605,7 +605,7 @@ class PendingViews:
     neighbours: dict[str, tuple[int, int]]  # view key -> (k asked for, k used)
     xy: dict[str, np.ndarray | Future]
     cache: ReportCache
-    key: str | None  # the content key to store new projections under; None when they came from the cache
+    key: str | None  # the content key to store new projections under; None when they came from the cache or there is none
 
     def result(self) -> list[dict]:
         xy = {key: value.result() if isinstance(value, Future) else value for key, value in self.xy.items()}
@@ -627,8 +627,8 @@ def start_embedding_views(points: np.ndarray, seed: int, cache: ReportCache = Re
     if n < 2:
         return PendingViews(n, umap_n, {}, {}, cache, None)
     neighbours = {f"umap_k_{k}": (k, min(k, umap_n - 1)) for k in UMAP_NEIGHBOURS if min(k, umap_n - 1) >= 2}
-    key = content_key("embedding views", points, seed)
-    stored = cache.stored_arrays(key)
+    key = content_key("embedding views", points, seed) if cache.root else None  # no cache: no need to hash the points
+    stored = cache.stored_arrays(key) if key else None
     if stored is not None:
         return PendingViews(n, umap_n, neighbours, stored, cache, None)
     xy: dict[str, np.ndarray | Future] = {"pca": pca_2d(points)}
