@@ -9,7 +9,8 @@ timelines and datapool growth. It is built in three steps that are tested on the
 numbers (a JSON-ready dict) -> plots (PNG files drawn from the numbers and a few arrays) ->
 HTML (a jinja2 template) -> PDF (weasyprint renders the same HTML). With a cache directory, the
 slow results (distance numbers, 2-D projections, plots) are stored under a hash of their inputs
-and reused by a later run whose inputs are the same (`ReportCache`).
+and reused by a later run whose inputs are the same (`ReportCache`); the UMAPs of a grown input
+continue the previous report's layout, so successive reports show the data alike.
 
 Pairwise distances are exact while the full distance matrix fits in `memory_requirement_in_GB`
 and there are at most EXACT_PAIRS pairs; beyond that they are estimated from independent random
@@ -81,6 +82,12 @@ KNN_BLOCK = 1_024  # rows of the UMAP's exact kNN per distance block (20 MB at U
 SCATTER_POINTS = 20_000
 UMAP_POINTS = 5_000  # UMAP on more is not feasible within the report's time budget
 UMAP_NEIGHBOURS = (5, 15, 50)
+UMAP_EPOCHS = 200
+# A UMAP whose points were mostly in the dataset's previous layout starts from it and runs fewer
+# epochs: on 2,200 clustered points after 2,000, 50 epochs kept the trustworthiness of a fresh
+# 200-epoch layout (0.988) in a quarter of the time, and moved the old points 8x less.
+CONTINUE_SHARE = 0.5
+CONTINUE_EPOCHS = 50
 LIST_LIMIT = 20  # corrupt files, duplicate groups and videos listed in the report
 THUMBNAIL_PIXELS = 160
 # Figure sizes in inches: the page shows half-width plots about 3.4 in wide, so 4.2 in keeps
@@ -201,7 +208,10 @@ class ReportCache:
     determines it: an unchanged rerun reuses the distance numbers, the 2-D projections and every
     plot, and an input that changed gets a new key and is computed. Like the shard cache
     (tasks/caching.py), a file is its own cache record and is written atomically, so a file that
-    exists is complete. Without a root, everything is computed."""
+    exists is complete. Without a root, everything is computed.
+
+    It also keeps each input's latest UMAP layout (`previous_layout`), which the next report on a
+    grown input continues instead of starting afresh."""
 
     root: UPath | None = None
 
@@ -224,6 +234,21 @@ class ReportCache:
             return None
         with np.load(io.BytesIO(read_bytes(path))) as stored:
             return {name: stored[name] for name in stored.files}
+
+    def previous_layout(self, name: str, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The place of each point (by point_ids) in every view of the layout stored under `name`,
+        NaN for a point that was not in it; none when fewer than CONTINUE_SHARE of the points were,
+        as a layout of mostly new points is better started afresh."""
+        stored = self.stored_arrays(name)
+        if stored is None:
+            return {}
+        kept = stored.pop("ids")
+        order = np.argsort(kept)
+        at = order[np.minimum(np.searchsorted(kept, ids, sorter=order), len(kept) - 1)]
+        found = kept[at] == ids
+        if found.mean() < CONTINUE_SHARE:
+            return {}
+        return {view: np.where(found[:, None], xy[at], np.nan).astype(np.float32) for view, xy in stored.items()}
 
     def store_arrays(self, key: str, value: dict[str, np.ndarray]) -> None:
         if self.root is not None:
@@ -574,8 +599,9 @@ def _knn(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return index, distances
 
 
-def umap_2d(points: np.ndarray, k: int, seed: int, pca: np.ndarray) -> np.ndarray:
-    """UMAP of the points from their PCA (`pca_2d(points)`), which every k shares.
+def umap_2d(points: np.ndarray, k: int, seed: int, pca: np.ndarray, previous: np.ndarray | None = None) -> np.ndarray:
+    """UMAP of the points from their PCA (`pca_2d(points)`), which every k shares, or continuing
+    `previous`, an earlier layout's place of each point (NaN for a point new to it).
 
     PCA initialisation: the spectral one solves an eigenproblem per connected component, seconds on
     clustered data. UMAP's own init="pca" would compute the same PCA again for every k; as it does,
@@ -588,54 +614,93 @@ def umap_2d(points: np.ndarray, k: int, seed: int, pca: np.ndarray) -> np.ndarra
     # and a worker with two threads runs two UMAPs at once.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"umap\.")
     index, distances = _knn(points, k)
-    scale = float(np.abs(pca).max()) or 1.0
-    start = 10.0 * pca / scale + np.random.default_rng(seed).normal(0.0, 1e-4, pca.shape)
-    model = umap.UMAP(n_neighbors=k, random_state=seed, n_jobs=1, n_epochs=200, init=start.astype(np.float32),
+    if previous is None:
+        scale = float(np.abs(pca).max()) or 1.0
+        start, epochs = 10.0 * pca / scale + np.random.default_rng(seed).normal(0.0, 1e-4, pca.shape), UMAP_EPOCHS
+    else:
+        start, epochs = continued_start(previous, index), CONTINUE_EPOCHS
+    model = umap.UMAP(n_neighbors=k, random_state=seed, n_jobs=1, n_epochs=epochs, init=start.astype(np.float32),
                       precomputed_knn=(index, distances))
     return model.fit_transform(points).astype(np.float32)
+
+
+def continued_start(previous: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Start positions that continue an earlier layout: a point of it at its place there, a new point
+    at the mean place of its nearest neighbours (`index`, k per point) that were in it, or of all
+    points that were, when none of its neighbours was.
+
+    >>> continued_start(np.array([[0.0, 0.0], [2.0, 4.0], [np.nan, np.nan]]), np.array([[0, 1], [1, 0], [2, 1]]))
+    array([[0., 0.],
+           [2., 4.],
+           [2., 4.]])
+    """
+    known = ~np.isnan(previous[:, 0])
+    near = known[index]
+    places = np.where(near[..., None], previous[np.where(near, index, 0)], 0.0).sum(axis=1)
+    count = near.sum(axis=1, keepdims=True)
+    fallback = previous[known].mean(axis=0)
+    return np.where(known[:, None], previous, np.where(count > 0, places / np.maximum(count, 1), fallback))
+
+
+def point_ids(points: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each point's embedding: what finds a point again in an earlier layout."""
+    return np.fromiter((xxhash.xxh3_64_intdigest(row) for row in np.ascontiguousarray(points)), np.uint64, len(points))
 
 
 @dataclass
 class PendingViews:
     """The 2-D views of the scatter points while their UMAPs run on the executor; `result()` waits
-    for them and stores new projections in the cache."""
+    for them and stores new projections in the cache, and the UMAPs as the dataset's latest layout."""
 
     n_points: int
     umap_points: int
     neighbours: dict[str, tuple[int, int]]  # view key -> (k asked for, k used)
     xy: dict[str, np.ndarray | Future]
+    continued: dict[str, int]  # view key -> points that kept their place from the previous layout
     cache: ReportCache
-    key: str | None  # the content key to store new projections under; None when they came from the cache or there is none
+    key: str | None = None  # the content key to store new projections under; None when they came from the cache or there is none
+    layout: str | None = None  # the name of the dataset's latest layout in the cache
+    ids: np.ndarray | None = None  # point_ids of the UMAP points
 
     def result(self) -> list[dict]:
         xy = {key: value.result() if isinstance(value, Future) else value for key, value in self.xy.items()}
         if self.key is not None:
-            self.cache.store_arrays(self.key, xy)
+            self.cache.store_arrays(self.key, xy | {"continued": np.array([self.continued[v] for v in self.neighbours])})
+        if self.layout is not None and self.neighbours:
+            self.cache.store_arrays(self.layout, {"ids": self.ids} | {view: xy[view] for view in self.neighbours})
         return ([{"key": "pca", "title": "PCA", "n_points": self.n_points, "xy": xy["pca"]}] if xy else []) + [
             {"key": key, "title": f"UMAP, k = {k}" + (f" ({used} used)" if used < k else ""),
-             "n_points": self.umap_points, "xy": xy[key]}
+             "n_points": self.umap_points, "continued_points": self.continued[key], "xy": xy[key]}
             for key, (k, used) in self.neighbours.items()
         ]
 
 
 def start_embedding_views(points: np.ndarray, seed: int, cache: ReportCache = ReportCache(),
-                          executor: Executor = InProcess()) -> PendingViews:
+                          executor: Executor = InProcess(), dataset: str = "") -> PendingViews:
     """PCA of the scatter points, and UMAP at each k of UMAP_NEIGHBOURS on their first UMAP_POINTS
-    started side by side on `executor`; from the cache when it holds the projections of the same points."""
+    started side by side on `executor`; from the cache when it holds the projections of the same
+    points. With a cache, each UMAP continues the latest layout of `dataset` (see ReportCache.previous_layout),
+    so that successive runs over a growing dataset show it alike, at a quarter of the cost."""
     n = len(points)
     umap_n = min(n, UMAP_POINTS)
     if n < 2:
-        return PendingViews(n, umap_n, {}, {}, cache, None)
+        return PendingViews(n, umap_n, {}, {}, {}, cache)
     neighbours = {f"umap_k_{k}": (k, min(k, umap_n - 1)) for k in UMAP_NEIGHBOURS if min(k, umap_n - 1) >= 2}
     key = content_key("embedding views", points, seed) if cache.root else None  # no cache: no need to hash the points
     stored = cache.stored_arrays(key) if key else None
     if stored is not None:
-        return PendingViews(n, umap_n, neighbours, stored, cache, None)
+        continued = dict(zip(neighbours, stored.pop("continued").tolist()))
+        return PendingViews(n, umap_n, neighbours, stored, continued, cache)
     xy: dict[str, np.ndarray | Future] = {"pca": pca_2d(points)}
-    if neighbours:
-        start = xy["pca"] if umap_n == n else pca_2d(points[:umap_n])
-        xy |= {view: executor.submit(umap_2d, points[:umap_n], used, seed, start) for view, (_, used) in neighbours.items()}
-    return PendingViews(n, umap_n, neighbours, xy, cache, key)
+    layout = content_key("layout", dataset, seed) if cache.root and neighbours else None
+    ids = point_ids(points[:umap_n]) if layout else None
+    previous = cache.previous_layout(layout, ids) if layout else {}
+    start = xy["pca"] if umap_n == n else pca_2d(points[:umap_n])
+    for view, (_, used) in neighbours.items():
+        xy[view] = executor.submit(umap_2d, points[:umap_n], used, seed, start, previous.get(view))
+    continued = {view: int(np.count_nonzero(~np.isnan(previous[view][:, 0]))) if view in previous else 0
+                 for view in neighbours}
+    return PendingViews(n, umap_n, neighbours, xy, continued, cache, key, layout, ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -960,7 +1025,7 @@ def build_report(
         datapool = load_embeddings(datapool_embeddings_path, settings.normalize)[2] if datapool_embeddings_path else None
         points, scatter = scatter_points(vectors, filenames, selected, datapool, settings.seed)
         del vectors, datapool  # the projections need only the points: the run's matrix is freed before them
-        pending = start_embedding_views(points, settings.seed, cache, executor)
+        pending = start_embedding_views(points, settings.seed, cache, executor, settings.input_dir)
     previews = Thumbnails(location(settings.input_dir, settings.storage_options), settings.max_pixels)
     plots_dir = run_dir / "plots"
     # The other plots are drawn while the UMAPs run, by the workers that the UMAPs leave idle.

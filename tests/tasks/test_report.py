@@ -12,6 +12,7 @@ from dask.utils import key_split
 from distributed import Client, LocalCluster, get_task_stream
 from PIL import Image
 from pypdf import PdfReader
+from scipy.spatial import procrustes
 from scipy.spatial.distance import cdist, pdist
 
 import tasks.report
@@ -21,7 +22,7 @@ from tasks.dedup import classify
 from tasks.listing import list_images
 from tasks.report import (
     ReportSettings, artifacts, build_report, content_key, example_pairs, histogram, nearest_neighbours, pairwise_stats,
-    pca_2d, savings,
+    pca_2d, savings, umap_2d,
 )
 from tasks.selection import select_samples, selected_filenames
 from tasks.storage import write_parquet
@@ -350,14 +351,58 @@ def test_changed_embeddings_recompute_the_projections(inputs, tmp_path, monkeypa
     _build(inputs, tmp_path / "first", cache_dir=cache)
     vectors = inputs["vectors"].copy()
     vectors[0] *= -1
-    moved = tmp_path / "embeddings.parquet"
-    write_parquet(pa.table({"filename": inputs["ok"], "label": pa.array([0] * len(vectors), pa.int32()),
-                            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 16)}), moved)
+    moved = _embeddings(inputs["ok"], vectors, tmp_path / "embeddings.parquet")
     projections = _count_calls(monkeypatch, "umap_2d")
     second = _build(inputs, tmp_path / "second", cache_dir=cache, embeddings_path=moved)
     assert len(projections) == 3
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     assert second["distances"]["before"]["pairwise"]["max"] == pytest.approx(pdist(unit.astype(np.float64)).max(), rel=1e-5)
+
+
+def test_a_continued_umap_keeps_the_old_points_in_place():
+    rng = np.random.default_rng(9)
+    centres = rng.normal(size=(6, 16))
+    points = (centres[rng.integers(0, 6, 330)] + 0.3 * rng.normal(size=(330, 16))).astype(np.float32)
+    first = umap_2d(points[:300], 15, 0, pca_2d(points[:300]))
+    continued = umap_2d(points, 15, 0, pca_2d(points), np.vstack([first, np.full((30, 2), np.nan, np.float32)]))
+    afresh = umap_2d(points, 15, 0, pca_2d(points))
+    assert procrustes(first, continued[:300])[2] < procrustes(first, afresh[:300])[2] / 4
+
+
+def _embeddings(names: list[str], vectors: np.ndarray, path: Path) -> Path:
+    return write_parquet(pa.table({"filename": names, "label": pa.array([0] * len(names), pa.int32()),
+                                   "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 16)}), path)
+
+
+def _umap_starts(monkeypatch) -> list[bool]:
+    """Whether each umap_2d call continued a previous layout."""
+    starts: list[bool] = []
+    original = tasks.report.umap_2d
+    monkeypatch.setattr(tasks.report, "umap_2d", lambda points, k, seed, pca, previous=None:
+                        starts.append(previous is not None) or original(points, k, seed, pca, previous))
+    return starts
+
+
+def test_a_grown_input_continues_the_previous_layout(inputs, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    starts = _umap_starts(monkeypatch)
+    first = _build(inputs, tmp_path / "first", cache_dir=cache)
+    new = np.random.default_rng(7).normal(size=(3, 16)).astype(np.float32)
+    grown = _embeddings(inputs["ok"] + ["new_0.jpg", "new_1.jpg", "new_2.jpg"], np.vstack([inputs["vectors"], new]),
+                        tmp_path / "grown.parquet")
+    second = _build(inputs, tmp_path / "second", cache_dir=cache, embeddings_path=grown)
+    # an input of mostly other points starts afresh
+    other = np.random.default_rng(8).normal(size=(len(inputs["ok"]), 16)).astype(np.float32)
+    third = _build(inputs, tmp_path / "third", cache_dir=cache,
+                   embeddings_path=_embeddings(inputs["ok"], other, tmp_path / "other.parquet"))
+
+    def continued(report: dict) -> list[int]:
+        return [view["continued_points"] for view in report["embedding_views"]["views"] if view["key"] != "pca"]
+
+    assert continued(first) == [0, 0, 0] and continued(second) == [N_GOOD] * 3 and continued(third) == [0, 0, 0]
+    assert starts == [False] * 3 + [True] * 3 + [False] * 3
+    text = re.sub(r"\s+", " ", " ".join(page.extract_text() for page in PdfReader(tmp_path / "second" / "report.pdf").pages))
+    assert f"start from the previous report's layout of this input, where {N_GOOD} of their points were" in text
 
 
 def test_a_changed_image_redraws_the_plots_that_show_it(inputs, tmp_path):
