@@ -35,7 +35,7 @@ from upath import UPath
 
 from flows.clusters import load_cluster_spec
 from flows.config import ThresherConfig, dump_config, flow_signature, overrides_of, validate_config
-from tasks.caching import cache_path, shard_key, stable_shards
+from tasks.caching import cache_path, plan_pieces, stable_shards
 from tasks.datapool import (
     PoolLock, check_compatible, commit, history, merge, processed_keys, read_pool, run_rows, sampled_rows,
 )
@@ -302,12 +302,11 @@ class Stages:
         shards: list[list[InputFile | FrameRange]] = stable_shards(
             images, lambda f: f.filename, config.dask.shard_size, self.slots)
         shards += video_shards(probed, config.dask.shard_size, self.slots)
-        paths = [cache_path(self.cache, "check", shard_key("check", self.source, options, s)) for s in shards]
-        todo = self.uncached(paths)
+        pieces, paths, todo = self.pieces("check", options, shards, shards)
         futures = check_shard.with_options(retries=config.dask.retries).map(
-            unmapped(self.input), [shards[i] for i in todo], unmapped(options), [paths[i] for i in todo])
-        track(futures, "check", [shards[i] for i in todo], self.timings)
-        self.timings["check"]["cached_shards"] = len(shards) - len(todo)
+            unmapped(self.input), [pieces[i] for i in todo], unmapped(options), [paths[i] for i in todo])
+        track(futures, "check", [pieces[i] for i in todo], self.timings)
+        self.timings["check"]["cached_shards"] = len(pieces) - len(todo)
         corrupt_videos = write_parquet(check_table(corrupt_video_rows(probed)), self.work / "check-videos.parquet")
         self.check_paths = [corrupt_videos, *paths]
 
@@ -364,22 +363,20 @@ class Stages:
         key_params = (spec.identity(options.input_size), options.input_size, options.precision, options.max_pixels)
         image_shards = stable_shards(ok_images, lambda f: f[0], config.dask.shard_size, self.slots)
         shards: list[list] = [*image_shards, *frame_shards]
-        keys = [shard_key("embed", self.source, key_params,
-                          [(*item, *self.identities[item[0]][1:]) if isinstance(item, tuple) else item for item in s])
-                for s in shards]
-        paths = [cache_path(self.cache, "embed", k) for k in keys]
-        todo = self.uncached(paths)
+        keyed = [[(*item, *self.identities[item[0]][1:]) if isinstance(item, tuple) else item for item in s]
+                 for s in shards]
+        pieces, paths, todo = self.pieces("embed", key_params, shards, keyed)
         # On a cluster with GPU workers, embedding runs only there (one task per GPU at a time).
         with dask.annotate(resources={"GPU": 1}) if self.cluster.gpu else nullcontext():
             futures = embed_shard.with_options(retries=config.dask.retries).map(
-                unmapped(self.input), [shards[i] for i in todo], unmapped(spec), unmapped(options),
+                unmapped(self.input), [pieces[i] for i in todo], unmapped(spec), unmapped(options),
                 [paths[i] for i in todo])
-        embedded = track(futures, "embed", [shards[i] for i in todo], self.timings)
+        embedded = track(futures, "embed", [pieces[i] for i in todo], self.timings)
         del futures  # their keys are released: the workers replaced below hold nothing the flow still wants
         compute = sum(e["compute_seconds"] for e in embedded)
         total = sum(e["seconds"] for e in embedded)
         self.timings["embed"]["compute_efficiency"] = round(compute / total, 3) if total else None
-        self.timings["embed"]["cached_shards"] = len(shards) - len(todo)
+        self.timings["embed"]["cached_shards"] = len(pieces) - len(todo)
         if todo and self.cluster.own_workers:
             self.start_replacing_workers()
         start = time.perf_counter()
@@ -406,11 +403,16 @@ class Stages:
             self.replacing.result()
             self.replacing = None
 
-    @staticmethod
-    def uncached(paths: list[UPath]) -> list[int]:
-        """Indices of the shard results that are not in the cache yet (one listing of the cache folder)."""
-        present = existing_names(paths[0].parent) if paths else set()
-        return [i for i, path in enumerate(paths) if path.name not in present]
+    def pieces(self, stage: str, params: Any, shards: list[list], keyed: list[list]) -> tuple[list[list], list[UPath], list[int]]:
+        """The shards as pieces (see plan_pieces; `keyed` is each shard's items as they enter its key):
+        their items, their result files in the cache, and the indices of those to compute. One listing
+        of the cache folder tells what is there."""
+        plan = plan_pieces(stage, self.source, params, keyed, existing_names(self.cache / stage) if shards else set(),
+                           self.slots)
+        pieces = [(shard[piece.start : piece.stop], cache_path(self.cache, stage, piece.key), piece.cached)
+                  for shard, shard_plan in zip(shards, plan) for piece in shard_plan]
+        return [items for items, _, _ in pieces], [path for _, path, _ in pieces], [
+            i for i, (_, _, cached) in enumerate(pieces) if not cached]
 
     def select(self, pool: pa.Table | None) -> None:
         config = self.config

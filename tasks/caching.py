@@ -10,7 +10,10 @@ Why not Prefect's result cache alone: its cache record and the Parquet file it p
 disagree when either is deleted; a content-addressed file is its own cache record.
 
 Shard boundaries are content-defined (a cut after every file whose name hashes to 0 modulo the
-target size), so adding files to a folder changes only the shards they fall into.
+target size), so adding files to a folder changes only the shards they fall into. A shard is
+computed and stored in pieces (`plan_pieces`): the runs of its files that earlier results cover
+are reused, so the last shard of a folder that grows at its end (files named by time) is not
+computed again whole every run; the new files are cut into pieces for every task slot.
 
     >>> key = shard_key("check", "/data", CheckOptions(), files)
     >>> cache_path(location("shared/.thresher-cache"), "check", key)
@@ -20,6 +23,7 @@ target size), so adding files to a folder changes only the shards they fall into
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable, TypeVar
 
@@ -32,14 +36,75 @@ CODE_VERSION = metadata.version("thresher")
 T = TypeVar("T")
 
 
+# New files are cut into pieces of at most max(MIN_PIECE, an equal share per task slot): fewer
+# files than MIN_PIECE are never split, as a task's own cost (scheduling, states, a Parquet file)
+# would outweigh the time it saves.
+MIN_PIECE = 32
+
+
+def _header(stage: str, source: str, params: Any) -> xxhash.xxh3_128:
+    digest = xxhash.xxh3_128()
+    digest.update(repr((CODE_VERSION, stage, source, params)).encode())
+    return digest
+
+
 def shard_key(stage: str, source: str, params: Any, shard: list[Any]) -> str:
     """Hash of what determines a shard's result; params and shard items must have stable reprs
     (frozen dataclasses, tuples, numbers and strings)."""
-    digest = xxhash.xxh3_128()
-    digest.update(repr((CODE_VERSION, stage, source, params)).encode())
+    digest = _header(stage, source, params)
     for item in shard:
         digest.update(repr(item).encode())
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Items [start, stop) of a shard, the content key of their result, and whether it is cached."""
+
+    start: int
+    stop: int
+    key: str
+    cached: bool
+
+
+def _longest_cached(header: xxhash.xxh3_128, items: list[Any], start: int, present: set[str]) -> Piece | None:
+    """The longest run of items from `start` whose result is in `present` (file names), if any."""
+    digest, found = header.copy(), None
+    for stop in range(start + 1, len(items) + 1):
+        digest.update(repr(items[stop - 1]).encode())
+        key = digest.hexdigest()
+        if f"{key}.parquet" in present:
+            found = Piece(start, stop, key, True)
+    return found
+
+
+def plan_pieces(stage: str, source: str, params: Any, shards: list[list[Any]], present: set[str],
+                slots: int) -> list[list[Piece]]:
+    """Each shard as pieces, in order: a shard whose result is cached is one piece; otherwise the
+    longest runs of its items from its start with a cached result, one after another, and the
+    items left are new pieces. Each shard's new items are cut into the fewest pieces of equal size
+    up to max(MIN_PIECE, an equal share of `slots` of all new items), so that a run with few new
+    files, which fall into few shards, still gives every task slot work. `present` names the
+    cached files."""
+    header = _header(stage, source, params)
+    reused: list[list[Piece]] = []
+    for shard in shards:
+        key = shard_key(stage, source, params, shard)
+        if f"{key}.parquet" in present:  # the common case first, with one hash of the shard
+            reused.append([Piece(0, len(shard), key, True)])
+            continue
+        pieces: list[Piece] = []
+        while (start := pieces[-1].stop if pieces else 0) < len(shard) and (
+                piece := _longest_cached(header, shard, start, present)):
+            pieces.append(piece)
+        reused.append(pieces)
+    rest = [len(shard) - (pieces[-1].stop if pieces else 0) for shard, pieces in zip(shards, reused)]
+    size = max(MIN_PIECE, math.ceil(sum(rest) / max(slots, 1)))
+    for shard, pieces, left in zip(shards, reused, rest):
+        parts = math.ceil(left / size)
+        cuts = [len(shard) - left + left * i // parts for i in range(parts + 1)] if parts else []
+        pieces += [Piece(a, b, shard_key(stage, source, params, shard[a:b]), False) for a, b in zip(cuts, cuts[1:])]
+    return reused
 
 
 def cache_path(cache_dir: UPath, stage: str, key: str) -> UPath:

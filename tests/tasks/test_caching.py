@@ -1,4 +1,4 @@
-from tasks.caching import shard_key, stable_shards
+from tasks.caching import MIN_PIECE, plan_pieces, shard_key, stable_shards
 from tasks.decoding import CheckOptions
 from tasks.listing import InputFile
 
@@ -32,3 +32,42 @@ def test_adding_files_keeps_most_shards():
 def test_small_inputs_are_spread_over_workers():
     shards = stable_shards(_files(10), lambda f: f.filename, 256, 2)
     assert len(shards) >= 2 and sum(map(len, shards)) == 10
+
+
+def _plan(shards, cache: set[str], slots=2):
+    """plan_pieces over `shards`, then its new pieces stored in `cache` (their file names), as a run does."""
+    plan = plan_pieces("embed", "/d", (), shards, cache, slots)
+    for shard, pieces in zip(shards, plan):
+        assert [f for p in pieces for f in shard[p.start : p.stop]] == shard  # every item once, in order
+        cache |= {f"{p.key}.parquet" for p in pieces}
+    return plan
+
+
+def _computed(plan) -> list[int]:
+    return sorted(p.stop - p.start for pieces in plan for p in pieces if not p.cached)
+
+
+def test_a_folder_growing_at_its_end_computes_only_its_new_files_spread_over_the_slots():
+    cache: set[str] = set()
+    files = _files(2000)
+    first = _plan(stable_shards(files, lambda f: f.filename, 256, 2), cache)
+    assert all(len(pieces) == 1 and not pieces[0].cached for pieces in first)  # a first run computes whole shards
+
+    unchanged = _plan(stable_shards(files, lambda f: f.filename, 256, 2), cache)
+    assert all(len(pieces) == 1 and pieces[0].cached for pieces in unchanged)
+
+    for added in (_files(200, start=2000), _files(120, start=2200)):
+        files += added
+        plan = _plan(stable_shards(files, lambda f: f.filename, 256, 2), cache)
+        # the last shard grew: what an earlier run computed of it is reused, its new files are split for both slots
+        assert sum(_computed(plan)) == len(added) and len(_computed(plan)) >= 2
+    assert len(plan[-1]) >= 3  # the tail of 2,000 files, then the two runs' new pieces
+
+
+def test_few_new_files_are_not_cut_into_pieces_smaller_than_needed():
+    cache: set[str] = set()
+    files = _files(500)
+    _plan(stable_shards(files, lambda f: f.filename, 32, 8), cache, slots=8)
+    plan = _plan(stable_shards(files + _files(40, start=500), lambda f: f.filename, 32, 8), cache, slots=8)
+    # 8 slots, but 40 new files make 2 pieces of at most MIN_PIECE, not 8 of 5
+    assert MIN_PIECE == 32 and sum(_computed(plan)) == 40 and len(_computed(plan)) == 2
