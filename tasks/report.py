@@ -998,6 +998,17 @@ def build_report(
     chosen = set(selected_filenames(selection_path))
     selected = np.fromiter((f in chosen for f in filenames), bool, count=len(filenames))
 
+    # The views show this run's samples among the pool's; a run with none (nothing new for the
+    # datapool) has nothing to show there, and skips the projections. Their UMAPs are started first,
+    # so that the distance numbers are computed here while they run.
+    scatter, pending = None, None
+    if len(vectors):
+        datapool = load_embeddings(datapool_embeddings_path, settings.normalize)[2] if datapool_embeddings_path else None
+        points, scatter = scatter_points(vectors, filenames, selected, datapool, settings.seed)
+        del datapool  # the views need only the points; the pool's matrix is freed before the numbers
+        pending = start_embedding_views(points, settings.seed, cache, executor, settings.input_dir)
+        del points
+
     def selection_numbers() -> dict:
         rows, others = np.flatnonzero(selected), np.flatnonzero(~selected)
         return {"distances": distance_statistics(vectors, rows, settings.memory_gb, settings.seed),
@@ -1005,6 +1016,7 @@ def build_report(
 
     numbers = cache.numbers(selection_numbers, "selection numbers", vectors, filenames, selected, settings.memory_gb,
                             settings.seed, settings.n_example_images)
+    del vectors  # the run's matrix is freed before the plots
     report = {
         "schema_version": SCHEMA_VERSION,
         "job": {**job, "machine": machine()},
@@ -1018,14 +1030,6 @@ def build_report(
         "datapool_history": datapool_history,
         "config": config,
     }
-    # The views show this run's samples among the pool's; a run with none (nothing new for the
-    # datapool) has nothing to show there, and skips the projections.
-    scatter, pending = None, None
-    if len(vectors):
-        datapool = load_embeddings(datapool_embeddings_path, settings.normalize)[2] if datapool_embeddings_path else None
-        points, scatter = scatter_points(vectors, filenames, selected, datapool, settings.seed)
-        del vectors, datapool  # the projections need only the points: the run's matrix is freed before them
-        pending = start_embedding_views(points, settings.seed, cache, executor, settings.input_dir)
     previews = Thumbnails(location(settings.input_dir, settings.storage_options), settings.max_pixels)
     plots_dir = run_dir / "plots"
     # The other plots are drawn while the UMAPs run, by the workers that the UMAPs leave idle.
