@@ -96,7 +96,8 @@ def plan_pieces(stage: str, source: str, params: Any, shards: list[list[Any]], p
             reused.append([Piece(0, len(shard), key, True)])
             continue
         pieces: list[Piece] = []
-        while (start := pieces[-1].stop if pieces else 0) < len(shard) and (
+        # An empty cache (a first run) has no runs to find: no hash per file.
+        while present and (start := pieces[-1].stop if pieces else 0) < len(shard) and (
                 piece := _longest_cached(header, shard, start, present)):
             pieces.append(piece)
         reused.append(pieces)
