@@ -982,6 +982,13 @@ def uri(path: UPath) -> str:
 # The report
 
 
+def selection_numbers(vectors: np.ndarray, filenames: list[str], selected: np.ndarray, settings: ReportSettings) -> dict:
+    """The distance statistics before and after selection, and the example pairs."""
+    rows, others = np.flatnonzero(selected), np.flatnonzero(~selected)
+    return {"distances": distance_statistics(vectors, rows, settings.memory_gb, settings.seed),
+            "example_pairs": example_pairs(vectors, filenames, rows, others, settings.n_example_images, settings.seed)}
+
+
 def build_report(
     run_dir: UPath, samples_path: UPath, embeddings_path: UPath, selection_path: UPath, job: dict, counts: dict,
     stages: dict, selection: dict, config: dict, video_timelines: dict[str, list[float]] | None = None,
@@ -1009,13 +1016,9 @@ def build_report(
         pending = start_embedding_views(points, settings.seed, cache, executor, settings.input_dir)
         del points
 
-    def selection_numbers() -> dict:
-        rows, others = np.flatnonzero(selected), np.flatnonzero(~selected)
-        return {"distances": distance_statistics(vectors, rows, settings.memory_gb, settings.seed),
-                "example_pairs": example_pairs(vectors, filenames, rows, others, settings.n_example_images, settings.seed)}
-
-    numbers = cache.numbers(selection_numbers, "selection numbers", vectors, filenames, selected, settings.memory_gb,
-                            settings.seed, settings.n_example_images)
+    numbers = cache.numbers(functools.partial(selection_numbers, vectors, filenames, selected, settings),
+                            "selection numbers", vectors, filenames, selected, settings.memory_gb, settings.seed,
+                            settings.n_example_images)
     del vectors  # the run's matrix is freed before the plots
     report = {
         "schema_version": SCHEMA_VERSION,
