@@ -124,6 +124,11 @@ def _timed(timings: dict, stage: str, items: int, start: float) -> None:
                       "items_per_second": round(items / seconds, 2) if seconds > 0 else None}
 
 
+# The UI's progress bars are updated at most this often: an update is a call to the API, and a
+# stage of many small shards would otherwise make one per shard.
+PROGRESS_SECONDS = 1.0
+
+
 def track(futures: list[PrefectFuture], stage: str, shards: list[list], timings: dict) -> list[Any]:
     """Wait for a stage's futures, with a progress bar in images/s in the terminal and a progress
     artifact in the Prefect UI; results in submission order. A shard that failed after its
@@ -136,6 +141,7 @@ def track(futures: list[PrefectFuture], stage: str, shards: list[list], timings:
     index = {id(f): i for i, f in enumerate(futures)}
     results: list[Any] = [None] * len(futures)
     artifact = create_progress_artifact(0.0, description=f"{stage}: {sum(sizes)} samples in {len(shards)} shards")
+    shown = time.monotonic()
     with tqdm(total=sum(sizes), desc=f"{stage:<8}", unit="img", dynamic_ncols=True) as bar:
         for done, future in enumerate(as_completed(futures), start=1):
             i = index[id(future)]
@@ -144,7 +150,9 @@ def track(futures: list[PrefectFuture], stage: str, shards: list[list], timings:
             except Exception as error:
                 raise RuntimeError(f"{stage} failed for shard {i} ({describe_shard(shards[i])}): {error}") from error
             bar.update(sizes[i])
-            update_progress_artifact(artifact, 100.0 * done / len(futures))
+            if done == len(futures) or time.monotonic() - shown >= PROGRESS_SECONDS:
+                update_progress_artifact(artifact, 100.0 * done / len(futures))
+                shown = time.monotonic()
     _timed(timings, stage, sum(sizes), start)
     return results
 
