@@ -63,7 +63,7 @@ def default_device() -> str:
 
 def _efficientnet_lite0() -> torch.nn.Module:
     # timm and torchvision are imported where a backbone is built: with torch's compiler stack, which
-    # they load, they take 15 s of CPU to import on a 2-core machine, which the flow's process and
+    # they load, they take about 10 s of CPU to import on a 2-core machine, which the flow's process and
     # the check stage's workers (they import this module, not a backbone) would pay for nothing.
     import timm
 
