@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +80,13 @@ def test_undecodable_files_get_nan_rows_and_reasons_in_order(tmp_path):
     assert errors[0] is None and errors[1].startswith("decoding failed") and errors[2] is None
     assert np.isfinite(vectors[[0, 2]]).all() and np.isnan(vectors[1]).all()
     assert compute > 0
+
+
+def test_the_flow_module_does_not_load_the_model_libraries():
+    """The flow's process and the check stage's workers import flows.curate; timm, torchvision and
+    lightly (with torch's compiler stack) load only where a backbone is built or training runs."""
+    code = ("import sys, flows.curate; "
+            "print(sorted(m for m in ('timm', 'torchvision', 'lightly', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
