@@ -69,6 +69,22 @@ def prefect_api() -> Iterator[None]:
         server.stop()
 
 
+@contextmanager
+def no_heartbeats() -> Iterator[None]:
+    """Flow runs without heartbeats, unless PREFECT_FLOWS_HEARTBEAT_FREQUENCY is set. Heartbeats let
+    a Prefect server mark a run whose process died unseen as crashed, which matters for deployment
+    runs that a worker starts; a run from the command line is watched by whoever started it. Each
+    flow run's heartbeat thread also costs it up to a second at its end (Prefect joins the thread,
+    which wakes once a second): 0.12 to 0.72 s of a 4 to 5 s datapool run in benchmarks/rerun.py."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" in os.environ:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 def sanity_check(config: ThresherConfig) -> None:
     """Check the installation without curating: folders, the model and one forward pass."""
     import numpy as np
@@ -112,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         from flows.curate import run
 
         quiet_console()
-        with prefect_api():
+        with prefect_api(), no_heartbeats():
             result = run(config)
     except ConfigError as error:
         print(f"thresher: {error}", file=sys.stderr)
