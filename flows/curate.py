@@ -35,14 +35,14 @@ from upath import UPath
 
 from flows.clusters import load_cluster_spec
 from flows.config import ThresherConfig, dump_config, flow_signature, overrides_of, validate_config
-from tasks.caching import cache_path, plan_pieces, stable_shards
+from tasks.caching import cache_path, pack, plan_pieces, stable_shards
 from tasks.datapool import (
     PoolLock, check_compatible, commit, history, merge, processed_keys, read_pool, run_rows, sampled_rows,
 )
-from tasks.decoding import CheckOptions, check_shard, check_table
+from tasks.decoding import CheckOptions, check_pieces, check_table
 from tasks.dedup import classify
 from tasks.dumping import dump_names, dump_shard
-from tasks.embedding import EmbedOptions, ModelSpec, embed_shard
+from tasks.embedding import EmbedOptions, ModelSpec, embed_pieces
 from tasks.embeddings_csv import read_embeddings_csv
 from tasks.gathering import GATHERED_NAME, from_embeddings_csv, gather_embeddings, load_embeddings
 from tasks.listing import InputFile, is_video, list_datasource, read_relevant_filenames
@@ -154,6 +154,11 @@ def track(futures: list[PrefectFuture], stage: str, shards: list[list], timings:
                 shown = time.monotonic()
     _timed(timings, stage, sum(sizes), start)
     return results
+
+
+def items_of(pieces: list[list], task: list[int]) -> list:
+    """The items of a task's pieces, as one shard (for its progress and its error message)."""
+    return [item for i in task for item in pieces[i]]
 
 
 def describe_shard(shard: list) -> str:
@@ -309,11 +314,12 @@ class Stages:
         shards: list[list[InputFile | FrameRange]] = stable_shards(
             images, lambda f: f.filename, config.dask.shard_size, self.slots)
         shards += video_shards(probed, config.dask.shard_size, self.slots)
-        pieces, paths, todo = self.pieces("check", options, shards, shards)
-        futures = check_shard.with_options(retries=config.dask.retries).map(
-            unmapped(self.input), [pieces[i] for i in todo], unmapped(options), [paths[i] for i in todo])
-        track(futures, "check", [pieces[i] for i in todo], self.timings)
-        self.timings["check"]["cached_shards"] = len(pieces) - len(todo)
+        pieces, paths, tasks = self.pieces("check", options, shards, shards)
+        futures = check_pieces.with_options(retries=config.dask.retries).map(
+            unmapped(self.input), [[pieces[i] for i in task] for task in tasks], unmapped(options),
+            [[paths[i] for i in task] for task in tasks])
+        track(futures, "check", [items_of(pieces, task) for task in tasks], self.timings)
+        self.timings["check"]["cached_shards"] = len(pieces) - sum(map(len, tasks))
         corrupt_videos = write_parquet(check_table(corrupt_video_rows(probed)), self.work / "check-videos.parquet")
         self.check_paths = [corrupt_videos, *paths]
 
@@ -375,19 +381,19 @@ class Stages:
         shards: list[list] = [*image_shards, *frame_shards]
         keyed = [[(*item, *self.identities[item[0]][1:]) if isinstance(item, tuple) else item for item in s]
                  for s in shards]
-        pieces, paths, todo = self.pieces("embed", key_params, shards, keyed)
+        pieces, paths, tasks = self.pieces("embed", key_params, shards, keyed)
         # On a cluster with GPU workers, embedding runs only there (one task per GPU at a time).
         with dask.annotate(resources={"GPU": 1}) if self.cluster.gpu else nullcontext():
-            futures = embed_shard.with_options(retries=config.dask.retries).map(
-                unmapped(self.input), [pieces[i] for i in todo], unmapped(spec), unmapped(options),
-                [paths[i] for i in todo])
-        embedded = track(futures, "embed", [pieces[i] for i in todo], self.timings)
+            futures = embed_pieces.with_options(retries=config.dask.retries).map(
+                unmapped(self.input), [[pieces[i] for i in task] for task in tasks], unmapped(spec), unmapped(options),
+                [[paths[i] for i in task] for task in tasks])
+        embedded = track(futures, "embed", [items_of(pieces, task) for task in tasks], self.timings)
         del futures  # their keys are released: the workers replaced below hold nothing the flow still wants
         compute = sum(e["compute_seconds"] for e in embedded)
         total = sum(e["seconds"] for e in embedded)
         self.timings["embed"]["compute_efficiency"] = round(compute / total, 3) if total else None
-        self.timings["embed"]["cached_shards"] = len(pieces) - len(todo)
-        if todo and self.cluster.own_workers:
+        self.timings["embed"]["cached_shards"] = len(pieces) - sum(map(len, tasks))
+        if tasks and self.cluster.own_workers:
             self.start_replacing_workers()
         start = time.perf_counter()
         gathered = gather_embeddings(self.samples_path, paths, self.embeddings_path, self.dim)
@@ -413,16 +419,19 @@ class Stages:
             self.replacing.result()
             self.replacing = None
 
-    def pieces(self, stage: str, params: Any, shards: list[list], keyed: list[list]) -> tuple[list[list], list[UPath], list[int]]:
+    def pieces(self, stage: str, params: Any, shards: list[list], keyed: list[list]) -> tuple[list[list], list[UPath], list[list[int]]]:
         """The shards as pieces (see plan_pieces; `keyed` is each shard's items as they enter its key):
-        their items, their result files in the cache, and the indices of those to compute. One listing
-        of the cache folder tells what is there."""
+        their items, their result files in the cache, and the indices of those to compute, grouped
+        into tasks of about dask.shard_size samples (see pack). One listing of the cache folder tells
+        what is there."""
         plan = plan_pieces(stage, self.source, params, keyed, existing_names(self.cache / stage) if shards else set(),
                            self.slots)
         pieces = [(shard[piece.start : piece.stop], cache_path(self.cache, stage, piece.key), piece.cached)
                   for shard, shard_plan in zip(shards, plan) for piece in shard_plan]
+        todo = [i for i, (_, _, cached) in enumerate(pieces) if not cached]
+        tasks = pack([count_samples(pieces[i][0]) for i in todo], self.slots, self.config.dask.shard_size)
         return [items for items, _, _ in pieces], [path for _, path, _ in pieces], [
-            i for i, (_, _, cached) in enumerate(pieces) if not cached]
+            [todo[j] for j in task] for task in tasks]
 
     def select(self, pool: pa.Table | None) -> None:
         config = self.config

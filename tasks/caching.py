@@ -22,6 +22,7 @@ computed again whole every run; the new files are cut into pieces for every task
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from importlib import metadata
@@ -108,6 +109,25 @@ def plan_pieces(stage: str, source: str, params: Any, shards: list[list[Any]], p
         cuts = [len(shard) - left + left * i // parts for i in range(parts + 1)] if parts else []
         pieces += [Piece(a, b, shard_key(stage, source, params, shard[a:b]), False) for a, b in zip(cuts, cuts[1:])]
     return reused
+
+
+def pack(sizes: list[int], slots: int, target: int) -> list[list[int]]:
+    """The pieces of `sizes` (their items) grouped into tasks, as indices in order: one task per
+    slot, or more so that a task holds about `target` items; the largest pieces are placed first,
+    each into the task with the fewest items so far. The pieces of a run with few new files lie in
+    several shards and are small; one task each would pay Prefect's per-task cost many times.
+
+    >>> pack([23, 77, 77, 41, 2], slots=2, target=256)
+    [[1, 3], [0, 2, 4]]
+    """
+    tasks = min(len(sizes), max(slots, math.ceil(sum(sizes) / max(target, 1))))
+    groups: list[list[int]] = [[] for _ in range(tasks)]
+    loads = [(0, task) for task in range(tasks)]
+    for piece in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        load, task = heapq.heappop(loads)
+        groups[task].append(piece)
+        heapq.heappush(loads, (load + sizes[piece], task))
+    return [sorted(group) for group in groups]
 
 
 def cache_path(cache_dir: UPath, stage: str, key: str) -> UPath:

@@ -165,5 +165,7 @@ def check_table(rows: list[dict]) -> pa.Table:
 
 
 @task(name="decode-check", retries=2, retry_delay_seconds=1)
-def check_shard(input_dir: UPath, files: list[InputFile | FrameRange], options: CheckOptions, out_path: UPath) -> UPath:
-    return write_parquet(check_files(input_dir, files, options), out_path)
+def check_pieces(input_dir: UPath, pieces: list[list[InputFile | FrameRange]], options: CheckOptions,
+                 out_paths: list[UPath]) -> list[UPath]:
+    """Check each piece of files into its own Parquet file (see tasks/caching.py)."""
+    return [write_parquet(check_files(input_dir, files, options), out) for files, out in zip(pieces, out_paths)]

@@ -266,19 +266,23 @@ class ModelSpec:
 
 
 @task(name="embed-shard", retries=2, retry_delay_seconds=1)
-def embed_shard(
-    input_dir: UPath, files: list[tuple[str, int]] | list[FrameRange], spec: ModelSpec, options: EmbedOptions,
-    out_path: UPath,
+def embed_pieces(
+    input_dir: UPath, pieces: list[list[tuple[str, int]] | list[FrameRange]], spec: ModelSpec, options: EmbedOptions,
+    out_paths: list[UPath],
 ) -> dict:
-    """Embed one shard (image files, or video frame ranges) into a Parquet file; returns its path and timings."""
+    """Embed each piece (image files, or video frame ranges) into its own Parquet file (see
+    tasks/caching.py); returns the samples embedded and the timings."""
     start = time.perf_counter()
     torch.set_num_threads(options.torch_threads)
     model = load_backbone(spec.name, spec.num_ftrs, spec.checkpoint, spec.seed, default_device())
-    if files and isinstance(files[0], FrameRange):
-        filenames, vectors, errors, compute = embed_frames(input_dir, files, model, options)
-        labels = [rng.file.label for rng in files for _ in rng.indices]
-    else:
-        filenames, labels = [f for f, _ in files], [label for _, label in files]
-        vectors, errors, compute = embed_files(input_dir, filenames, model, options)
-    write_parquet(embeddings_table(filenames, labels, vectors, errors), out_path)
-    return {"n": len(filenames), "seconds": time.perf_counter() - start, "compute_seconds": compute}
+    n, compute = 0, 0.0
+    for files, out_path in zip(pieces, out_paths):
+        if files and isinstance(files[0], FrameRange):
+            filenames, vectors, errors, seconds = embed_frames(input_dir, files, model, options)
+            labels = [rng.file.label for rng in files for _ in rng.indices]
+        else:
+            filenames, labels = [f for f, _ in files], [label for _, label in files]
+            vectors, errors, seconds = embed_files(input_dir, filenames, model, options)
+        write_parquet(embeddings_table(filenames, labels, vectors, errors), out_path)
+        n, compute = n + len(filenames), compute + seconds
+    return {"n": n, "seconds": time.perf_counter() - start, "compute_seconds": compute}
