@@ -13,7 +13,7 @@ from distributed import Client
 from lightly.utils.io import load_embeddings
 from PIL import Image
 
-from flows.cli import main
+from flows.cli import main, no_heartbeats
 from tests.images import dataset
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -141,6 +141,19 @@ def test_installed_command_runs_with_one_temporary_prefect_server(tmp_path):
     assert len([p for p in (run / "data" / "sampled").rglob("*") if p.is_file()]) == 2
     assert any((run / "plots").glob("scatter_umap_k_*.png"))
     assert "Error logging to API" not in output
+
+
+def test_command_line_runs_have_no_heartbeats_unless_the_setting_asks(monkeypatch):
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+
+    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
+    default = PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value()
+    with no_heartbeats():
+        assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None
+    assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == default is not None  # deployment runs keep them
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
+    with no_heartbeats():
+        assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is not None
 
 
 def test_help_lists_keys():

@@ -1,4 +1,4 @@
-from tasks.caching import MIN_PIECE, plan_pieces, shard_key, stable_shards
+from tasks.caching import MIN_PIECE, pack, plan_pieces, shard_key, stable_shards
 from tasks.decoding import CheckOptions
 from tasks.listing import InputFile
 
@@ -73,3 +73,25 @@ def test_few_new_files_are_not_cut_into_pieces_smaller_than_needed():
     plan = _plan(stable_shards(files + _files(40, start=500), lambda f: f.filename, 32, 8), cache, slots=8)
     # 8 slots, but 40 new files make 2 pieces of at most MIN_PIECE, not 8 of 5
     assert MIN_PIECE == 32 and sum(_computed(plan)) == 40 and len(_computed(plan)) == 2
+
+
+def test_new_files_in_several_shards_make_one_task_per_slot():
+    # a datapool run sees only its new files: 220 of them fall into several shards, cut into pieces
+    new = _files(220, start=2200)
+    plan = _plan(stable_shards(new, lambda f: f.filename, 256, 2), set())
+    sizes = _computed(plan)
+    assert len(sizes) > 2
+    tasks = pack(sizes, slots=2, target=256)
+    assert sorted(i for task in tasks for i in task) == list(range(len(sizes)))  # every piece in one task
+    loads = [sum(sizes[i] for i in task) for task in tasks]
+    assert len(tasks) == 2 and max(loads) - min(loads) <= max(sizes)
+
+
+def test_a_first_run_makes_tasks_of_about_the_shard_size():
+    files = _files(2000)
+    sizes = [len(shard) for shard in stable_shards(files, lambda f: f.filename, 256, 2)]
+    tasks = pack(sizes, slots=2, target=256)
+    assert len(tasks) == 8 < len(sizes)
+    assert max(sum(sizes[i] for i in task) for task in tasks) <= 2 * 256
+    assert pack([2] * 16, slots=2, target=2) == [[i] for i in range(16)]  # small shards stay one task each
+    assert pack([], slots=2, target=256) == []
