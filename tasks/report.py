@@ -49,7 +49,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 from matplotlib.ticker import FuncFormatter, NullLocator
-from PIL import Image
+from PIL import Image, ImageDraw, ImageOps
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -90,6 +90,7 @@ CONTINUE_SHARE = 0.5
 CONTINUE_EPOCHS = 50
 LIST_LIMIT = 20  # corrupt files, duplicate groups and videos listed in the report
 THUMBNAIL_PIXELS = 160
+PAIR_FRAME, PAIR_GAP = 3, 16  # pixels around and between the two images of a pair
 # Figure sizes in inches: the page shows half-width plots about 3.4 in wide, so 4.2 in keeps
 # matplotlib's 10 pt text above 8 pt in print.
 HALF_WIDTH, FULL_WIDTH, DPI = 4.2, 6.4, 110
@@ -834,17 +835,26 @@ def plot_scatter(view: dict, scatter: Scatter, thumbnails: Thumbnails | None, pa
 
 
 def plot_pair(pair: dict, thumbnails: Thumbnails, path: UPath) -> None:
-    figure = Figure(figsize=(HALF_WIDTH, 2.4), dpi=DPI, layout="constrained")
-    for ax, role in zip(figure.subplots(1, 2), ("retained", "removed")):
+    """The retained image, framed in the colour of selected points, beside its removed neighbour,
+    framed in the colour of removed ones. Composed with Pillow: the names and the distance are the
+    figure's caption in the report, as text, and a matplotlib figure of two images took 70 ms."""
+    cell = THUMBNAIL_PIXELS + 2 * PAIR_FRAME
+    canvas = Image.new("RGB", (2 * cell + PAIR_GAP, cell), "white")
+    draw = ImageDraw.Draw(canvas)
+    for column, (role, group) in enumerate((("retained", "selected"), ("removed", "removed"))):
+        left = column * (cell + PAIR_GAP)
         image = thumbnails.get(pair[role])
         if image is None:
-            ax.text(0.5, 0.5, "no preview", ha="center", va="center", color="#777")
-        else:
-            ax.imshow(np.asarray(image))
-        ax.set_axis_off()
-        ax.set_title(f"{role}\n{_shorten(pair[role], 26)}", fontsize=8)
-    figure.suptitle(f"distance {pair['distance']:.3f}", fontsize=10)
-    _save(figure, path)
+            draw.rectangle((left, 0, left + cell - 1, cell - 1), fill="#eeeeee")
+            draw.text((left + cell / 2, cell / 2), "no preview", fill="#777777", anchor="mm")
+            continue
+        image = ImageOps.contain(image, (THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))  # small images are scaled up too
+        x, y = left + (cell - image.width) // 2, (cell - image.height) // 2
+        draw.rectangle((x - PAIR_FRAME, y - PAIR_FRAME, x + image.width + PAIR_FRAME - 1, y + image.height + PAIR_FRAME - 1),
+                       fill=COLOURS[group])
+        canvas.paste(image, (x, y))
+    with atomic_target(path) as tmp:
+        canvas.save(tmp, format="PNG")
 
 
 def _shorten(name: str, width: int = 34) -> str:
