@@ -21,8 +21,8 @@ from tasks.decoding import CheckOptions, check_files
 from tasks.dedup import classify
 from tasks.listing import list_images
 from tasks.report import (
-    ReportSettings, artifacts, build_report, content_key, example_pairs, histogram, nearest_neighbours, pairwise_stats,
-    pca_2d, savings, umap_2d,
+    COLOURS, ReportSettings, Thumbnails, artifacts, build_report, content_key, example_pairs, histogram,
+    nearest_neighbours, pairwise_stats, pca_2d, plot_pair, savings, umap_2d,
 )
 from tasks.selection import select_samples, selected_filenames
 from tasks.storage import write_parquet
@@ -88,6 +88,21 @@ def test_example_pairs_span_the_closest_to_the_farthest_retained_sample():
     assert len(pairs) == 4 and [p["distance"] for p in pairs] == sorted(p["distance"] for p in pairs)
     assert pairs[0]["distance"] == pytest.approx(nearest.min()) and pairs[-1]["distance"] == pytest.approx(nearest.max())
     assert all(p["retained"] in {names[i] for i in selected} and p["removed"] in {names[i] for i in removed} for p in pairs)
+
+
+def test_a_pair_shows_the_retained_image_left_in_the_selected_colour_and_a_missing_one_as_no_preview(tmp_path):
+    save(picture(1, (640, 480)), tmp_path / "kept.jpg", format="JPEG", quality=90)
+    thumbnails = Thumbnails(tmp_path, 10**8)
+    plot_pair({"retained": "kept.jpg", "removed": "gone.jpg", "distance": 0.5}, thumbnails.subset(["kept.jpg", "gone.jpg"]),
+              tmp_path / "pair.png")
+    with Image.open(tmp_path / "pair.png") as image:
+        width, height = image.size
+        assert image.format == "PNG" and width > 2 * height > 0
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    left, right = pixels[:, : width // 2], pixels[:, width // 2 :]
+    orange = np.array(Image.new("RGB", (1, 1), COLOURS["selected"]).getpixel((0, 0)))
+    assert (np.abs(left - orange).sum(axis=2) < 30).sum() > 100  # the frame around the retained image
+    assert left.std() > 20 and right.std() < 20  # the picture on the left; a plain "no preview" cell on the right
 
 
 def test_savings_count_removed_and_duplicate_images_at_the_configured_rates():
