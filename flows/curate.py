@@ -48,7 +48,7 @@ from tasks.embeddings_csv import read_embeddings_csv
 from tasks.gathering import GATHERED_NAME, from_embeddings_csv, gather_embeddings, load_embeddings
 from tasks.listing import InputFile, is_video, list_datasource, read_relevant_filenames
 from tasks.outputs import write_outputs
-from tasks.report import write_report
+from tasks.report import StartedViews, start_views, write_report
 from tasks.selection import select_samples, select_sequences, selected_filenames
 from tasks.storage import describe, existing_names, read_parquet, remove_partial_files, write_parquet, write_text
 from tasks.video import (
@@ -253,6 +253,9 @@ class Stages:
         self.counts: dict[str, int] = {"n_skipped_processed": 0}
         self.spec = model_spec(config)  # training replaces its checkpoint with the trained one
         self.replacing: Future | None = None  # the workers' replacement after embedding, while it runs
+        self.views: StartedViews | None = None  # the report's views, when they were started before selection
+        self.executor = ClusterExecutor(FlowRunContext.get().task_runner)  # for the report's UMAPs and plots
+        self.report_config = config.model_dump(mode="json", exclude={"token"})
         write_parquet(read_videos([]), self.videos_path)
 
     def read_embeddings(self) -> None:
@@ -440,6 +443,7 @@ class Stages:
         if sampled is not None and len(sampled):
             self.centers_path = write_parquet(sampled.select(["filename", "label", "embedding"]),
                                               self.work / "datapool-centers.parquet")
+        self.start_views()
         start = time.perf_counter()
         out = self.selection_path
         stop = config.stopping_condition
@@ -455,6 +459,14 @@ class Stages:
                 config.lightly.seed, config.selection.device, out, self.centers_path,
             )
         _timed(self.timings, "select", self.selection["n_candidates"], start)
+
+    def start_views(self) -> None:
+        """Start the report's projections on the cluster: they need only the embeddings, so they run
+        while the flow selects, writes and updates the pool. Not while this run's workers are being
+        replaced: the report starts them then, on the new ones."""
+        if self.replacing is None:
+            vectors = load_embeddings(self.embeddings_path, self.config.normalize_embeddings)[2]
+            self.views = start_views(vectors, self.report_config, self.centers_path, self.cache, self.executor)
 
     def write(self) -> None:
         config, selection_path = self.config, self.selection_path
@@ -509,10 +521,9 @@ class Stages:
                "duration_seconds": round((finished - started).total_seconds(), 3), "run_directory": describe(self.run_dir)}
         write_report(
             self.run_dir, self.samples_path, self.embeddings_path, self.selection_path, job, self.counts,
-            self.timings, self.selection, config.model_dump(mode="json", exclude={"token"}),
+            self.timings, self.selection, self.report_config,
             self.timelines if config.show_video_sampling_timeline and self.timelines else None,
-            history(pool_dir) if pool_dir else None, self.centers_path, self.cache,
-            ClusterExecutor(FlowRunContext.get().task_runner),
+            history(pool_dir) if pool_dir else None, self.centers_path, self.cache, self.executor, self.views,
         )
         return self.counts
 

@@ -537,11 +537,9 @@ class Scatter:
     n_total: int
 
 
-def scatter_points(
-    vectors: np.ndarray, filenames: list[str], selected: np.ndarray, datapool: np.ndarray | None, seed: int,
-) -> tuple[np.ndarray, Scatter]:
+def scatter_points(vectors: np.ndarray, datapool: np.ndarray | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """At most SCATTER_POINTS points in random order (so any prefix is a uniform sample too): their
-    embeddings, and what the plots show of them."""
+    rows of [vectors; datapool], and their embeddings."""
     pool = datapool if datapool is not None else np.empty((0, vectors.shape[1]), np.float32)
     n_total = len(vectors) + len(pool)
     rows = np.random.default_rng(seed).permutation(n_total)[:SCATTER_POINTS]
@@ -552,10 +550,7 @@ def scatter_points(
     points = np.empty((len(rows), vectors.shape[1]), np.float32)  # filled in place: one copy of the points
     points[ours] = vectors[rows[ours]]
     points[~ours] = pool[rows[~ours] - len(vectors)]
-    groups = np.full(len(rows), GROUPS.index("datapool"), np.int8)
-    groups[ours] = selected[rows[ours]]
-    names = [filenames[i] if i < len(vectors) else None for i in rows.tolist()]
-    return points, Scatter(groups, names, n_total)
+    return rows, points
 
 
 def pca_2d(points: np.ndarray) -> np.ndarray:
@@ -702,6 +697,42 @@ def start_embedding_views(points: np.ndarray, seed: int, cache: ReportCache = Re
     continued = {view: int(np.count_nonzero(~np.isnan(previous[view][:, 0]))) if view in previous else 0
                  for view in neighbours}
     return PendingViews(n, umap_n, neighbours, xy, continued, cache, key, layout, ids)
+
+
+@dataclass
+class StartedViews:
+    """The report's 2-D views while their projections run (see start_views): which samples are the
+    points, as rows of [this run's samples; the datapool's], and the projections."""
+
+    rows: np.ndarray
+    n_run: int
+    n_total: int
+    pending: PendingViews
+
+    def scatter(self, filenames: list[str], selected: np.ndarray) -> Scatter:
+        """What the plots show of the points, once the selection is known."""
+        ours = self.rows < self.n_run
+        groups = np.full(len(self.rows), GROUPS.index("datapool"), np.int8)
+        groups[ours] = selected[self.rows[ours]]
+        return Scatter(groups, [filenames[i] if i < self.n_run else None for i in self.rows.tolist()], self.n_total)
+
+
+def start_views(vectors: np.ndarray, config: dict, datapool_embeddings_path: UPath | None = None,
+                cache_dir: UPath | None = None, executor: Executor = InProcess()) -> StartedViews | None:
+    """Start the projections of the views of this run's samples (`vectors`, normalized as the
+    report's numbers are) among the datapool's, on `executor`. They need only the embeddings, so a
+    flow starts them before it selects. None for a run with no samples of its own (nothing new for
+    the datapool): it has nothing to show there."""
+    if not len(vectors):
+        return None
+    settings = ReportSettings.from_config(config)
+    datapool = load_embeddings(datapool_embeddings_path, settings.normalize)[2] if datapool_embeddings_path else None
+    rows, points = scatter_points(vectors, datapool, settings.seed)
+    n_total = len(vectors) + (len(datapool) if datapool is not None else 0)
+    del datapool  # the views need only the points
+    cache = ReportCache(cache_dir / "report" if cache_dir else None)
+    return StartedViews(rows, len(vectors), n_total,
+                        start_embedding_views(points, settings.seed, cache, executor, settings.input_dir))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1003,28 +1034,22 @@ def build_report(
     run_dir: UPath, samples_path: UPath, embeddings_path: UPath, selection_path: UPath, job: dict, counts: dict,
     stages: dict, selection: dict, config: dict, video_timelines: dict[str, list[float]] | None = None,
     datapool_history: list[dict] | None = None, datapool_embeddings_path: UPath | None = None,
-    cache_dir: UPath | None = None, executor: Executor = InProcess(),
+    cache_dir: UPath | None = None, executor: Executor = InProcess(), started: StartedViews | None = None,
 ) -> dict:
     """Write report.json, report.html, report.pdf and plots/ into run_dir; returns the report.
 
     With `cache_dir`, results of an earlier report on the same data are reused from
-    `cache_dir/report/` (see ReportCache). The UMAPs and plots run on `executor`."""
+    `cache_dir/report/` (see ReportCache). The UMAPs and plots run on `executor`; `started` are the
+    views if start_views started them already, with the same embeddings and settings."""
     settings = ReportSettings.from_config(config)
     cache = ReportCache(cache_dir / "report" if cache_dir else None)
     filenames, _, vectors = load_embeddings(embeddings_path, normalize=settings.normalize)
     chosen = set(selected_filenames(selection_path))
     selected = np.fromiter((f in chosen for f in filenames), bool, count=len(filenames))
 
-    # The views show this run's samples among the pool's; a run with none (nothing new for the
-    # datapool) has nothing to show there, and skips the projections. Their UMAPs are started first,
-    # so that the distance numbers are computed here while they run.
-    scatter, pending = None, None
-    if len(vectors):
-        datapool = load_embeddings(datapool_embeddings_path, settings.normalize)[2] if datapool_embeddings_path else None
-        points, scatter = scatter_points(vectors, filenames, selected, datapool, settings.seed)
-        del datapool  # the views need only the points; the pool's matrix is freed before the numbers
-        pending = start_embedding_views(points, settings.seed, cache, executor, settings.input_dir)
-        del points
+    # The views' UMAPs run while the distance numbers are computed here (a flow starts them earlier).
+    started = started or start_views(vectors, config, datapool_embeddings_path, cache_dir, executor)
+    scatter = started.scatter(filenames, selected) if started else None
 
     numbers = cache.numbers(functools.partial(selection_numbers, vectors, filenames, selected, settings),
                             "selection numbers", vectors, filenames, selected, settings.memory_gb, settings.seed,
@@ -1048,7 +1073,7 @@ def build_report(
     # The other plots are drawn while the UMAPs run, by the workers that the UMAPs leave idle.
     names, plots = summary_plots(report, previews)
     drawing = cache.draw(plots, plots_dir, executor)
-    views = pending.result() if pending else []
+    views = started.pending.result() if started else []
     report["embedding_views"] = {
         "n_points": len(scatter.groups) if scatter else 0, "n_total": scatter.n_total if scatter else 0,
         "n_datapool_points": int(np.sum(scatter.groups == GROUPS.index("datapool"))) if scatter else 0,
@@ -1100,7 +1125,7 @@ def write_report(
     run_dir: UPath, samples_path: UPath, embeddings_path: UPath, selection_path: UPath, job: dict, counts: dict,
     stages: dict, selection: dict, config: dict, video_timelines: dict[str, list[float]] | None = None,
     datapool_history: list[dict] | None = None, datapool_embeddings_path: UPath | None = None,
-    cache_dir: UPath | None = None, executor: Executor = InProcess(),
+    cache_dir: UPath | None = None, executor: Executor = InProcess(), started: StartedViews | None = None,
 ) -> UPath:
     """The report files in run_dir and its summary as Prefect artifacts; returns the report.json path.
 
@@ -1108,10 +1133,10 @@ def write_report(
     [{"run": name, "n_samples": added}] in run order; `datapool_embeddings_path` is a table of the
     pool's earlier selections in the gathered-embeddings format (drawn as 'datapool' points);
     `cache_dir` holds results of earlier reports to reuse (see ReportCache); the UMAPs and plots
-    run on `executor` (in a flow, the cluster's)."""
+    run on `executor` (in a flow, the cluster's); `started` are views that start_views started."""
     report = build_report(
         run_dir, samples_path, embeddings_path, selection_path, job, counts, stages, selection, config,
-        video_timelines, datapool_history, datapool_embeddings_path, cache_dir, executor,
+        video_timelines, datapool_history, datapool_embeddings_path, cache_dir, executor, started,
     )
     published = artifacts(report, run_dir)
     create_markdown_artifact(**published["markdown"])

@@ -19,10 +19,11 @@ import tasks.report
 from flows.config import ThresherConfig
 from tasks.decoding import CheckOptions, check_files
 from tasks.dedup import classify
+from tasks.gathering import load_embeddings
 from tasks.listing import list_images
 from tasks.report import (
     COLOURS, ReportSettings, Thumbnails, artifacts, build_report, content_key, example_pairs, histogram,
-    nearest_neighbours, pairwise_stats, pca_2d, plot_pair, savings, umap_2d,
+    nearest_neighbours, pairwise_stats, pca_2d, plot_pair, savings, start_views, umap_2d,
 )
 from tasks.selection import select_samples, selected_filenames
 from tasks.storage import write_parquet
@@ -233,6 +234,18 @@ def test_on_a_cluster_the_report_is_the_same_as_in_one_process(inputs, run, tmp_
     assert _pngs(tmp_path / "cluster") == _pngs(run_dir)
     ran = [key_split(task["key"]) for task in stream.data]
     assert ran.count("umap_2d") == 3 and ran.count("plot_scatter") == 8 and ran.count("plot_pair") == 4
+
+
+def test_views_started_before_the_selection_give_the_same_report(inputs, run, tmp_path):
+    """The flow's way: it starts the projections from the embeddings alone, before selecting."""
+    normalized = load_embeddings(inputs["embeddings_path"], normalize=True)[2]
+    started = start_views(normalized, inputs["config"])
+    assert started is not None and started.n_run == len(inputs["ok"])
+    report = _build(inputs, tmp_path / "started", started=started)
+    run_dir, data = run
+    assert {key: report[key] for key in REUSED} == {key: data["report"][key] for key in REUSED}
+    assert _pngs(tmp_path / "started") == _pngs(run_dir)
+    assert start_views(normalized[:0], inputs["config"]) is None  # no samples of its own: nothing to project
 
 
 def _plot_files(plots: dict) -> list[str]:
