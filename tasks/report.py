@@ -216,6 +216,11 @@ class ReportCache:
 
     root: UPath | None = None
 
+    @classmethod
+    def under(cls, cache_dir: UPath | None) -> ReportCache:
+        """The report's cache in a run's cache directory (`cache_dir/report/`), or none without one."""
+        return cls(cache_dir / "report" if cache_dir else None)
+
     def numbers(self, compute: Callable[[], dict], *key: object) -> dict:
         """compute(), or what it returned for an earlier call with an equal key (a JSON round trip
         keeps every number exact)."""
@@ -730,9 +735,9 @@ def start_views(vectors: np.ndarray, config: dict, datapool_embeddings_path: UPa
     rows, points = scatter_points(vectors, datapool, settings.seed)
     n_total = len(vectors) + (len(datapool) if datapool is not None else 0)
     del datapool  # the views need only the points
-    cache = ReportCache(cache_dir / "report" if cache_dir else None)
     return StartedViews(rows, len(vectors), n_total,
-                        start_embedding_views(points, settings.seed, cache, executor, settings.input_dir))
+                        start_embedding_views(points, settings.seed, ReportCache.under(cache_dir), executor,
+                                              settings.input_dir))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1042,7 +1047,7 @@ def build_report(
     `cache_dir/report/` (see ReportCache). The UMAPs and plots run on `executor`; `started` are the
     views if start_views started them already, with the same embeddings and settings."""
     settings = ReportSettings.from_config(config)
-    cache = ReportCache(cache_dir / "report" if cache_dir else None)
+    cache = ReportCache.under(cache_dir)
     filenames, _, vectors = load_embeddings(embeddings_path, normalize=settings.normalize)
     chosen = set(selected_filenames(selection_path))
     selected = np.fromiter((f in chosen for f in filenames), bool, count=len(filenames))
