@@ -533,16 +533,18 @@ def _curate(**parameters: Any) -> dict:
     pipeline on the Dask cluster they name."""
     config = validate_config(parameters)
     # The modules a run uses are imported by now: some 600,000 objects that live as long as the
-    # process. Frozen, a full garbage collection no longer walks them; one took 0.45 s on 2 cores, and
-    # a run made one to four (weasyprint and fontTools allocate many objects). Once per process: what
-    # later runs leave behind stays collectable.
-    if not gc.get_freeze_count():
-        gc.freeze()
-    # The pipeline runs in this flow's process and thread, whose heartbeats already tell the server
-    # that it is alive. A second heartbeat thread would cost every run up to a second at its end:
-    # Prefect joins the thread, which wakes once a second.
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        return pipeline.with_options(task_runner=task_runner(config))(config)
+    # process. Frozen for the run, a full garbage collection no longer walks them; one took 0.45 s on
+    # 2 cores, and a run made one to four (weasyprint and fontTools allocate many objects). Unfrozen
+    # at its end, so that what runs leave behind, and the process's exit, are collected as before.
+    gc.freeze()
+    try:
+        # The pipeline runs in this flow's process and thread, whose heartbeats already tell the server
+        # that it is alive. A second heartbeat thread would cost every run up to a second at its end:
+        # Prefect joins the thread, which wakes once a second.
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            return pipeline.with_options(task_runner=task_runner(config))(config)
+    finally:
+        gc.unfreeze()
 
 
 _curate.__signature__ = flow_signature()  # type: ignore[attr-defined]

@@ -1,5 +1,6 @@
 """End-to-end: the thresher CLI on real generated images, through Prefect and a real Dask cluster."""
 
+import gc
 import json
 import os
 import subprocess
@@ -35,6 +36,7 @@ def test_curation_writes_the_lightly_layout(tmp_path, dask_address):
                 "stopping_condition.n_samples=0.5", "dump_dataset=True", "output_image_size=32",
                 "output_image_format=jpg", "token=TOPSECRET")
     assert code == 0
+    assert gc.get_freeze_count() == 0  # the run unfroze the objects it froze: the process collects them as before
     run = tmp_path / "out" / "run"
     with Client(dask_address) as client:
         assert client.run(os.getpid) == workers, "the workers of a cluster given by address were replaced"
