@@ -157,9 +157,17 @@ def track(futures: list[PrefectFuture], stage: str, shards: list[list], timings:
     return results
 
 
-def items_of(pieces: list[list], task: list[int]) -> list:
-    """The items of a task's pieces, as one shard (for its progress and its error message)."""
-    return [item for i in task for item in pieces[i]]
+@dataclass(frozen=True)
+class Tasks:
+    """A stage's pieces to compute, grouped into tasks (see tasks/caching.py: pack)."""
+
+    pieces: list[list[list]]  # each task's pieces, as lists of items
+    paths: list[list[UPath]]  # each task's pieces' result files in the cache
+    cached: int  # pieces whose result the cache holds
+
+    def shards(self) -> list[list]:
+        """Each task's items as one shard (for its progress and its error message)."""
+        return [[item for piece in task for item in piece] for task in self.pieces]
 
 
 def describe_shard(shard: list) -> str:
@@ -318,12 +326,11 @@ class Stages:
         shards: list[list[InputFile | FrameRange]] = stable_shards(
             images, lambda f: f.filename, config.dask.shard_size, self.slots)
         shards += video_shards(probed, config.dask.shard_size, self.slots)
-        pieces, paths, tasks = self.pieces("check", options, shards, shards)
+        paths, tasks = self.pieces("check", options, shards, shards)
         futures = check_pieces.with_options(retries=config.dask.retries).map(
-            unmapped(self.input), [[pieces[i] for i in task] for task in tasks], unmapped(options),
-            [[paths[i] for i in task] for task in tasks])
-        track(futures, "check", [items_of(pieces, task) for task in tasks], self.timings)
-        self.timings["check"]["cached_shards"] = len(pieces) - sum(map(len, tasks))
+            unmapped(self.input), tasks.pieces, unmapped(options), tasks.paths)
+        track(futures, "check", tasks.shards(), self.timings)
+        self.timings["check"]["cached_shards"] = tasks.cached
         corrupt_videos = write_parquet(check_table(corrupt_video_rows(probed)), self.work / "check-videos.parquet")
         self.check_paths = [corrupt_videos, *paths]
 
@@ -385,19 +392,18 @@ class Stages:
         shards: list[list] = [*image_shards, *frame_shards]
         keyed = [[(*item, *self.identities[item[0]][1:]) if isinstance(item, tuple) else item for item in s]
                  for s in shards]
-        pieces, paths, tasks = self.pieces("embed", key_params, shards, keyed)
+        paths, tasks = self.pieces("embed", key_params, shards, keyed)
         # On a cluster with GPU workers, embedding runs only there (one task per GPU at a time).
         with dask.annotate(resources={"GPU": 1}) if self.cluster.gpu else nullcontext():
             futures = embed_pieces.with_options(retries=config.dask.retries).map(
-                unmapped(self.input), [[pieces[i] for i in task] for task in tasks], unmapped(spec), unmapped(options),
-                [[paths[i] for i in task] for task in tasks])
-        embedded = track(futures, "embed", [items_of(pieces, task) for task in tasks], self.timings)
+                unmapped(self.input), tasks.pieces, unmapped(spec), unmapped(options), tasks.paths)
+        embedded = track(futures, "embed", tasks.shards(), self.timings)
         del futures  # their keys are released: the workers replaced below hold nothing the flow still wants
         compute = sum(e["compute_seconds"] for e in embedded)
         total = sum(e["seconds"] for e in embedded)
         self.timings["embed"]["compute_efficiency"] = round(compute / total, 3) if total else None
-        self.timings["embed"]["cached_shards"] = len(pieces) - sum(map(len, tasks))
-        if tasks and self.cluster.own_workers:
+        self.timings["embed"]["cached_shards"] = tasks.cached
+        if tasks.pieces and self.cluster.own_workers:
             self.start_replacing_workers()
         start = time.perf_counter()
         gathered = gather_embeddings(self.samples_path, paths, self.embeddings_path, self.dim)
@@ -423,19 +429,19 @@ class Stages:
             self.replacing.result()
             self.replacing = None
 
-    def pieces(self, stage: str, params: Any, shards: list[list], keyed: list[list]) -> tuple[list[list], list[UPath], list[list[int]]]:
+    def pieces(self, stage: str, params: Any, shards: list[list], keyed: list[list]) -> tuple[list[UPath], Tasks]:
         """The shards as pieces (see plan_pieces; `keyed` is each shard's items as they enter its key):
-        their items, their result files in the cache, and the indices of those to compute, grouped
-        into tasks of about dask.shard_size samples (see pack). One listing of the cache folder tells
-        what is there."""
+        every piece's result file in the cache, in order, and the pieces to compute, grouped into tasks
+        of about dask.shard_size samples (see pack). One listing of the cache folder tells what is there."""
         plan = plan_pieces(stage, self.source, params, keyed, existing_names(self.cache / stage) if shards else set(),
                            self.slots)
         pieces = [(shard[piece.start : piece.stop], cache_path(self.cache, stage, piece.key), piece.cached)
                   for shard, shard_plan in zip(shards, plan) for piece in shard_plan]
-        todo = [i for i, (_, _, cached) in enumerate(pieces) if not cached]
-        tasks = pack([count_samples(pieces[i][0]) for i in todo], self.slots, self.config.dask.shard_size)
-        return [items for items, _, _ in pieces], [path for _, path, _ in pieces], [
-            [todo[j] for j in task] for task in tasks]
+        todo = [(items, path) for items, path, cached in pieces if not cached]
+        groups = pack([count_samples(items) for items, _ in todo], self.slots, self.config.dask.shard_size)
+        tasks = Tasks([[todo[i][0] for i in group] for group in groups], [[todo[i][1] for i in group] for group in groups],
+                      cached=len(pieces) - len(todo))
+        return [path for _, path, _ in pieces], tasks
 
     def select(self, pool: pa.Table | None) -> None:
         config = self.config
