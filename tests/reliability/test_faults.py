@@ -125,21 +125,20 @@ def test_a_worker_killed_mid_run_is_retried_to_the_same_result(clean_run, tmp_pa
 
 def test_disk_full_while_writing_outputs(clean_run, tmp_path, dask_address, monkeypatch, capsys):
     source, clean = clean_run
-    real_write_csv = embeddings_csv.pacsv.write_csv
+    real_csv_lines = embeddings_csv.csv_lines
 
-    def write_half_then_fail(table, out, *args, **kwargs):
-        out.write(b"filenames,emb")  # what a filling disk takes before it refuses
+    def fail(*args, **kwargs):  # the header is written by now: what a filling disk takes before it refuses
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     run = ["run", f"dask.address={dask_address}", f"input_dir={source}", f"output_dir={tmp_path / 'out'}",
            f"shared_dir={tmp_path / 'shared'}", *OPTIONS]
-    monkeypatch.setattr(embeddings_csv.pacsv, "write_csv", write_half_then_fail)
+    monkeypatch.setattr(embeddings_csv, "csv_lines", fail)
     assert main(run) == 1
     assert "No space left on device" in capsys.readouterr().err
     data = tmp_path / "out" / "run" / "data"
     assert not (data / "embeddings.csv").exists() and not (tmp_path / "out" / "run" / "report.json").exists()
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")], "a partial temporary file was left"
 
-    monkeypatch.setattr(embeddings_csv.pacsv, "write_csv", real_write_csv)
+    monkeypatch.setattr(embeddings_csv, "csv_lines", real_csv_lines)
     assert main(run) == 0
     assert_same_outputs(tmp_path / "out" / "run", clean)

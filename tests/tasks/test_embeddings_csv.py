@@ -28,6 +28,25 @@ def test_a_csv_of_many_blocks_keeps_the_order_of_its_rows(tmp_path):
     np.testing.assert_array_equal(read, vectors[rows])
 
 
+def test_every_float32_reads_back_exactly(tmp_path):
+    extremes = np.array([0.0, -0.0, 1e-45, -1.17549435e-38, 1e-7, 123456789.0, 1e20, 3.4028235e38, -3.4028235e38], np.float32)
+    vectors = np.vstack([extremes, np.random.default_rng(3).normal(scale=1e3, size=(50, extremes.size)).astype(np.float32)])
+    names = ['say "cheese".jpg', *(f"{i}.jpg" for i in range(50))]
+    path = write_embeddings_csv(tmp_path / "e.csv", names, vectors, [0] * 51)
+    filenames, read, _ = read_embeddings_csv(path)
+    assert filenames == names
+    np.testing.assert_array_equal(read.view(np.uint32), vectors.view(np.uint32))  # bit for bit, the sign of -0.0 too
+    np.testing.assert_array_equal(load_embeddings(str(path))[0].astype(np.float32), vectors)
+
+
+def test_a_non_finite_embedding_is_refused_naming_the_file_and_the_sample(tmp_path):
+    vectors = np.ones((3, 2), np.float32)
+    vectors[1, 0] = np.inf
+    with pytest.raises(ValueError, match=r"e\.csv: row for 'b\.jpg' has NaN or infinite values"):
+        write_embeddings_csv(tmp_path / "e.csv", ["a.jpg", "b.jpg", "c.jpg"], vectors, [0, 0, 0])
+    assert not (tmp_path / "e.csv").exists()
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
