@@ -89,7 +89,8 @@ class ScorerConfig(_Section):
 class Loader(_Section):
     batch_size: int = Field(16, gt=0, description="Images per batch for embedding (and training).")
     shuffle: bool = Field(True, description="Shuffle training batches (embedding keeps input order).")
-    num_workers: int = Field(-1, ge=-1, description="Decoding threads per embedding task; -1 means one per CPU core.")
+    num_workers: int = Field(-1, ge=-1, description="Decoding threads per embedding task, and data-loading processes "
+                                                    "when training; -1 means one per CPU core.")
     drop_last: bool = Field(True, description="Drop the last incomplete training batch.")
 
 

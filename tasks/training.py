@@ -210,6 +210,19 @@ def loader_workers(requested: int) -> int:
     return workers
 
 
+def loader_context() -> multiprocessing.context.BaseContext:
+    """Where data-loading processes come from: forked from a fork server, not from the flow's process.
+
+    A process forked from the flow's inherits the exit hooks of Prefect's API services, whose threads
+    live only in the flow's process. They failed at the loader worker's exit (code 1), and torch then
+    printed a "DataLoader worker exited unexpectedly" traceback at the end of every training. (Forking a
+    process that runs threads is unsafe anyway; Python 3.14 no longer does it by default.) The server
+    imports this module once, about 10 s on 2 cores, and forks each worker ready to load."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # no effect once the server runs: it is one per process
+    return context
+
+
 def training_loader(paths: list[UPath], options: TrainOptions, seed: int, pin_memory: bool) -> torch.utils.data.DataLoader:
     if len(paths) < 2:
         raise ValueError(f"enable_training=True needs at least 2 images to contrast; the input has {len(paths)}.")
@@ -222,6 +235,7 @@ def training_loader(paths: list[UPath], options: TrainOptions, seed: int, pin_me
         drop_last=options.drop_last,
         num_workers=workers,
         persistent_workers=workers > 0,
+        multiprocessing_context=loader_context() if workers > 0 else None,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
     )

@@ -1,3 +1,6 @@
+import dataclasses
+import gc
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +116,24 @@ def test_train_model_task_reports_progress(images, tmp_path, prefect_server):
 
     artifacts = [a for a in asyncio.run(progress()) if a.key == "training-progress"]
     assert artifacts and artifacts[0].data == 100
+
+
+def test_loader_processes_end_cleanly_in_a_flow_process(images, tmp_path, prefect_server, monkeypatch):
+    """Data-loading processes forked from a process running Prefect's API services once failed at
+    their exit, and torch reported it as an error when the loader was collected."""
+    from prefect import flow
+
+    errors = []
+    monkeypatch.setattr(sys, "unraisablehook", errors.append)  # where torch's report went
+
+    @flow
+    def training_with_loader_processes() -> str:
+        return train_model(images[0].parent, [p.name for p in images], SPEC, dataclasses.replace(TINY, num_workers=2),
+                           tmp_path)
+
+    assert Path(training_with_loader_processes()).name == "lightly_epoch_0.ckpt"
+    gc.collect()
+    assert not errors, errors[0].exc_value
 
 
 @pytest.mark.parametrize("extra, message", [
