@@ -113,6 +113,22 @@ def test_random_selection_is_seeded(tmp_path, dask_address):
     assert sorted(corrupt) == ["cats/broken.jpg", "dogs/empty.png"]
 
 
+def test_training_fine_tunes_the_model_the_run_then_embeds_with(tmp_path, dask_address):
+    dataset(tmp_path / "in", per_label=4)
+    common = [f"input_dir={tmp_path / 'in'}", f"output_dir={tmp_path / 'out'}", "stopping_condition.n_samples=3"]
+    assert _run(dask_address, *common, "run_directory=plain") == 0
+    assert _run(dask_address, *common, "run_directory=trained", "enable_training=True", "lightly.trainer.max_epochs=1",
+                "lightly.loader.num_workers=2") == 0
+    run = tmp_path / "out" / "trained"
+    assert (run / "lightly_epoch_0.ckpt").is_file()
+    assert "train" in [stage["stage"] for stage in json.loads((run / "report.json").read_text())["stages"]]
+    plain, _, plain_names = load_embeddings(str(tmp_path / "out" / "plain" / "data" / "embeddings.csv"))
+    trained, _, trained_names = load_embeddings(str(run / "data" / "embeddings.csv"))
+    assert list(plain_names) == list(trained_names) and plain.shape == trained.shape
+    assert not np.allclose(plain, trained, atol=1e-3), "the trained run embedded with the pretrained model"
+    assert len(_lines(run / "filenames" / "sampled_filenames.txt")) == 3
+
+
 def test_bad_input_stops_with_a_clear_message(tmp_path, capsys):
     assert main(["run", "input_dir=x", "output_dir=y", "stopping_condition.n_sampels=3"]) == 2
     assert "Did you mean: stopping_condition.n_samples" in capsys.readouterr().err
