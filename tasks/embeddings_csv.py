@@ -67,7 +67,8 @@ def csv_lines(path: UPath, filenames: list[str], labels: list[int], vectors: np.
         name = filenames[int(np.argmin(finite))]
         raise ValueError(f"embeddings file {path}: row for {name!r} has NaN or infinite values.")
     vectors = np.ascontiguousarray(vectors)  # orjson takes C-ordered rows only
-    return b"".join(b'"%s",%s,%d\n' % (name.replace('"', '""').encode(), orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1], label)
+    return b"".join(b'"%s",%s,%d\n' % (name.replace('"', '""').encode(),
+                                        orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1], label)
                     for name, label, row in zip(filenames, labels, vectors))
 
 
