@@ -1,7 +1,7 @@
 """Listing: how fast one recursive listing of an S3 bucket with many small objects runs, against
-moto's S3 server on loopback.
+moto's S3 server on loopback; with --local, of a local folder of as many empty files.
 
-    .venv/bin/python -m benchmarks.listing [--n 100000]
+    .venv/bin/python -m benchmarks.listing [--n 100000] [--local]
 
 Starts moto's server in a process of its own with a bucket of n one-byte objects under nested
 prefixes (part_XXX/shard_X/img_XXXXXX.jpg), then times `list_objects` alone: one paginated
@@ -51,13 +51,30 @@ def serve_filled_bucket(port: int, n: int) -> None:
     moto_server(["-H", "127.0.0.1", "-p", str(port)])
 
 
+def list_local_folder(n: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(n):
+            path = Path(tmp) / key(i)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+        started, cpu = time.perf_counter(), time.process_time()
+        listing = list_images(location(tmp))
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    assert len(listing) == n, (len(listing), n)
+    print(f"listed {n:,} local files in {seconds:.2f} s: {n / seconds:,.0f} files/s ({cpu:.2f} s of CPU)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100_000, help="objects in the bucket")
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--local", action="store_true", help="list a local folder instead of a bucket")
     args = parser.parse_args()
     if args.serve:
         serve_filled_bucket(args.serve, args.n)
+        return
+    if args.local:
+        list_local_folder(args.n)
         return
 
     os.environ.update(S3_ENV)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
+from stat import S_ISDIR
 
 from PIL import Image
 from prefect import get_run_logger, task
@@ -31,6 +32,7 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpeg", 
 IMAGE_EXTENSIONS = frozenset(
     ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
 ) - VIDEO_EXTENSIONS
+INPUT_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -48,29 +50,51 @@ class InputFile:
 
 
 def _walk(root: Path) -> list[tuple[str, int, str]]:
-    """Regular files under root. Symlinks are followed only while they stay inside root;
-    directory symlinks are not descended (this also makes symlink loops harmless)."""
+    """Regular files under root: a folder's files by name, then its subfolders by name. Symlinks to
+    files are followed only while they stay inside root; directory symlinks are not descended (this
+    also makes symlink loops harmless).
+
+    Plain strings and os.scandir, not pathlib: a nightly run lists every file of the folder. Over
+    100,000 files, listing took 2.0 s with a path object per file and takes 0.7 s without; their
+    stat calls alone take 0.33 s."""
     real_root = root.resolve()
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            if not _is_utf8(str(path)):
+    found: list[tuple[str, int, str]] = []
+
+    def visit(folder: str, prefix: str) -> None:
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:  # a subfolder that cannot be read, or is gone since its parent was read
+            if not prefix:
+                raise
+            log.warning("Skipping the folder %s: %s", folder, error.strerror or error)
+            return
+        folders = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(entry)
+                continue
+            if not _is_utf8(entry.path):
                 log.warning("Skipping %s: its name is not valid UTF-8, which the output lists and CSVs need; "
-                            "rename the file (e.g. with convmv) to include it.", ascii(str(path)))
+                            "rename the file (e.g. with convmv) to include it.", ascii(entry.path))
                 continue
             try:
-                stat = path.stat()
-            except OSError as error:  # dangling symlink, symlink loop, or gone since the directory was read
-                log.warning("Skipping %s: %s", path, error.strerror or error)
+                stat = entry.stat()  # follows a symlink
+            except OSError as error:  # dangling symlink, symlink loop, or gone since the folder was read
+                log.warning("Skipping %s: %s", entry.path, error.strerror or error)
                 continue
-            if path.is_symlink():
-                target = path.resolve()  # stat succeeded, so the link resolves without a loop
-                if not target.is_relative_to(real_root):
-                    log.warning("Skipping %s: it is a symlink to %s, outside input_dir.", path, target)
+            if entry.is_symlink():
+                if S_ISDIR(stat.st_mode):
                     continue
-            found.append((path.relative_to(root).as_posix(), stat.st_size, local_version(stat.st_mtime)))
+                target = Path(entry.path).resolve()  # stat succeeded, so the link resolves without a loop
+                if not target.is_relative_to(real_root):
+                    log.warning("Skipping %s: it is a symlink to %s, outside input_dir.", entry.path, target)
+                    continue
+            found.append((prefix + entry.name, stat.st_size, local_version(stat.st_mtime)))
+        for entry in folders:
+            visit(entry.path, prefix + entry.name + "/")
+
+    visit(os.fspath(root), "")
     return found
 
 
@@ -96,8 +120,16 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
+def suffix(filename: str) -> str:
+    """The lower-cased extension of a posix name, as PurePosixPath(filename).suffix gives it, without
+    building a path: listing asks it of every file."""
+    name = filename.rpartition("/")[2]
+    dot = name.rfind(".")
+    return name[dot:].lower() if 0 < dot < len(name) - 1 else ""
+
+
 def is_video(filename: str) -> bool:
-    return PurePosixPath(filename).suffix.lower() in VIDEO_EXTENSIONS
+    return suffix(filename) in VIDEO_EXTENSIONS
 
 
 def assign_labels(filenames: list[str]) -> list[int]:
@@ -115,11 +147,11 @@ def read_relevant_filenames(path: UPath) -> list[str]:
 
 
 def list_images(root: UPath, relevant_filenames: list[str] | None = None) -> list[InputFile]:
-    """Image and video files under input_dir, sorted by relative path."""
+    """Image and video files under input_dir: a local folder's in the order of `_walk`, a bucket's by key."""
     if is_local(root) and not root.is_dir():
         raise FileNotFoundError(f"input_dir={describe(root)!r} is not a folder.")
     found = _walk(root) if is_local(root) else _find(root)
-    entries = [entry for entry in found if PurePosixPath(entry[0]).suffix.lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS]
+    entries = [entry for entry in found if suffix(entry[0]) in INPUT_EXTENSIONS]
     if relevant_filenames is not None:
         wanted = set(relevant_filenames)
         missing = wanted - {entry[0] for entry in entries}

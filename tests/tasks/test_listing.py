@@ -1,6 +1,8 @@
 import os
+from pathlib import PurePosixPath
 
-from tasks.listing import assign_labels, list_images, read_relevant_filenames
+from tasks import listing
+from tasks.listing import assign_labels, is_video, list_images, read_relevant_filenames, suffix
 from tests.images import picture, save
 
 
@@ -43,3 +45,32 @@ def test_names_that_are_not_utf8_are_skipped_with_a_warning(tmp_path, caplog):
         handle.write((tmp_path / "good.jpg").read_bytes())
     assert [f.filename for f in list_images(tmp_path)] == ["good.jpg"]
     assert "caf\\udce9.jpg" in caplog.text and "not valid UTF-8" in caplog.text
+
+
+def test_a_folder_lists_its_files_then_its_subfolders_in_name_order(tmp_path):
+    # The order of a top-down walk, as earlier releases listed: shard boundaries and cache keys follow it.
+    for name in ["b.jpg", "a/z.jpg", "a/c/y.jpg", "a/x.jpg", "c.png"]:
+        save(picture(1), tmp_path / name)
+    os.symlink(tmp_path / "a", tmp_path / "alias")  # a folder symlink is not descended
+    assert [f.filename for f in list_images(tmp_path)] == ["b.jpg", "c.png", "a/x.jpg", "a/z.jpg", "a/c/y.jpg"]
+
+
+def test_extensions_are_read_as_a_posix_path_reads_them():
+    names = ["a/b.JPG", "a/.jpg", "a/..jpg", "b.", "a.b/c", "x.tar.gz", "noext", "...", "dir.d/v.MP4"]
+    assert [suffix(name) for name in names] == [PurePosixPath(name).suffix.lower() for name in names]
+    assert [is_video(name) for name in names] == [False] * 8 + [True]
+
+
+def test_an_unreadable_subfolder_is_skipped_with_a_warning(tmp_path, monkeypatch, caplog):
+    for name in ["a.jpg", "locked/b.jpg", "open/c.jpg"]:
+        save(picture(1), tmp_path / name)
+    scandir = os.scandir
+
+    def refuse_locked(path):  # root may read any folder, so the refusal is injected
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied", path)
+        return scandir(path)
+
+    monkeypatch.setattr(listing.os, "scandir", refuse_locked)
+    assert [f.filename for f in list_images(tmp_path)] == ["a.jpg", "open/c.jpg"]
+    assert "Skipping the folder" in caplog.text and "locked" in caplog.text and "Permission denied" in caplog.text
