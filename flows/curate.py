@@ -38,7 +38,7 @@ from flows.clusters import load_cluster_spec
 from flows.config import ThresherConfig, dump_config, flow_signature, overrides_of, validate_config
 from tasks.caching import cache_path, pack, plan_pieces, stable_shards
 from tasks.datapool import (
-    PoolLock, check_compatible, commit, history, merge, processed_keys, read_pool, run_rows, sampled_rows,
+    PoolLock, check_compatible, commit, history, merge, processed_keys, read_pool, run_rows, sampled_embeddings,
 )
 from tasks.decoding import CheckOptions, check_pieces, check_table
 from tasks.dedup import classify
@@ -445,10 +445,9 @@ class Stages:
 
     def select(self, pool: pa.Table | None) -> None:
         config = self.config
-        sampled = sampled_rows(pool)
-        if sampled is not None and len(sampled):
-            self.centers_path = write_parquet(sampled.select(["filename", "label", "embedding"]),
-                                              self.work / "datapool-centers.parquet")
+        centers = sampled_embeddings(pool) if pool is not None else None
+        if centers is not None and len(centers):
+            self.centers_path = write_parquet(centers, self.work / "datapool-centers.parquet")
         self.start_views()
         start = time.perf_counter()
         out = self.selection_path

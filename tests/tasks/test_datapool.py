@@ -139,3 +139,17 @@ def test_a_schema_1_pool_reads_with_its_modification_times_as_versions(tmp_path)
     # exactly what listing now records for a local file with that modification time
     assert processed_keys(pool, "/data") == {("a.jpg", 10, repr(mtime)), ("b.jpg", 10, repr(mtime))}
     assert pool.column("embedding").to_pylist() == current.column("embedding").to_pylist()
+
+
+def test_a_schema_2_pool_reads_with_its_embeddings_and_is_rewritten_without_values_for_unsampled_rows(tmp_path):
+    current = _rows("r1", ["a.jpg", "b.jpg", "c.jpg"], ["removed", "sampled", "removed"])
+    fields = [pa.field("embedding", pa.list_(pa.float32(), 3)) if f.name == "embedding" else f for f in current.schema]
+    meta = {**current.schema.metadata, b"thresher.schema_version": b"2"}
+    (tmp_path / "pool").mkdir()
+    pq.write_table(current.cast(pa.schema(fields, metadata=meta)), tmp_path / "pool" / POOL_FILE)
+    pool = read_pool(tmp_path / "pool")
+    assert pool.schema == pool_schema(3, MODEL)
+    assert pool.column("embedding").to_pylist() == current.column("embedding").to_pylist()
+    commit(tmp_path / "pool", pool, keep_history=False)
+    # a fixed-size list holds 3 values for every row; the pool now holds them for the sampled row alone
+    assert sum(len(chunk.values) for chunk in read_pool(tmp_path / "pool").column("embedding").chunks) == 3
