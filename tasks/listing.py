@@ -55,7 +55,7 @@ def _walk(root: Path) -> list[tuple[str, int, str]]:
     also makes symlink loops harmless).
 
     Plain strings and os.scandir, not pathlib: a nightly run lists every file of the folder. Over
-    100,000 files, listing took 2.0 s with a path object per file and takes 0.7 s without; their
+    100,000 files, listing took 2.0 s with a path object per file and takes 0.6 s without; their
     stat calls alone take 0.33 s."""
     real_root = root.resolve()
     found: list[tuple[str, int, str]] = []
