@@ -101,6 +101,13 @@ def _deployment_run(service, *params: str) -> dict:
     return state
 
 
+def _wait_for_logs(service, check, what: str, query: dict | None = None) -> None:
+    """Wait until the server's logs (filtered by `query`) satisfy `check`. A process ships its log
+    lines in batches, so its last ones may reach the server after the run's final state."""
+    _wait(lambda: check(httpx.post(f"{service['api']}/logs/filter", timeout=10, json=query or {}).json()),
+          what, timeout=60)
+
+
 def test_deployment_runs_with_parameters_artifacts_and_incremental_reruns(service):
     root = service["root"]
     for seed in range(8):
@@ -117,8 +124,8 @@ def test_deployment_runs_with_parameters_artifacts_and_incremental_reruns(servic
     kinds = {a["type"] for a in artifacts}
     assert {"progress", "markdown", "table"} <= kinds, kinds
     assert any(a["type"] == "progress" and a["data"] == 100.0 for a in artifacts)
-    logs = httpx.post(f"{service['api']}/logs/filter", timeout=10, json={}).json()
-    assert any(entry["task_run_id"] and entry["name"] == "prefect.task_runs" for entry in logs)  # from Dask workers
+    _wait_for_logs(service, lambda logs: any(entry["task_run_id"] and entry["name"] == "prefect.task_runs"
+                                             for entry in logs), "task run logs from the Dask workers")
 
     if shutil.which("chromium"):
         _check_flow_run_page(service, state)
@@ -155,7 +162,10 @@ def test_bad_parameters_fail_with_the_config_message(service):
     state = _deployment_run(service, f"input_dir={root}", f"output_dir={root / 'out'}",
                             'stopping_condition={"n_sampels": 3}')
     assert state["state_type"] == "FAILED"
-    logs = httpx.post(f"{service['api']}/logs/filter", timeout=10,
-                      json={"logs": {"flow_run_id": {"any_": [state["id"]]}}}).json()
-    text = " ".join(entry["message"] for entry in logs)
-    assert "stopping_condition.n_sampels" in text and "Extra inputs are not permitted" in text
+
+    def names_the_key(logs: list[dict]) -> bool:
+        text = " ".join(entry["message"] for entry in logs)
+        return "stopping_condition.n_sampels" in text and "Extra inputs are not permitted" in text
+
+    _wait_for_logs(service, names_the_key, "the configuration error in the flow run's logs",
+                   {"logs": {"flow_run_id": {"any_": [state["id"]]}}})
