@@ -21,7 +21,7 @@ import psutil
 import pyarrow as pa
 
 from tasks.datapool import (
-    POOL_FILE, commit, history, merge, pool_schema, processed_keys, read_pool, sampled_embeddings,
+    POOL_FILE, commit, embedding_column, history, merge, pool_schema, processed_keys, read_pool, sampled_embeddings,
 )
 from tasks.storage import location
 
@@ -32,9 +32,7 @@ def pool_rows(first: int, n: int, n_sampled: int, dim: int, run: str, rng: np.ra
     names = [f"part_{i // 1000:04d}/img_{i:08d}.jpg" for i in range(first, first + n)]
     chosen = np.zeros(n, bool)
     chosen[rng.choice(n, n_sampled, replace=False)] = True
-    values = rng.standard_normal(n_sampled * dim, dtype=np.float32)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(chosen * dim)]), pa.int64())
-    embedding = pa.LargeListArray.from_arrays(offsets, pa.array(values), mask=pa.array(~chosen))
+    embedding = embedding_column(chosen, rng.standard_normal((n_sampled, dim), dtype=np.float32))
     columns = {
         "source": pa.array([SOURCE] * n), "filename": pa.array(names), "file": pa.array(names),
         "label": pa.array(np.zeros(n, np.int32)), "size": pa.array(np.full(n, 120_000, np.int64)),

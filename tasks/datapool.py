@@ -160,8 +160,7 @@ def run_rows(
     status = ["sampled" if n in sampled else "removed" if s == "ok" else s for n, s in zip(names, statuses)]
     chosen = np.fromiter((n in sampled for n in names), bool, len(names))
     vectors = np.asarray([sampled[n] for n in names if n in sampled], np.float32).reshape(-1, dim)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(chosen * dim)]), pa.int64())
-    embedding = pa.LargeListArray.from_arrays(offsets, pa.array(vectors.reshape(-1)), mask=pa.array(~chosen))
+    embedding = embedding_column(chosen, vectors)
     return pa.Table.from_arrays(
         [pa.array([source] * len(names), pa.string()), pa.array(names, pa.string()),
          pa.array([files[n][0] for n in names], pa.string()), samples.column("label"),
@@ -170,6 +169,13 @@ def run_rows(
          pa.array([run] * len(names), pa.string()), embedding],
         schema=pool_schema(dim, model),
     )
+
+
+def embedding_column(chosen: np.ndarray, vectors: np.ndarray) -> pa.LargeListArray:
+    """The pool's embedding column: the rows of `vectors` (m, d), in order, at the m rows where
+    `chosen` is true; null, with no values, at the others."""
+    offsets = pa.array(np.concatenate([[0], np.cumsum(chosen * vectors.shape[1])]), pa.int64())
+    return pa.LargeListArray.from_arrays(offsets, pa.array(vectors.reshape(-1)), mask=pa.array(~chosen))
 
 
 def merge(old: pa.Table | None, new: pa.Table) -> pa.Table:
