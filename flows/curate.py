@@ -217,7 +217,7 @@ def pipeline(config: ThresherConfig) -> dict:
     if swept:
         logger.info("Removed %d partial files that killed runs had left.", swept)
 
-    with PoolLock(pool_dir) if pool_dir else nullcontext():
+    with PoolLock(pool_dir) if pool_dir else nullcontext() as lock:
         dim, model = embedding_identity(config)
         pool = read_pool(pool_dir) if pool_dir else None
         check_compatible(pool, dim, model, pool_dir)
@@ -229,7 +229,7 @@ def pipeline(config: ThresherConfig) -> dict:
         stages.select(pool)
         stages.write()
         if pool_dir and config.datasource.enable_datapool_update:
-            stages.update_pool(pool_dir, pool, model)
+            stages.update_pool(lock, pool, model)
         counts = stages.report(started, pool_dir)
     logger.info(
         "Done: %d files -> %d sampled, %d removed, %d duplicate, %d corrupt. Results in %s",
@@ -505,7 +505,7 @@ class Stages:
             get_run_logger().warning("%d selected files could not be dumped to data/sampled (changed or deleted since "
                                      "they were checked): %s", len(failed), shown)
 
-    def update_pool(self, pool_dir: UPath, pool: pa.Table | None, model: str) -> None:
+    def update_pool(self, lock: PoolLock, pool: pa.Table | None, model: str) -> None:
         start = time.perf_counter()
         samples = read_parquet([self.samples_path])
         check = read_parquet(self.check_paths) if self.check_paths else None
@@ -515,7 +515,9 @@ class Stages:
         sampled = {name: vector for name, vector in zip(names, vectors) if name in chosen}
         identities = self.identities or {n: (n, 0, "") for n in samples.column("filename").to_pylist()}
         rows = run_rows(self.source, samples, identities, hashes, sampled, self.run_dir.name, self.dim, model)
-        commit(pool_dir, merge(pool, rows), self.config.datapool.keep_history)
+        merged = merge(pool, rows)
+        lock.check()  # the last moment before the pool is written
+        commit(lock.pool_dir, merged, self.config.datapool.keep_history)
         _timed(self.timings, "datapool", len(rows), start)
 
     def report(self, started: datetime, pool_dir: UPath | None) -> dict[str, int]:

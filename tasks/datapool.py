@@ -19,11 +19,14 @@ one atomic rename: a run killed at any point leaves the previous pool intact.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
 import socket
+import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
@@ -35,7 +38,8 @@ from upath import UPath
 from tasks.embeddings_csv import write_embeddings_csv
 from tasks.gathering import embedding_matrix
 from tasks.storage import (
-    ROW_GROUP_ROWS, atomic_target, create_exclusive, describe, is_local, local_version, parquet_options, read_table,
+    ROW_GROUP_ROWS, atomic_target, create_exclusive, describe, is_local, local_version, parquet_options, process_exists,
+    read_bytes, read_table, write_text,
 )
 
 POOL_FILE = "datapool.parquet"
@@ -47,6 +51,12 @@ LOCK_FILE = ".lock"
 #    every row, sampled or not, so a pool of 10^6 files with 10^5 sampled (d = 1280) took 5.3 GB in
 #    memory instead of 0.5 GB (its file, which stores no values for nulls, is the same).
 SCHEMA_VERSION = "3"
+# A run refreshes its lock every LOCK_REFRESH_SECONDS; one not refreshed for LOCK_STALE_SECONDS was
+# left by a crashed run, and the next run takes it over.
+LOCK_REFRESH_SECONDS = 30.0
+LOCK_STALE_SECONDS = 600.0
+
+log = logging.getLogger(__name__)
 
 
 class DatapoolError(RuntimeError):
@@ -231,55 +241,109 @@ def history(pool_dir: UPath) -> list[dict]:
 
 @dataclass
 class PoolLock:
-    """An exclusive lock on a pool that survives a crashed holder.
+    """An exclusive lock on a pool that survives a crashed holder, on any host or container.
 
-    The lock file records host, pid and time. A lock is stale when its holder process no longer
-    exists on this host, or when it is older than `stale_after` seconds (a holder on another host
-    that died); a stale lock is taken over, a live one stops the second run with a clear message."""
+    The lock file names its holder (host, pid and a token of its own) and when the holder last
+    refreshed it: a thread rewrites it every `refresh` seconds while the holder runs. A lock not
+    refreshed for `stale_after` seconds is stale (its holder died, wherever it ran), and so is one
+    whose holder's process is gone from this host; a stale lock is taken over, a live one stops the
+    second run with a clear message. A run may hold the pool for hours, so the lock's age says
+    nothing; and a holder on another host, or in a container whose host name and pid the next one
+    repeats, is told alive by its refreshes alone. A holder that stalled past `stale_after` (a
+    suspended machine) can lose the lock: `check()` before writing the pool tells it so, and it
+    leaves the new holder's lock alone."""
 
     pool_dir: UPath
-    stale_after: float = 12 * 3600
+    stale_after: float = LOCK_STALE_SECONDS
+    refresh: float = LOCK_REFRESH_SECONDS
+    token: str = field(default_factory=lambda: secrets.token_hex(8), init=False)
+    since: str = field(default="", init=False)  # when the lock was taken
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _refresher: threading.Thread | None = field(default=None, repr=False)
 
-    def __enter__(self) -> "PoolLock":
-        path = self.pool_dir / LOCK_FILE
-        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": datetime.now(timezone.utc).isoformat()})
+    @property
+    def path(self) -> UPath:
+        return self.pool_dir / LOCK_FILE
+
+    def __enter__(self) -> PoolLock:
+        self.since = datetime.now(timezone.utc).isoformat()
         for _ in range(2):
-            if create_exclusive(path, me):
+            if create_exclusive(self.path, self._record()):
+                self._refresher = threading.Thread(target=self._keep_fresh, name="datapool-lock", daemon=True)
+                self._refresher.start()
                 return self
-            holder = self._holder(path)
-            if not self._is_stale(holder, path):
+            text, holder = self._holder()
+            if not self._is_stale(holder):
                 raise DatapoolError(
                     f"datapool {describe(self.pool_dir)} is in use by process {holder.get('pid')} on "
                     f"{holder.get('host')} since {holder.get('since')}; wait for that run to finish (a crashed "
-                    f"run's lock is released automatically), or remove {describe(path)} if you are sure."
+                    f"run's lock is taken over {self.stale_after:.0f} s after its last refresh), or remove "
+                    f"{describe(self.path)} if you are sure."
                 )
-            path.unlink(missing_ok=True)
-        raise DatapoolError(f"datapool {describe(self.pool_dir)}: could not take the lock {describe(path)}.")
+            # Only the stale lock that was read: a run that took it over meanwhile keeps its own.
+            if self._holder()[0] == text:
+                self.path.unlink(missing_ok=True)
+        raise DatapoolError(f"datapool {describe(self.pool_dir)}: could not take the lock {describe(self.path)}.")
 
     def __exit__(self, *exc) -> None:
-        (self.pool_dir / LOCK_FILE).unlink(missing_ok=True)
+        self._stop.set()
+        if self._refresher is not None:
+            self._refresher.join()
+        if self._holder()[1].get("token") == self.token:
+            self.path.unlink(missing_ok=True)
 
-    @staticmethod
-    def _holder(path: UPath) -> dict:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return {}
+    def check(self) -> None:
+        """Raise DatapoolError when another run has taken the lock over: this one must not write the pool."""
+        holder = self._holder()[1]
+        if holder.get("token") != self.token:
+            now = f"names process {holder.get('pid')} on {holder.get('host')}" if holder else "is gone"
+            raise DatapoolError(
+                f"datapool {describe(self.pool_dir)}: this run no longer holds its lock ({describe(self.path)} {now}); "
+                f"a lock not refreshed for {self.stale_after:.0f} s is taken over (was this machine suspended?). The "
+                "pool was not updated; this run's own outputs are complete, and the next run adds its files to the pool."
+            )
 
-    def _is_stale(self, holder: dict, path: UPath) -> bool:
+    def _record(self) -> str:
+        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self.token, "since": self.since,
+                           "refreshed": datetime.now(timezone.utc).isoformat()})
+
+    def _keep_fresh(self) -> None:
+        while not self._stop.wait(self.refresh):
+            try:
+                if self._holder()[1].get("token") != self.token:
+                    return  # taken over: check() says so before the pool is written
+                write_text(self._record(), self.path)
+            except OSError as error:  # a store's hiccup: the next refresh tries again
+                log.warning("Could not refresh the datapool lock %s: %s", describe(self.path), error)
+
+    def _holder(self) -> tuple[str | None, dict]:
+        """The lock file's text and record; (None, {}) when there is none, {} when unreadable."""
         try:
-            age = time.time() - path.stat().st_mtime
+            data = read_bytes(self.path)
+        except FileNotFoundError:
+            return None, {}
+        text = data.decode(errors="replace")
+        try:
+            record = json.loads(text)
+        except ValueError:
+            return text, {}
+        return text, record if isinstance(record, dict) else {}
+
+    def _refreshed_ago(self, holder: dict) -> float:
+        """Seconds since the holder last refreshed the lock (by its record, else by the file's time)."""
+        try:
+            return time.time() - datetime.fromisoformat(holder["refreshed"]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            return time.time() - self.path.stat().st_mtime
+
+    def _is_stale(self, holder: dict) -> bool:
+        try:
+            ago = self._refreshed_ago(holder)
         except FileNotFoundError:
             return True
         if not holder:  # unreadable: stale unless its writer may still be filling it in
-            return age > 5
-        if age > self.stale_after:
+            return ago > 5
+        if ago > self.stale_after:
             return True
-        if holder.get("host") == socket.gethostname():
-            try:
-                os.kill(int(holder["pid"]), 0)
-            except ProcessLookupError:
-                return True
-            except PermissionError:
-                return False
-        return False
+        pid = holder.get("pid")
+        return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not process_exists(pid)

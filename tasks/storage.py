@@ -158,7 +158,7 @@ def remove_partial_files(folder: UPath, recursive: bool = False, max_age: float 
         if match is None:
             continue
         try:
-            dead = match["host"] == HOST and not _process_exists(int(match["pid"]))
+            dead = match["host"] == HOST and not process_exists(int(match["pid"]))
             if dead or time.time() - path.stat().st_mtime > max_age:
                 path.unlink()
                 removed += 1
@@ -167,7 +167,7 @@ def remove_partial_files(folder: UPath, recursive: bool = False, max_age: float 
     return removed
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,6 +101,30 @@ def test_a_second_run_on_a_pool_in_use_stops_with_a_message(tmp_path, dask_addre
     with PoolLock(tmp_path / "shared" / "busy"):
         assert _run(dask_address, tmp_path, "x", "datapool.name=busy", "stopping_condition.n_samples=2") == 1
     assert f"is in use by process {os.getpid()}" in capsys.readouterr().err
+
+
+def _take_over_when_locked(lock: Path, done: threading.Event) -> None:
+    """What a second run does with a stale lock, once this run's lock appears."""
+    while not lock.exists() and not done.wait(0.01):
+        pass
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 7, "token": "theirs", "since": "now", "refreshed": "now"}))
+
+
+def test_a_run_that_lost_its_lock_does_not_write_the_pool(tmp_path, dask_address, capsys):
+    (tmp_path / "shared").mkdir()
+    _images(tmp_path / "in", range(44, 48))
+    lock, done = tmp_path / "shared" / "taken" / LOCK_FILE, threading.Event()
+    thief = threading.Thread(target=_take_over_when_locked, args=(lock, done))
+    thief.start()
+    try:
+        assert _run(dask_address, tmp_path, "x", "datapool.name=taken", "stopping_condition.n_samples=2") == 1
+    finally:
+        done.set()
+        thief.join()
+    assert "this run no longer holds its lock" in capsys.readouterr().err
+    assert not (tmp_path / "shared" / "taken" / POOL_FILE).exists()
+    assert json.loads(lock.read_text())["token"] == "theirs"  # the other run's lock is left alone
+    assert (tmp_path / "out" / "x" / "filenames" / "sampled_filenames.txt").exists()
 
 
 def _cache_files(cache: Path) -> dict[str, float]:

@@ -3,6 +3,7 @@ import multiprocessing
 import os
 import socket
 import time
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pyarrow as pa
@@ -11,8 +12,8 @@ import pytest
 from lightly.utils.io import load_embeddings
 
 from tasks.datapool import (
-    CSV_FILE, HISTORY_DIR, LOCK_FILE, POOL_FILE, DatapoolError, PoolLock, check_compatible, commit, history, merge,
-    pool_schema, processed_keys, read_pool, run_rows, sampled_rows,
+    CSV_FILE, HISTORY_DIR, LOCK_FILE, LOCK_STALE_SECONDS, POOL_FILE, DatapoolError, PoolLock, check_compatible, commit,
+    history, merge, pool_schema, processed_keys, read_pool, run_rows, sampled_rows,
 )
 
 MODEL = "efficientnet-lite0|imagenet|input_size=64"
@@ -113,17 +114,69 @@ def test_lock_excludes_a_second_run_and_survives_a_crashed_holder(tmp_path):
     assert not (pool / LOCK_FILE).exists()
 
 
-def test_old_lock_from_another_host_is_stale(tmp_path):
+def _lock_record(host: str, refreshed_ago: float) -> str:
+    refreshed = datetime.now(timezone.utc) - timedelta(seconds=refreshed_ago)
+    return json.dumps({"host": host, "pid": 1, "token": "theirs", "since": "then", "refreshed": refreshed.isoformat()})
+
+
+def test_a_lock_from_another_host_is_taken_over_once_its_refreshes_stop(tmp_path):
     pool = tmp_path / "pool"
     pool.mkdir()
     lock = pool / LOCK_FILE
+    lock.write_text(_lock_record("elsewhere", refreshed_ago=LOCK_STALE_SECONDS - 60))
+    with pytest.raises(DatapoolError, match="in use by process 1 on elsewhere"):
+        PoolLock(pool).__enter__()
+    lock.write_text(_lock_record("elsewhere", refreshed_ago=LOCK_STALE_SECONDS + 60))
+    with PoolLock(pool):
+        assert json.loads(lock.read_text())["host"] == socket.gethostname()
+    # a record without its refresh time is judged by the file's
     lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "then"}))
     with pytest.raises(DatapoolError, match="in use"):
         PoolLock(pool).__enter__()
-    old = time.time() - 13 * 3600
+    old = time.time() - LOCK_STALE_SECONDS - 60
     os.utime(lock, (old, old))
     with PoolLock(pool):
-        assert json.loads(lock.read_text())["host"] == socket.gethostname()
+        pass
+    assert not lock.exists()
+
+
+def _hold_refreshed_lock(pool, ready, release):
+    with PoolLock(pool, stale_after=1.0, refresh=0.1):
+        ready.set()
+        release.wait(30)
+
+
+def test_a_holder_keeps_its_lock_fresh_for_as_long_as_it_runs(tmp_path):
+    pool = tmp_path / "pool"
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_refreshed_lock, args=(pool, ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        taken = json.loads((pool / LOCK_FILE).read_text())
+        time.sleep(2.5)  # more than twice stale_after: only the refreshes keep it
+        with pytest.raises(DatapoolError, match=f"in use by process {holder.pid}"):
+            PoolLock(pool, stale_after=1.0).__enter__()
+        now = json.loads((pool / LOCK_FILE).read_text())
+        assert now["since"] == taken["since"] and now["refreshed"] > taken["refreshed"]
+    finally:
+        release.set()
+        holder.join(60)
+    assert not (pool / LOCK_FILE).exists()
+
+
+def test_a_holder_that_stalled_loses_its_lock_and_leaves_the_new_one(tmp_path):
+    pool = tmp_path / "pool"
+    stalled = PoolLock(pool, stale_after=0.5, refresh=3600).__enter__()  # never refreshes in this test
+    time.sleep(0.7)
+    with PoolLock(pool, stale_after=0.5) as successor:
+        with pytest.raises(DatapoolError, match="no longer holds its lock"):
+            stalled.check()
+        stalled.__exit__(None, None, None)
+        assert json.loads((pool / LOCK_FILE).read_text())["token"] == successor.token
+        successor.check()
+    assert not (pool / LOCK_FILE).exists()
 
 
 def test_a_schema_1_pool_reads_with_its_modification_times_as_versions(tmp_path):

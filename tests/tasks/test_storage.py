@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import time
@@ -100,7 +101,10 @@ def test_exclusive_create_and_the_pool_lock_hold_in_a_bucket(store, request):
     root = request.getfixturevalue(store).path()
     assert create_exclusive(root / "lock", "first") and not create_exclusive(root / "lock", "second")
     assert (root / "lock").read_text() == "first"
-    with PoolLock(root / "pool"):
+    with PoolLock(root / "pool", refresh=0.2):
+        taken = json.loads((root / "pool" / ".lock").read_text())
         with pytest.raises(DatapoolError, match="in use by process"):
             PoolLock(root / "pool").__enter__()
+        time.sleep(1.0)
+        assert json.loads((root / "pool" / ".lock").read_text())["refreshed"] > taken["refreshed"]
     assert not (root / "pool" / ".lock").exists()
