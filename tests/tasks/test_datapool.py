@@ -90,19 +90,25 @@ def test_a_half_written_commit_leaves_the_previous_state(tmp_path):
     assert read_pool(pool).column("filename").to_pylist() == ["a.jpg"]
 
 
-def _hold_lock(pool, ready, release):
-    with PoolLock(pool):
+def _hold_lock(pool, ready, release, options):
+    with PoolLock(pool, **options):
         ready.set()
         release.wait(30)
 
 
-def test_lock_excludes_a_second_run_and_survives_a_crashed_holder(tmp_path):
-    pool = tmp_path / "pool"
+def _lock_holder(pool, **options):
+    """A process holding the pool's lock (PoolLock options), and the event that releases it."""
     ctx = multiprocessing.get_context("spawn")
     ready, release = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_lock, args=(pool, ready, release))
+    holder = ctx.Process(target=_hold_lock, args=(pool, ready, release, options))
     holder.start()
     assert ready.wait(60)
+    return holder, release
+
+
+def test_lock_excludes_a_second_run_and_survives_a_crashed_holder(tmp_path):
+    pool = tmp_path / "pool"
+    holder, _ = _lock_holder(pool)
     with pytest.raises(DatapoolError, match=f"in use by process {holder.pid}"):
         with PoolLock(pool):
             pass
@@ -140,20 +146,10 @@ def test_a_lock_from_another_host_is_taken_over_once_its_refreshes_stop(tmp_path
     assert not lock.exists()
 
 
-def _hold_refreshed_lock(pool, ready, release):
-    with PoolLock(pool, stale_after=1.0, refresh=0.1):
-        ready.set()
-        release.wait(30)
-
-
 def test_a_holder_keeps_its_lock_fresh_for_as_long_as_it_runs(tmp_path):
     pool = tmp_path / "pool"
-    ctx = multiprocessing.get_context("spawn")
-    ready, release = ctx.Event(), ctx.Event()
-    holder = ctx.Process(target=_hold_refreshed_lock, args=(pool, ready, release))
-    holder.start()
+    holder, release = _lock_holder(pool, stale_after=1.0, refresh=0.1)
     try:
-        assert ready.wait(60)
         taken = json.loads((pool / LOCK_FILE).read_text())
         time.sleep(2.5)  # more than twice stale_after: only the refreshes keep it
         with pytest.raises(DatapoolError, match=f"in use by process {holder.pid}"):
