@@ -39,7 +39,7 @@ from tasks.embeddings_csv import write_embeddings_csv
 from tasks.gathering import embedding_matrix
 from tasks.storage import (
     ROW_GROUP_ROWS, atomic_target, create_exclusive, describe, is_local, local_version, parquet_options, process_exists,
-    read_bytes, read_table, write_text,
+    StorageError, read_bytes, read_table, write_text,
 )
 
 POOL_FILE = "datapool.parquet"
@@ -258,8 +258,8 @@ class PoolLock:
     refresh: float = LOCK_REFRESH_SECONDS
     token: str = field(default_factory=lambda: secrets.token_hex(8), init=False)
     since: str = field(default="", init=False)  # when the lock was taken
-    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
-    _refresher: threading.Thread | None = field(default=None, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _refresher: threading.Thread | None = field(default=None, init=False, repr=False)
 
     @property
     def path(self) -> UPath:
@@ -313,7 +313,7 @@ class PoolLock:
                 if self._holder()[1].get("token") != self.token:
                     return  # taken over: check() says so before the pool is written
                 write_text(self._record(), self.path)
-            except OSError as error:  # a store's hiccup: the next refresh tries again
+            except (OSError, StorageError) as error:  # a store's hiccup: the next refresh tries again
                 log.warning("Could not refresh the datapool lock %s: %s", describe(self.path), error)
 
     def _holder(self) -> tuple[str | None, dict]:
