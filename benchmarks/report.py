@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.config import ThresherConfig  # noqa: E402
 from tasks.dedup import SAMPLES_SCHEMA  # noqa: E402
-from tasks.selection import SELECTION_SCHEMA  # noqa: E402
+from tasks.selection.tasks import SELECTION_SCHEMA  # noqa: E402
 
 CHUNK = 100_000
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import math
 import os
 import posixpath
 from typing import Any, Literal
@@ -43,6 +44,17 @@ class StoppingCondition(_Section):
     min_distance: float = Field(
         -1.0, description="Minimum distance between two samples in the selected set; -1 means inactive."
     )
+
+    # Lightly's -1 ("not set") stops here: the selection gets None instead. check_consistency holds the rules.
+    @property
+    def samples(self) -> int | float | None:
+        """`n_samples` as a count, a fraction in (0, 1], or None when it is not set."""
+        return None if self.n_samples == -1 else self.n_samples
+
+    @property
+    def radius(self) -> float | None:
+        """`min_distance`, or None when it is not set."""
+        return None if self.min_distance == -1 else self.min_distance
 
 
 class CorruptnessCheck(_Section):
@@ -429,7 +441,7 @@ def check_consistency(config: ThresherConfig) -> None:
         raise ConfigError("selected_sequence_length > 1 cannot be combined with datapool.name yet; "
                           "select sequences without a datapool, or frames (selected_sequence_length=1) with one.")
     stop = config.stopping_condition
-    if stop.n_samples == -1 and stop.min_distance == -1:
+    if stop.samples is None and stop.radius is None:
         raise ConfigError(
             "Set a stopping condition: stopping_condition.n_samples (count, or fraction in (0, 1]) "
             "and/or stopping_condition.min_distance."
@@ -439,14 +451,14 @@ def check_consistency(config: ThresherConfig) -> None:
         raise ConfigError(f"stopping_condition.n_samples={n}: a float must be a fraction in (0, 1]; use an int for a count.")
     if isinstance(n, int) and n < 0 and n != -1:
         raise ConfigError(f"stopping_condition.n_samples={n}: use a count >= 0, a fraction in (0, 1], or -1.")
-    if stop.min_distance != -1 and stop.min_distance < 0:
+    if stop.radius is not None and not (math.isfinite(stop.radius) and stop.radius >= 0):
         raise ConfigError(f"stopping_condition.min_distance={stop.min_distance}: use a distance >= 0 or -1.")
     if config.normalize_embeddings and stop.min_distance > 2:
         raise ConfigError(
             f"stopping_condition.min_distance={stop.min_distance}: normalised embeddings are at most 2 apart, "
             "so nothing past the first sample could be selected; use a value in [0, 2]."
         )
-    if config.method == "random" and stop.min_distance != -1:
+    if config.method == "random" and stop.radius is not None:
         raise ConfigError("stopping_condition.min_distance needs method=coreset; random selection ignores distances.")
     if config.enable_training and config.embeddings:
         raise ConfigError("enable_training=True needs images to train on; it cannot be combined with embeddings=.")

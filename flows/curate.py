@@ -49,7 +49,7 @@ from tasks.gathering import GATHERED_NAME, from_embeddings_csv, gather_embedding
 from tasks.listing import InputFile, is_video, list_datasource, read_relevant_filenames
 from tasks.outputs import write_outputs
 from tasks.report import StartedViews, start_views, write_report
-from tasks.selection import select_samples, select_sequences, selected_filenames
+from tasks.selection.tasks import SelectOptions, select_samples, select_sequences, selected_filenames
 from tasks.storage import describe, existing_names, read_parquet, remove_partial_files, write_parquet, write_text
 from tasks.video import (
     FrameRange, corrupt_video_rows, count_samples, frame_infos, probe_videos, read_videos, video_shards,
@@ -188,6 +188,19 @@ def model_spec(config: ThresherConfig) -> ModelSpec:
         num_ftrs=config.lightly.model.num_ftrs,
         checkpoint=config.shared_path(config.checkpoint, "checkpoint") if config.checkpoint else None,
         seed=config.lightly.seed,
+    )
+
+
+def select_options(config: ThresherConfig) -> SelectOptions:
+    stop = config.stopping_condition
+    return SelectOptions(
+        method=config.method,
+        n_samples=stop.samples,
+        min_distance=stop.radius,
+        normalize=config.normalize_embeddings,
+        seed=config.lightly.seed,
+        device=config.selection.device,
+        sequence_length=config.selected_sequence_length,
     )
 
 
@@ -450,19 +463,11 @@ class Stages:
             self.centers_path = write_parquet(centers, self.work / "datapool-centers.parquet")
         self.start_views()
         start = time.perf_counter()
-        out = self.selection_path
-        stop = config.stopping_condition
-        if config.selected_sequence_length > 1:
-            self.selection = select_sequences(
-                self.embeddings_path, self.videos_path, config.selected_sequence_length, config.method,
-                stop.n_samples, stop.min_distance, config.normalize_embeddings, config.lightly.seed,
-                config.selection.device, out,
-            )
+        options = select_options(config)
+        if options.sequence_length > 1:
+            self.selection = select_sequences(self.embeddings_path, self.videos_path, options, self.selection_path)
         else:
-            self.selection = select_samples(
-                self.embeddings_path, config.method, stop.n_samples, stop.min_distance, config.normalize_embeddings,
-                config.lightly.seed, config.selection.device, out, self.centers_path,
-            )
+            self.selection = select_samples(self.embeddings_path, options, self.selection_path, self.centers_path)
         _timed(self.timings, "select", self.selection["n_candidates"], start)
 
     def start_views(self) -> None:

@@ -18,7 +18,7 @@ from upath import UPath
 from tasks.embeddings_csv import Block, write_embeddings_csv_blocks
 from tasks.gathering import embedding_blocks, embedding_dim, normalize_rows
 from tasks.listing import is_video
-from tasks.selection import selected_filenames
+from tasks.selection.tasks import selected_filenames
 from tasks.storage import parquet_file, read_parquet, write_text
 
 LISTS = ("corrupt", "duplicate", "removed", "sampled")

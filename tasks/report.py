@@ -58,7 +58,7 @@ from upath import UPath
 from tasks.caching import CODE_VERSION
 from tasks.decoding import CorruptImage, open_image
 from tasks.gathering import load_embeddings
-from tasks.selection import selected_filenames
+from tasks.selection.tasks import selected_filenames
 from tasks.storage import (
     atomic_target, describe, file_identity, is_local, location, read_bytes, read_parquet, write_text,
 )

@@ -63,6 +63,32 @@ def test_a_stopping_condition_is_required():
         config_from_overrides(BASE)
 
 
+@pytest.mark.parametrize("value", [-2, 0.0, 1.5, -0.5, float("nan"), None])
+def test_n_samples_rejects(value):
+    with pytest.raises(ConfigError, match=r"stopping_condition\.n_samples.*" + repr(value)[:3]):
+        validate_config({"input_dir": "x", "output_dir": "y", "stopping_condition": {"n_samples": value}})
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=random", "stopping_condition.min_distance=0.5"], "min_distance needs method=coreset"),
+        (["stopping_condition.min_distance=.nan", "normalize_embeddings=False"], "=nan: use a distance >= 0"),
+        (["stopping_condition.min_distance=.inf", "normalize_embeddings=False"], "=inf: use a distance >= 0"),
+    ],
+)
+def test_stopping_rules_span_keys_and_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_overrides([*BASE, *overrides])
+
+
+def test_minus_one_means_not_set():
+    stop = config_from_overrides([*BASE, "stopping_condition.n_samples=0.3"]).stopping_condition
+    assert (stop.n_samples, stop.min_distance, stop.samples, stop.radius) == (0.3, -1, 0.3, None)
+    stop = config_from_overrides([*BASE, "stopping_condition.min_distance=0"]).stopping_condition
+    assert (stop.n_samples, stop.samples, stop.radius) == (-1, None, 0.0)
+
+
 def test_missing_required_key():
     with pytest.raises(ConfigError, match="output_dir: required"):
         config_from_overrides(["input_dir=x", "stopping_condition.n_samples=3"])

@@ -18,7 +18,7 @@ import pytest
 
 from tasks.dedup import SAMPLES_SCHEMA
 from tasks.gathering import embedding_schema
-from tasks.selection import SELECTION_SCHEMA
+from tasks.selection.tasks import SELECTION_SCHEMA
 
 N, DIM, SHARDS, SMALL = 48_000, 512, 12, 3
 MATRIX_BYTES = N * DIM * 4  # 98 MB

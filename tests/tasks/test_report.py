@@ -25,7 +25,7 @@ from tasks.report import (
     COLOURS, ReportSettings, Thumbnails, artifacts, build_report, content_key, example_pairs, histogram,
     nearest_neighbours, pairwise_stats, pca_2d, plot_pair, savings, start_views, umap_2d,
 )
-from tasks.selection import select_samples, selected_filenames
+from tasks.selection.tasks import SelectOptions, select_samples, selected_filenames
 from tasks.storage import write_parquet
 from tests.images import picture, save, truncated
 
@@ -140,6 +140,10 @@ def test_content_keys_tell_values_types_and_shapes_apart():
     assert len(keys) == 8
 
 
+def _select_options(n_samples: int) -> SelectOptions:
+    return SelectOptions("coreset", n_samples, None, True, 1, "cpu", 1)
+
+
 # A small real run: 14 images, 3 planted exact duplicates (two copies of one image, one of
 # another) and 2 corrupt files, classified by the real check and dedup stages, selected by coreset.
 @pytest.fixture(scope="module")
@@ -165,8 +169,7 @@ def inputs(tmp_path_factory) -> dict:
                   work / "embeddings.parquet")
     config = ThresherConfig(input_dir=str(images), output_dir=str(root), n_example_images=4,
                             stopping_condition={"n_samples": N_SELECT}).model_dump(mode="json", exclude={"token"})
-    selection = select_samples.fn(work / "embeddings.parquet", "coreset", N_SELECT, -1, True, 1, "cpu",
-                                  work / "selection.parquet")
+    selection = select_samples.fn(work / "embeddings.parquet", _select_options(N_SELECT), work / "selection.parquet")
     counts = {"n_input_files": 19, "n_corrupt": 2, "n_duplicate": 3, "n_removed": N_GOOD - N_SELECT, "n_sampled": N_SELECT}
     job = {"started": "2026-01-01T10:00:00+00:00", "finished": "2026-01-01T10:01:00+00:00", "duration_seconds": 60.0,
            "run_directory": str(run_dir)}
@@ -360,8 +363,7 @@ def test_a_new_selection_recomputes_its_numbers_and_plots_but_not_the_projection
     cache = tmp_path / "cache"
     first = _build(inputs, tmp_path / "first", cache_dir=cache)
     work = tmp_path / "work"
-    wider = select_samples.fn(inputs["embeddings_path"], "coreset", N_SELECT + 3, -1, True, 1, "cpu",
-                              work / "selection.parquet")
+    wider = select_samples.fn(inputs["embeddings_path"], _select_options(N_SELECT + 3), work / "selection.parquet")
     distances, projections = _count_calls(monkeypatch, "distance_statistics"), _count_calls(monkeypatch, "umap_2d")
     second = _build(inputs, tmp_path / "second", cache_dir=cache, selection_path=work / "selection.parquet",
                     selection=wider)
@@ -454,8 +456,7 @@ def test_a_run_without_samples_of_its_own_projects_nothing(inputs, tmp_path, mon
     write_parquet(pa.table({"filename": pa.array([], pa.string()), "label": pa.array([], pa.int32()),
                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), 16)}),
                   work / "embeddings.parquet")
-    selection = select_samples.fn(work / "embeddings.parquet", "coreset", N_SELECT, -1, True, 1, "cpu",
-                                  work / "selection.parquet")
+    selection = select_samples.fn(work / "embeddings.parquet", _select_options(N_SELECT), work / "selection.parquet")
     for name in ("pca_2d", "umap_2d", "_thumbnail"):
         monkeypatch.setattr(tasks.report, name, _fail)
     counts = {"n_input_files": 0, "n_corrupt": 0, "n_duplicate": 0, "n_removed": 0, "n_sampled": 0,

@@ -1,4 +1,4 @@
-"""Tests of tasks/selection.py against brute-force references, on every backend that runs on CPU.
+"""Tests of tasks/selection/ against brute-force references, on every backend that runs on CPU.
 
 The torch backend runs on a CPU device here: it drives the same batched, roll-back greedy loop
 that a CUDA GPU runs, including half-precision storage.
@@ -15,17 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from tasks.selection import (
-    ArrayModuleBackend,
-    Plan,
-    TorchBackend,
-    coreset,
-    coreset_two_round,
-    plan_storage,
-    random,
-    resolve_n_samples,
-    select,
-)
+from tasks.selection.backends import ArrayModuleBackend, TorchBackend
+from tasks.selection.kcenter import Plan, coreset, coreset_two_round, plan_storage, random_subset, select
+from tasks.selection.tasks import SelectOptions
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -204,7 +196,7 @@ def test_random_is_seeded_and_reports_distances() -> None:
     x = near_duplicates(0, 300, 8, 1.0)
     centers = x[:2] + 1
     a = select(x, "random", 40, None, centers, seed=5, device="cpu")
-    b = random(x, 40, None, centers, 5, TorchBackend("cpu"))
+    b = random_subset(x, 40, centers, 5, TorchBackend("cpu"))
     assert a.indices.tolist() == b.indices.tolist()
     assert a.indices.tolist() == np.random.default_rng(5).choice(300, 40, replace=False).tolist()
     chosen = np.concatenate([centers, x[a.indices]]).astype(np.float64)
@@ -212,7 +204,7 @@ def test_random_is_seeded_and_reports_distances() -> None:
     np.testing.assert_allclose(a.distances, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(b.distances, a.distances, rtol=1e-5, atol=1e-5)
     assert select(x, "random", 1, None, seed=0, device="cpu").distances.tolist() == [np.inf]
-    assert len(random(x, None, None).indices) == 300
+    assert len(random_subset(x, None).indices) == 300
 
 
 def test_two_round_runs_automatically_when_memory_is_short() -> None:
@@ -255,17 +247,11 @@ def test_plan_storage(free: int, copies: bool, half: bool, want: Plan) -> None:
 
 @pytest.mark.parametrize(
     ("value", "total", "want"),
-    [(-1, 10, None), (0, 10, 0), (3, 10, 3), (50, 10, 10), (0.25, 10, 2), (1.0, 7, 7),
+    [(None, 10, None), (0, 10, 0), (3, 10, 3), (50, 10, 10), (0.25, 10, 2), (1.0, 7, 7),
      (0.5, 3, 2), (1e-9, 10, 0), (np.int64(4), 10, 4)],
 )
-def test_resolve_n_samples(value: int | float, total: int, want: int | None) -> None:
-    assert resolve_n_samples(value, total) == want
-
-
-@pytest.mark.parametrize("value", [-2, 0.0, 1.5, -0.5, float("nan"), True, "10", None])
-def test_resolve_n_samples_rejects(value: object) -> None:
-    with pytest.raises(ValueError, match=r"stopping_condition\.n_samples.*" + repr(value)[:3]):
-        resolve_n_samples(value, 10)  # type: ignore[arg-type]
+def test_count(value: int | float | None, total: int, want: int | None) -> None:
+    assert SelectOptions("coreset", value, None, True, 1, "cpu", 1).count(total) == want
 
 
 X = np.eye(4, dtype=np.float32)
@@ -274,14 +260,7 @@ X = np.eye(4, dtype=np.float32)
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: select(X, "coreset", None, None),
-         r"stopping_condition\.n_samples and stopping_condition\.min_distance"),
-        (lambda: select(X, "random", 2, 0.5),
-         r"'random' does not support stopping_condition\.min_distance"),
         (lambda: select(X, "kmeans", 2, None), r"unknown selection method 'kmeans'.*coreset"),
-        (lambda: select(X, "coreset", -3, None), r"stopping_condition\.n_samples.*-3"),
-        (lambda: select(X, "coreset", 0.5, None), r"stopping_condition\.n_samples.*0\.5"),
-        (lambda: select(X, "coreset", 2, -1.0), r"stopping_condition\.min_distance.*-1\.0"),
         (lambda: select(X, "coreset", 2, None, device="tpu"), r"device must be.*'tpu'"),
         (lambda: select(X[0], "coreset", 2, None), r"2-D"),
         (lambda: select(X, "coreset", 2, None, np.ones((2, 3))), r"initial_centers.*\(M, 4\)"),
