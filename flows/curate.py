@@ -48,7 +48,9 @@ from tasks.embeddings_csv import read_embeddings_csv
 from tasks.gathering import GATHERED_NAME, from_embeddings_csv, gather_embeddings, load_embeddings
 from tasks.listing import InputFile, is_video, list_datasource, read_relevant_filenames
 from tasks.outputs import write_outputs
-from tasks.report import StartedViews, start_views, write_report
+from tasks.report.build import write_report
+from tasks.report.settings import ReportInputs
+from tasks.report.views import StartedViews, start_views
 from tasks.selection.tasks import SelectOptions, select_samples, select_sequences, selected_filenames
 from tasks.storage import describe, existing_names, read_parquet, remove_partial_files, write_parquet, write_text
 from tasks.video import (
@@ -531,12 +533,13 @@ class Stages:
         finished = datetime.now(timezone.utc)
         job = {"started": started.isoformat(), "finished": finished.isoformat(),
                "duration_seconds": round((finished - started).total_seconds(), 3), "run_directory": describe(self.run_dir)}
-        write_report(
+        inputs = ReportInputs(
             self.run_dir, self.samples_path, self.embeddings_path, self.selection_path, job, self.counts,
             self.timings, self.selection, self.report_config,
             self.timelines if config.show_video_sampling_timeline and self.timelines else None,
-            history(pool_dir) if pool_dir else None, self.centers_path, self.cache, self.executor, self.views,
+            history(pool_dir) if pool_dir else None, self.centers_path, self.cache,
         )
+        write_report(inputs, self.executor, self.views)
         return self.counts
 
 

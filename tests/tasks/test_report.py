@@ -15,16 +15,23 @@ from pypdf import PdfReader
 from scipy.spatial import procrustes
 from scipy.spatial.distance import cdist, pdist
 
-import tasks.report
+import tasks.report.numbers
+import tasks.report.plots
+import tasks.report.previews
+import tasks.report.views
 from flows.config import ThresherConfig
 from tasks.decoding import CheckOptions, check_files
 from tasks.dedup import classify
 from tasks.gathering import load_embeddings
 from tasks.listing import list_images
-from tasks.report import (
-    COLOURS, ReportSettings, Thumbnails, artifacts, build_report, content_key, example_pairs, histogram,
-    nearest_neighbours, pairwise_stats, pca_2d, plot_pair, savings, start_views, umap_2d,
-)
+from tasks.report.build import build_report
+from tasks.report.cache import CODE_IDENTITY, content_key, source_digest
+from tasks.report.numbers import example_pairs, histogram, nearest_neighbours, pairwise_stats, savings
+from tasks.report.plots import COLOURS, plot_pair
+from tasks.report.previews import Thumbnails
+from tasks.report.render import artifacts
+from tasks.report.settings import PACKAGE, InProcess, ReportInputs, ReportSettings
+from tasks.report.views import pca_2d, start_views, umap_2d
 from tasks.selection.tasks import SelectOptions, select_samples, selected_filenames
 from tasks.storage import write_parquet
 from tests.images import picture, save, truncated
@@ -140,6 +147,23 @@ def test_content_keys_tell_values_types_and_shapes_apart():
     assert len(keys) == 8
 
 
+def test_the_code_identity_changes_with_the_report_package_only(tmp_path):
+    package = tmp_path / "report"
+    shutil.copytree(PACKAGE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    assert source_digest(package) == CODE_IDENTITY[1]
+    (tmp_path / "other_stage.py").write_text("EDITED = True\n")  # code outside the package
+    (package / "__pycache__").mkdir()
+    (package / "__pycache__" / "plots.cpython-311.pyc").write_bytes(b"compiled")
+    assert source_digest(package) == CODE_IDENTITY[1]
+    for edited in (package / "plots.py", package / "templates" / "report.css"):
+        original = edited.read_bytes()
+        edited.write_bytes(original + b"\n")
+        assert source_digest(package) != CODE_IDENTITY[1]
+        edited.write_bytes(original)
+    (package / "templates" / "report.css").rename(package / "templates" / "renamed.css")
+    assert source_digest(package) != CODE_IDENTITY[1]
+
+
 def _select_options(n_samples: int) -> SelectOptions:
     return SelectOptions("coreset", n_samples, None, True, 1, "cpu", 1)
 
@@ -180,9 +204,9 @@ def inputs(tmp_path_factory) -> dict:
             "ok": ok, "vectors": vectors}
 
 
-def _build(inputs: dict, run_dir: Path, **changes) -> dict:
+def _build(inputs: dict, run_dir: Path, executor=InProcess(), started=None, **changes) -> dict:
     arguments = {key: value for key, value in inputs.items() if key not in ("ok", "vectors")}
-    return build_report(run_dir, **(arguments | changes))
+    return build_report(ReportInputs(run_dir, **(arguments | changes)), executor, started)
 
 
 @pytest.fixture(scope="module")
@@ -328,10 +352,15 @@ def _fail(*args, **kwargs):
     raise AssertionError("recomputed, although the cache holds it")
 
 
+# The module that looks up each function the tests replace.
+HOME = {"distance_statistics": tasks.report.numbers, "example_pairs": tasks.report.numbers, "pca_2d": tasks.report.views,
+        "umap_2d": tasks.report.views, "_thumbnail": tasks.report.previews, "_save": tasks.report.plots}
+
+
 def _count_calls(monkeypatch, name: str) -> list:
     calls: list = []
-    original = getattr(tasks.report, name)
-    monkeypatch.setattr(tasks.report, name, lambda *args, **kwargs: calls.append(name) or original(*args, **kwargs))
+    original = getattr(HOME[name], name)
+    monkeypatch.setattr(HOME[name], name, lambda *args, **kwargs: calls.append(name) or original(*args, **kwargs))
     return calls
 
 
@@ -348,7 +377,7 @@ def test_a_rerun_on_the_same_data_reuses_numbers_projections_and_plots(inputs, r
     assert {key: first[key] for key in REUSED} == {key: run[1]["report"][key] for key in REUSED}
 
     for name in ("distance_statistics", "example_pairs", "pca_2d", "umap_2d", "_thumbnail", "_save"):
-        monkeypatch.setattr(tasks.report, name, _fail)
+        monkeypatch.setattr(HOME[name], name, _fail)
     second = _build(inputs, tmp_path / "second", cache_dir=cache)
     assert {p: p.read_bytes() for p in cache.rglob("*") if p.is_file()} == stored
     # exactly the same numbers and pictures, and a complete report around them
@@ -407,8 +436,8 @@ def _embeddings(names: list[str], vectors: np.ndarray, path: Path) -> Path:
 def _umap_starts(monkeypatch) -> list[bool]:
     """Whether each umap_2d call continued a previous layout."""
     starts: list[bool] = []
-    original = tasks.report.umap_2d
-    monkeypatch.setattr(tasks.report, "umap_2d", lambda points, k, seed, pca, previous=None:
+    original = tasks.report.views.umap_2d
+    monkeypatch.setattr(tasks.report.views, "umap_2d", lambda points, k, seed, pca, previous=None:
                         starts.append(previous is not None) or original(points, k, seed, pca, previous))
     return starts
 
@@ -458,7 +487,7 @@ def test_a_run_without_samples_of_its_own_projects_nothing(inputs, tmp_path, mon
                   work / "embeddings.parquet")
     selection = select_samples.fn(work / "embeddings.parquet", _select_options(N_SELECT), work / "selection.parquet")
     for name in ("pca_2d", "umap_2d", "_thumbnail"):
-        monkeypatch.setattr(tasks.report, name, _fail)
+        monkeypatch.setattr(HOME[name], name, _fail)
     counts = {"n_input_files": 0, "n_corrupt": 0, "n_duplicate": 0, "n_removed": 0, "n_sampled": 0,
               "n_skipped_processed": 19}
     report = _build(inputs, tmp_path / "empty", embeddings_path=work / "embeddings.parquet",
@@ -473,6 +502,6 @@ def test_a_run_without_samples_of_its_own_projects_nothing(inputs, tmp_path, mon
 def test_the_report_module_does_not_load_torch():
     """Its UMAPs and plots run on the workers that replace the embedding ones; torch (with timm and
     torchvision) would add about half a GB of resident memory to each."""
-    code = "import sys, tasks.report; print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))"
+    code = "import sys, tasks.report.build; print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"

@@ -1,0 +1,90 @@
+"""What the report is given (`ReportSettings` from the configuration, `ReportInputs` from the run),
+where its work runs (`InProcess` without a cluster), and the constants its modules share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from pathlib import Path
+
+from upath import UPath
+
+PACKAGE = Path(__file__).parent
+TEMPLATES = PACKAGE / "templates"
+LIST_LIMIT = 20  # corrupt files, duplicate groups and videos listed in the report
+GROUPS = ("removed", "selected", "datapool")
+# A UMAP whose points were mostly in the dataset's previous layout starts from it and runs fewer
+# epochs: that keeps the quality of a fresh layout in a quarter of the time, and moves the old
+# points far less (measured in benchmarks/report.py's docstring).
+CONTINUE_SHARE = 0.5
+CONTINUE_EPOCHS = 50
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """The configuration keys the report reads, in one place."""
+
+    input_dir: str
+    storage_options: dict
+    normalize: bool
+    memory_gb: float
+    n_example_images: int
+    max_pixels: int
+    seed: int
+    labeling_cost_per_image: float
+    training_gpu_seconds_per_image: float
+    gpu_power_watts: float
+    grid_co2_kg_per_kwh: float
+
+    @classmethod
+    def from_config(cls, config: dict) -> ReportSettings:
+        return cls(
+            input_dir=config["input_dir"],
+            storage_options=config["storage_options"],
+            normalize=config["normalize_embeddings"],
+            memory_gb=config["memory_requirement_in_GB"],
+            n_example_images=config["n_example_images"],
+            max_pixels=config["corruptness_check"]["max_pixels"],
+            seed=config["lightly"]["seed"],
+            **config["report"],
+        )
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """What a report is made of: the run's tables and figures, its configuration (dumped as JSON),
+    and where the report goes (`run_dir`).
+
+    `video_timelines` is {video: seconds of its selected frames}; `datapool_history` is
+    [{"run": name, "n_samples": added}] in run order; `datapool_embeddings_path` is a table of the
+    pool's earlier selections in the gathered-embeddings format (drawn as 'datapool' points);
+    `cache_dir` holds results of earlier reports to reuse (see ReportCache)."""
+
+    run_dir: UPath
+    samples_path: UPath
+    embeddings_path: UPath
+    selection_path: UPath
+    job: dict
+    counts: dict
+    stages: dict
+    selection: dict
+    config: dict
+    video_timelines: dict[str, list[float]] | None = None
+    datapool_history: list[dict] | None = None
+    datapool_embeddings_path: UPath | None = None
+    cache_dir: UPath | None = None
+
+
+# Where the work runs: the UMAPs and plots are independent, so in a flow they run side by side on
+# the Dask workers (idle by the time of the report); without a cluster, one after another here.
+class InProcess(Executor):
+    """Runs each call at once, in this process."""
+
+    def submit(self, fn: Callable, /, *args: object, **kwargs: object) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as error:
+            future.set_exception(error)
+        return future
