@@ -36,7 +36,7 @@ from upath import UPath
 
 from flows.clusters import load_cluster_spec
 from flows.config import ThresherConfig, dump_config, flow_signature, overrides_of, validate_config
-from tasks.caching import cache_path, pack, plan_pieces, stable_shards
+from tasks.caching import cache_path
 from tasks.datapool import (
     PoolLock, check_compatible, commit, history, merge, processed_keys, read_pool, run_rows, sampled_embeddings,
 )
@@ -52,11 +52,11 @@ from tasks.report.build import write_report
 from tasks.report.settings import ReportInputs
 from tasks.report.views import StartedViews, start_views
 from tasks.selection.tasks import SelectOptions, select_samples, select_sequences, selected_filenames
+from tasks.sharding import Source, count_samples, describe_shard, pack_pieces, plan_pieces, stable_shards, video_shards
 from tasks.storage import describe, existing_names, read_parquet, remove_partial_files, write_parquet, write_text
-from tasks.video import (
-    FrameRange, corrupt_video_rows, count_samples, frame_infos, probe_videos, read_videos, video_shards,
-    write_video_outputs,
-)
+from tasks.video.frames import FrameRange
+from tasks.video.probe import corrupt_video_rows, probe_videos, read_videos
+from tasks.video.sequences import frame_infos, write_video_outputs
 
 
 def task_runner(config: ThresherConfig) -> DaskTaskRunner:
@@ -160,23 +160,16 @@ def track(futures: list[PrefectFuture], stage: str, shards: list[list], timings:
 
 
 @dataclass(frozen=True)
-class Tasks:
-    """A stage's pieces to compute, grouped into tasks (see tasks/caching.py: pack)."""
+class Batches:
+    """A stage's pieces to compute, grouped into batches, one task each (see tasks/sharding.py)."""
 
-    pieces: list[list[list]]  # each task's pieces, as lists of items
-    paths: list[list[UPath]]  # each task's pieces' result files in the cache
+    pieces: list[list[list[Source]]]  # each batch's pieces, as lists of sources
+    paths: list[list[UPath]]  # each batch's pieces' result files in the cache
     cached: int  # pieces whose result the cache holds
 
-    def shards(self) -> list[list]:
-        """Each task's items as one shard (for its progress and its error message)."""
-        return [[item for piece in task for item in piece] for task in self.pieces]
-
-
-def describe_shard(shard: list) -> str:
-    names = [item.file.filename if isinstance(item, FrameRange) else item.filename if isinstance(item, InputFile)
-             else item[0] for item in shard]
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return f"{count_samples(shard)} samples from {shown}"
+    def shards(self) -> list[list[Source]]:
+        """Each batch's sources as one shard (for its progress and its error message)."""
+        return [[source for piece in batch for source in piece] for batch in self.pieces]
 
 
 @task(name="classify-samples")
@@ -338,18 +331,17 @@ class Stages:
             corruption_threshold=config.corruptness_check.corruption_threshold,
             decode_timeout=config.corruptness_check.decode_timeout,
         )
-        shards: list[list[InputFile | FrameRange]] = stable_shards(
-            images, lambda f: f.filename, config.dask.shard_size, self.slots)
+        shards: list[list[Source]] = stable_shards(images, lambda f: f.filename, config.dask.shard_size, self.slots)
         shards += video_shards(probed, config.dask.shard_size, self.slots)
-        paths, tasks = self.pieces("check", options, shards, shards)
+        paths, batches = self.pieces("check", options, shards)
         futures = check_pieces.with_options(retries=config.dask.retries).map(
-            unmapped(self.input), tasks.pieces, unmapped(options), tasks.paths)
-        track(futures, "check", tasks.shards(), self.timings)
-        self.timings["check"]["cached_shards"] = tasks.cached
+            unmapped(self.input), batches.pieces, unmapped(options), batches.paths)
+        track(futures, "check", batches.shards(), self.timings)
+        self.timings["check"]["cached_shards"] = batches.cached
         corrupt_videos = write_parquet(check_table(corrupt_video_rows(probed)), self.work / "check-videos.parquet")
         self.check_paths = [corrupt_videos, *paths]
 
-    def deduplicate(self, probed: pa.Table) -> tuple[list[tuple[str, int]], list[list[FrameRange]]]:
+    def deduplicate(self, probed: pa.Table) -> tuple[list[InputFile], list[list[FrameRange]]]:
         start = time.perf_counter()
         classify_samples(self.check_paths, self.config.remove_exact_duplicates, self.samples_path)
         samples = read_parquet([self.samples_path])
@@ -358,11 +350,11 @@ class Stages:
         names = set(ok.column("filename").to_pylist())
         frame_shards = video_shards(probed, self.config.dask.shard_size, self.slots, keep=names)
         frames = {name for group in frame_shards for rng in group for name in rng.names()}
-        ok_images = [(n, label) for n, label in zip(ok.column("filename").to_pylist(), ok.column("label").to_pylist())
-                     if n not in frames]
+        ok_images = [InputFile(n, label, *self.identities[n][1:]) for n, label
+                     in zip(ok.column("filename").to_pylist(), ok.column("label").to_pylist()) if n not in frames]
         return ok_images, frame_shards
 
-    def train(self, ok_images: list[tuple[str, int]], frame_shards: list[list[FrameRange]]) -> None:
+    def train(self, ok_images: list[InputFile], frame_shards: list[list[FrameRange]]) -> None:
         """Fine-tune the backbone with SimCLR. It runs in the flow's process, not on a Dask worker:
         workers cannot start the data-loading processes lightly.loader.num_workers asks for."""
         # Imported here: lightly loads torchvision (see tasks/embedding.py), which only training needs.
@@ -382,12 +374,12 @@ class Stages:
         )
         start = time.perf_counter()
         ranges = [rng for group in frame_shards for rng in group]
-        checkpoint = train_model(self.input, [name for name, _ in ok_images], self.spec, options,
+        checkpoint = train_model(self.input, [f.filename for f in ok_images], self.spec, options,
                                  self.run_dir, frames=ranges)
         self.spec = dataclasses.replace(self.spec, checkpoint=checkpoint)
         _timed(self.timings, "train", len(ok_images) + count_samples(ranges), start)
 
-    def embed(self, ok_images: list[tuple[str, int]], frame_shards: list[list[FrameRange]]) -> None:
+    def embed(self, ok_images: list[InputFile], frame_shards: list[list[FrameRange]]) -> None:
         config = self.config
         threads = load_cluster_spec(config.dask.cluster, config.dask.n_workers,
                                     config.dask.threads_per_worker)["cluster_kwargs"]["threads_per_worker"]
@@ -403,22 +395,19 @@ class Stages:
         spec = self.spec
         # What changes the embeddings: the model, input size, precision and decoding limit (not batching).
         key_params = (spec.identity(options.input_size), options.input_size, options.precision, options.max_pixels)
-        image_shards = stable_shards(ok_images, lambda f: f[0], config.dask.shard_size, self.slots)
-        shards: list[list] = [*image_shards, *frame_shards]
-        keyed = [[(*item, *self.identities[item[0]][1:]) if isinstance(item, tuple) else item for item in s]
-                 for s in shards]
-        paths, tasks = self.pieces("embed", key_params, shards, keyed)
+        image_shards = stable_shards(ok_images, lambda f: f.filename, config.dask.shard_size, self.slots)
+        paths, batches = self.pieces("embed", key_params, [*image_shards, *frame_shards])
         # On a cluster with GPU workers, embedding runs only there (one task per GPU at a time).
         with dask.annotate(resources={"GPU": 1}) if self.cluster.gpu else nullcontext():
             futures = embed_pieces.with_options(retries=config.dask.retries).map(
-                unmapped(self.input), tasks.pieces, unmapped(spec), unmapped(options), tasks.paths)
-        embedded = track(futures, "embed", tasks.shards(), self.timings)
+                unmapped(self.input), batches.pieces, unmapped(spec), unmapped(options), batches.paths)
+        embedded = track(futures, "embed", batches.shards(), self.timings)
         del futures  # their keys are released: the workers replaced below hold nothing the flow still wants
         compute = sum(e["compute_seconds"] for e in embedded)
         total = sum(e["seconds"] for e in embedded)
         self.timings["embed"]["compute_efficiency"] = round(compute / total, 3) if total else None
-        self.timings["embed"]["cached_shards"] = tasks.cached
-        if tasks.pieces and self.cluster.own_workers:
+        self.timings["embed"]["cached_shards"] = batches.cached
+        if batches.pieces and self.cluster.own_workers:
             self.start_replacing_workers()
         start = time.perf_counter()
         gathered = gather_embeddings(self.samples_path, paths, self.embeddings_path, self.dim)
@@ -444,19 +433,19 @@ class Stages:
             self.replacing.result()
             self.replacing = None
 
-    def pieces(self, stage: str, params: Any, shards: list[list], keyed: list[list]) -> tuple[list[UPath], Tasks]:
-        """The shards as pieces (see plan_pieces; `keyed` is each shard's items as they enter its key):
-        every piece's result file in the cache, in order, and the pieces to compute, grouped into tasks
-        of about dask.shard_size samples (see pack). One listing of the cache folder tells what is there."""
-        plan = plan_pieces(stage, self.source, params, keyed, existing_names(self.cache / stage) if shards else set(),
+    def pieces(self, stage: str, params: Any, shards: list[list[Source]]) -> tuple[list[UPath], Batches]:
+        """The shards as pieces (see plan_pieces): every piece's result file in the cache, in order, and
+        the pieces to compute, grouped into batches of about dask.shard_size samples (see pack_pieces).
+        One listing of the cache folder tells what is there."""
+        plan = plan_pieces(stage, self.source, params, shards, existing_names(self.cache / stage) if shards else set(),
                            self.slots)
         pieces = [(shard[piece.start : piece.stop], cache_path(self.cache, stage, piece.key), piece.cached)
                   for shard, shard_plan in zip(shards, plan) for piece in shard_plan]
         todo = [(items, path) for items, path, cached in pieces if not cached]
-        groups = pack([count_samples(items) for items, _ in todo], self.slots, self.config.dask.shard_size)
-        tasks = Tasks([[todo[i][0] for i in group] for group in groups], [[todo[i][1] for i in group] for group in groups],
-                      cached=len(pieces) - len(todo))
-        return [path for _, path, _ in pieces], tasks
+        groups = pack_pieces([count_samples(items) for items, _ in todo], self.slots, self.config.dask.shard_size)
+        batches = Batches([[todo[i][0] for i in group] for group in groups],
+                          [[todo[i][1] for i in group] for group in groups], cached=len(pieces) - len(todo))
+        return [path for _, path, _ in pieces], batches
 
     def select(self, pool: pa.Table | None) -> None:
         config = self.config
@@ -498,10 +487,16 @@ class Stages:
         frame_groups = video_shards(read_videos([self.videos_path]), config.dask.shard_size, self.slots,
                                     set(selected))
         frames = {name for group in frame_groups for rng in group for name in rng.names()}
-        names = sorted(dump_names([f for f in selected if f not in frames], config.output_image_format).items())
-        groups = [*stable_shards(names, lambda pair: pair[0], config.dask.shard_size, self.slots), *frame_groups]
+        samples = read_parquet([self.samples_path])
+        labels = dict(zip(samples.column("filename").to_pylist(), samples.column("label").to_pylist()))
+        # Without a listing (embeddings from a file) an image's size and version are not known; dumping needs neither.
+        images = [InputFile(name, labels[name], *self.identities.get(name, (name, 0, ""))[1:])
+                  for name in sorted(set(selected) - frames)]
+        groups = [*stable_shards(images, lambda f: f.filename, config.dask.shard_size, self.slots), *frame_groups]
+        outputs = dump_names(selected, config.output_image_format)
         futures = dump_shard.with_options(retries=config.dask.retries).map(
-            unmapped(self.input), groups, unmapped(self.run_dir / "data" / "sampled"),
+            unmapped(self.input), groups, [{n: outputs[n] for s in group for n in s.names()} for group in groups],
+            unmapped(self.run_dir / "data" / "sampled"),
             unmapped(config.output_image_size), unmapped(config.output_image_format),
             unmapped(config.corruptness_check.max_pixels),
         )

@@ -5,15 +5,16 @@ decompression bomb (declared size above `corruptness_check.max_pixels`, rejected
 pixel is decoded), or content whose format differs from its extension. The reason is kept for
 `data/corruptness_check_information.json`. The same decoder (`open_image`) feeds the embedder,
 so what passes the check is exactly what gets embedded. Shards may also hold video frame ranges,
-which `tasks/video.py` checks frame by frame (pixel hash and corruption score).
+whose frames are checked one by one (pixel hash and corruption score: `tasks/video/quality.py`).
 
-    >>> record = check_file(Path("examples/images"), InputFile("objects/chelsea_00.jpg", 0, 1, 0.0), CheckOptions())
-    >>> record["error"] is None
-    True
+    >>> files = [InputFile("objects/chelsea_00.jpg", 0, 1, "0.0")]
+    >>> check_files(UPath("examples/images"), files, CheckOptions()).column("error").to_pylist()
+    [None]
 """
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,10 @@ from prefect import task
 from upath import UPath
 
 from tasks.listing import InputFile
-from tasks.storage import read_bytes, write_parquet
+from tasks.sharding import Source
+from tasks.storage import write_parquet
 from tasks.timeouts import within
-from tasks.video import FrameRange, check_ranges
+from tasks.video.quality import check_frame
 
 # Pillow's own bomb check uses a fixed global limit; ours is the configurable max_pixels, checked
 # from the header before decoding, so Pillow's is switched off in the processes that decode.
@@ -81,11 +83,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: UPath, max_pixels: int, timeout: float | None = None) -> Image.Image:
-    """Read and fully decode an image file (see open_image)."""
-    return open_image(read_bytes(path), max_pixels, timeout=timeout)
-
-
 def decode(image: Image.Image) -> Image.Image:
     """The opened image's pixels, upright, in RGB."""
     # Importing weasyprint (the report) makes Pillow accept truncated files process-wide; here a
@@ -127,36 +124,40 @@ def open_image(data: bytes, max_pixels: int, extension: str | None = None, timeo
         raise CorruptImage(f"decoding failed: {error}") from None
 
 
-def check_file(input_dir: UPath, file: InputFile, options: CheckOptions) -> dict:
-    """One CHECK_SCHEMA row: hash of the bytes and, with full_decode, the outcome of a full decode."""
-    row = {"filename": file.filename, "label": file.label, "size": file.size, "version": file.version,
-           "content_hash": None, "width": None, "height": None, "error": None}
-    try:
-        data = read_bytes(input_dir / file.filename)
-    except OSError as error:  # also a pipe or device with an image's name, and an object deleted since listing
-        row["error"] = f"unreadable: {error.strerror or error}"
-        return row
-    row["content_hash"] = xxhash.xxh3_128_hexdigest(data)
+def check_row(file: InputFile, name: str, content_hash: str | None = None, width: int | None = None,
+              height: int | None = None, error: str | None = None) -> dict:
+    """One CHECK_SCHEMA row: sample `name` of the input `file` (the image itself, a frame of the
+    video, or the video that cannot be used) and what the check found."""
+    return {"filename": name, "label": file.label, "size": file.size, "version": file.version,
+            "content_hash": content_hash, "width": width, "height": height, "error": error}
+
+
+def check_image(data: bytes, extension: str | None, options: CheckOptions) -> dict:
+    """What the check finds in an image's bytes (check_row's fields): their hash and, with
+    full_decode, the outcome of a full decode."""
+    found: dict = {"content_hash": xxhash.xxh3_128_hexdigest(data)}
     if options.full_decode:
-        extension = None if options.allow_extension_mismatch else Path(file.filename).suffix
         try:
             image = open_image(data, options.max_pixels, extension, options.decode_timeout)
-            row["width"], row["height"] = image.size
+            found["width"], found["height"] = image.size
         except CorruptImage as error:
-            row["error"] = str(error)
+            found["error"] = str(error)
     elif not data:
-        row["error"] = "empty file (0 bytes)"
-    return row
+        found["error"] = "empty file (0 bytes)"
+    return found
 
 
-def check_files(input_dir: UPath, files: list[InputFile | FrameRange], options: CheckOptions) -> pa.Table:
+def check_files(input_dir: UPath, sources: list[Source], options: CheckOptions) -> pa.Table:
+    """One CHECK_SCHEMA row per sample of the sources, in order."""
     threshold = options.corruption_threshold if options.full_decode else None
     rows = []
-    for item in files:
-        if isinstance(item, FrameRange):
-            rows.extend(check_ranges(input_dir, [item], threshold, options.decode_timeout))
-        else:
-            rows.append(check_file(input_dir, item, options))
+    for source in sources:
+        extension = None if options.allow_extension_mismatch else Path(source.origin.filename).suffix
+        found = source.read(input_dir, functools.partial(check_image, extension=extension, options=options),
+                            functools.partial(check_frame, threshold=threshold), options.decode_timeout)
+        # A sample that cannot be read comes as its reason.
+        rows += [check_row(source.origin, name, **({"error": fields} if isinstance(fields, str) else fields))
+                 for name, fields in found]
     return check_table(rows)
 
 
@@ -165,7 +166,7 @@ def check_table(rows: list[dict]) -> pa.Table:
 
 
 @task(name="decode-check", retries=2, retry_delay_seconds=1)
-def check_pieces(input_dir: UPath, pieces: list[list[InputFile | FrameRange]], options: CheckOptions,
+def check_pieces(input_dir: UPath, pieces: list[list[Source]], options: CheckOptions,
                  out_paths: list[UPath]) -> list[UPath]:
-    """Check each piece of files into its own Parquet file (see tasks/caching.py)."""
+    """Check each piece of sources into its own Parquet file (see tasks/sharding.py)."""
     return [write_parquet(check_files(input_dir, files, options), out) for files, out in zip(pieces, out_paths)]

@@ -14,9 +14,10 @@ from PIL import Image
 from prefect import task
 from upath import UPath
 
-from tasks.decoding import CorruptImage, load_image
+from tasks.decoding import CorruptImage, open_image
+from tasks.sharding import Source
 from tasks.storage import atomic_target
-from tasks.video import FrameRange, frame_image, read_frames
+from tasks.video.frames import frame_image
 
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "bmp": "BMP", "tiff": "TIFF"}
 
@@ -48,22 +49,11 @@ def dump_names(filenames: list[str], fmt: str) -> dict[str, str]:
     return names
 
 
-def dump_image(source: UPath, target: UPath, spec: int | tuple[int, int], fmt: str, max_pixels: int) -> None:
-    save_image(load_image(source, max_pixels), target, spec, fmt)
-
-
-def dump_frames(input_dir: UPath, ranges: list[FrameRange], out_dir: UPath, spec: int | tuple[int, int], fmt: str
-                ) -> dict[str, str]:
-    """Write the frames of the ranges as out_dir/<frame name with the extension fmt>; returns
-    {frame: reason} for the frames that cannot be decoded now (their video changed during the run)."""
-    names = dump_names([name for rng in ranges for name in rng.names()], fmt)
-    failed = {}
-    for name, image in read_frames(input_dir, ranges, frame_image):
-        if isinstance(image, str):
-            failed[name] = image
-        else:
-            save_image(image, out_dir / names[name], spec, fmt)
-    return failed
+def _image(data: bytes, max_pixels: int) -> Image.Image | str:
+    try:
+        return open_image(data, max_pixels)
+    except CorruptImage as error:
+        return str(error)
 
 
 def save_image(image: Image.Image, target: UPath, spec: int | tuple[int, int], fmt: str) -> None:
@@ -77,17 +67,17 @@ def save_image(image: Image.Image, target: UPath, spec: int | tuple[int, int], f
 
 @task(name="dump-shard", retries=2, retry_delay_seconds=1)
 def dump_shard(
-    input_dir: UPath, names: list[tuple[str, str]] | list[FrameRange], out_dir: UPath, spec: int | tuple[int, int],
+    input_dir: UPath, sources: list[Source], outputs: dict[str, str], out_dir: UPath, spec: int | tuple[int, int],
     fmt: str, max_pixels: int,
 ) -> dict[str, str]:
-    """Dump one shard; returns {file: reason} for selected files that cannot be read now (deleted or
-    changed since they were checked): the others are still dumped and the run goes on."""
-    if names and isinstance(names[0], FrameRange):
-        return dump_frames(input_dir, names, out_dir, spec, fmt)
+    """Dump one shard, each sample to out_dir / outputs[its name] (see dump_names); returns
+    {sample: reason} for selected samples that cannot be read now (deleted or changed since they
+    were checked): the others are still dumped and the run goes on."""
     failed = {}
-    for filename, output in names:
-        try:
-            dump_image(input_dir / filename, out_dir / output, spec, fmt, max_pixels)
-        except (OSError, CorruptImage) as error:
-            failed[filename] = str(error)
+    for source in sources:
+        for name, image in source.read(input_dir, lambda data: _image(data, max_pixels), frame_image):
+            if isinstance(image, str):
+                failed[name] = image
+            else:
+                save_image(image, out_dir / outputs[name], spec, fmt)
     return failed

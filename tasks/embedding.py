@@ -6,11 +6,12 @@ offline, pretrained features (1280 dimensions). `resnet-*` backbones follow ligh
 (torchvision trunk, a 1x1 conv to `num_ftrs`, global average pool) and start from seeded random
 weights unless a checkpoint is given. Images are resized to input_size x input_size (as lightly
 does) and normalised with the ImageNet mean and std. Video frames are resized by the decoder as
-they come out of it (`tasks/video.py`), so a shard of a long video streams in bounded memory.
+they come out of it (`tasks/video/frames.py`), so a shard of a long video streams in bounded memory.
 
+    >>> from tasks.listing import InputFile
     >>> model = load_backbone("efficientnet-lite0", num_ftrs=32, checkpoint="", seed=1, device="cpu")
-    >>> vectors, errors = embed_files(location("examples/images"), ["objects/chelsea_00.jpg"], model,
-    ...                               EmbedOptions(input_size=64, batch_size=16, num_threads=1))
+    >>> names, vectors, errors, seconds = embed_sources(UPath("examples/images"),
+    ...     [InputFile("objects/chelsea_00.jpg", 0, 1, "0.0")], model, EmbedOptions(input_size=64, num_threads=1))
     >>> vectors.shape
     (1, 1280)
 """
@@ -34,10 +35,11 @@ from PIL import Image
 from prefect import task
 from upath import UPath
 
-from tasks.decoding import CorruptImage, load_image
+from tasks.decoding import CorruptImage, open_image
 from tasks.gathering import embedding_schema
+from tasks.sharding import Source
 from tasks.storage import read_bytes, write_parquet
-from tasks.video import FrameRange, embedder_input, read_frames
+from tasks.video.frames import embedder_input
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +144,11 @@ def preprocess(image: Image.Image, input_size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _load(input_dir: UPath, filename: str, options: EmbedOptions) -> np.ndarray | str:
+def _image_input(data: bytes, options: EmbedOptions) -> np.ndarray | str:
     try:
-        image = load_image(input_dir / filename, options.max_pixels, options.decode_timeout)
-        return preprocess(image, options.input_size)
+        return preprocess(open_image(data, options.max_pixels, timeout=options.decode_timeout), options.input_size)
     except CorruptImage as error:
         return str(error)
-    except OSError as error:
-        return f"unreadable: {error.strerror or error}"
 
 
 def _forward(model: torch.nn.Module, batch: np.ndarray, options: EmbedOptions, device: str) -> np.ndarray:
@@ -162,29 +161,22 @@ def _forward(model: torch.nn.Module, batch: np.ndarray, options: EmbedOptions, d
         return model(x).float().cpu().numpy()
 
 
-def embed_files(
-    input_dir: UPath, filenames: list[str], model: torch.nn.Module, options: EmbedOptions
-) -> tuple[np.ndarray, list[str | None], float]:
-    """Embeddings (n, d) float32 in input order (NaN rows where decoding failed), the errors,
-    and the seconds spent in the model (for compute efficiency)."""
-    # Pillow releases the GIL while decoding and resizing, so threads overlap I/O and decode.
-    with ThreadPoolExecutor(max_workers=max(1, options.num_threads)) as pool:
-        return embed_inputs(pool.map(lambda f: _load(input_dir, f, options), filenames), model, options)
-
-
-def embed_frames(
-    input_dir: UPath, ranges: list[FrameRange], model: torch.nn.Module, options: EmbedOptions
+def embed_sources(
+    input_dir: UPath, sources: list[Source], model: torch.nn.Module, options: EmbedOptions
 ) -> tuple[list[str], np.ndarray, list[str | None], float]:
-    """The frame names of the ranges and, as embed_files, their embeddings, errors and model seconds."""
-    names: list[str] = []
+    """The sources' sample names, their embeddings (n, d) float32 in order (NaN rows where
+    decoding failed), the errors, and the seconds spent in the model (for compute efficiency)."""
 
-    def inputs():
-        for name, result in read_frames(input_dir, ranges, lambda frame: embedder_input(frame, options.input_size),
-                                        options.decode_timeout):
-            names.append(name)
-            yield result
+    def read(source: Source) -> Iterable[tuple[str, np.ndarray | str]]:
+        return source.read(input_dir, functools.partial(_image_input, options=options),
+                           functools.partial(embedder_input, input_size=options.input_size), options.decode_timeout)
 
-    return names, *embed_inputs(inputs(), model, options)
+    # An image is read and decoded when its read is called, here in the pool's threads: Pillow
+    # releases the GIL while decoding and resizing, so threads overlap I/O and decode. A range's
+    # frames are decoded as they are taken, in order, so a long video streams in bounded memory.
+    with ThreadPoolExecutor(max_workers=max(1, options.num_threads)) as pool:
+        inputs = (result for found in pool.map(read, sources) for _, result in found)
+        return [name for source in sources for name in source.names()], *embed_inputs(inputs, model, options)
 
 
 def embed_inputs(
@@ -267,22 +259,17 @@ class ModelSpec:
 
 @task(name="embed-shard", retries=2, retry_delay_seconds=1)
 def embed_pieces(
-    input_dir: UPath, pieces: list[list[tuple[str, int]] | list[FrameRange]], spec: ModelSpec, options: EmbedOptions,
-    out_paths: list[UPath],
+    input_dir: UPath, pieces: list[list[Source]], spec: ModelSpec, options: EmbedOptions, out_paths: list[UPath],
 ) -> dict:
     """Embed each piece (image files, or video frame ranges) into its own Parquet file (see
-    tasks/caching.py); returns the samples embedded and the timings."""
+    tasks/sharding.py); returns the samples embedded and the timings."""
     start = time.perf_counter()
     torch.set_num_threads(options.torch_threads)
     model = load_backbone(spec.name, spec.num_ftrs, spec.checkpoint, spec.seed, default_device())
     n, compute = 0, 0.0
-    for files, out_path in zip(pieces, out_paths):
-        if files and isinstance(files[0], FrameRange):
-            filenames, vectors, errors, seconds = embed_frames(input_dir, files, model, options)
-            labels = [rng.file.label for rng in files for _ in rng.indices]
-        else:
-            filenames, labels = [f for f, _ in files], [label for _, label in files]
-            vectors, errors, seconds = embed_files(input_dir, filenames, model, options)
+    for sources, out_path in zip(pieces, out_paths):
+        filenames, vectors, errors, seconds = embed_sources(input_dir, sources, model, options)
+        labels = [source.label for source in sources for _ in range(source.count)]
         write_parquet(embeddings_table(filenames, labels, vectors, errors), out_path)
         n, compute = n + len(filenames), compute + seconds
     return {"n": n, "seconds": time.perf_counter() - start, "compute_seconds": compute}

@@ -3,7 +3,7 @@
 Finds the image and video files under `input_dir` (flat, or in subfolders whose sorted index
 becomes the lightly `labels` column; a video's label is its index among the videos, as lightly
 labels video folders), and keeps only those named in `relevant_filenames_file` when one is given.
-Videos become frame samples in `tasks/video.py`.
+Videos become frame samples in `tasks/video/`.
 
     >>> files = list_images(location("examples/images"))
     >>> files[0].filename, files[0].label
@@ -12,11 +12,14 @@ Videos become frame samples in `tasks/video.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISDIR
+from typing import Any, ClassVar
 
 from PIL import Image
 from prefect import get_run_logger, task
@@ -47,6 +50,32 @@ class InputFile:
     label: int
     size: int
     version: str
+
+    # As a `tasks.sharding.Source` a file is read whole: an image, which is its own one sample (a
+    # video is read as FrameRanges; while it is probed, it counts as one).
+    count: ClassVar[int] = 1
+
+    @property
+    def origin(self) -> InputFile:
+        return self
+
+    def names(self) -> list[str]:
+        return [self.filename]
+
+    def read(self, input_dir: UPath, image: Callable[[bytes], Any], frame: Callable[[Any], Any],
+             timeout: float | None = None) -> list[tuple[str, Any]]:
+        """[(filename, image(its bytes))], or [(filename, reason)] when it cannot be read. Read at
+        once, not when iterated, so that threads can read files ahead (see tasks/embedding.py)."""
+        try:
+            data = read_bytes(input_dir / self.filename)
+        except OSError as error:  # also a pipe or device with an image's name, and an object deleted since listing
+            return [(self.filename, f"unreadable: {error.strerror or error}")]
+        return [(self.filename, image(data))]
+
+    def key(self, stage: str) -> InputFile | tuple:
+        """What the file adds to a stage's cache key: the embed stage has keyed the tuple (filename,
+        label, size, version) since before files were Sources; kept so that its caches stay valid."""
+        return dataclasses.astuple(self) if stage == "embed" else self
 
 
 def _walk(root: Path) -> list[tuple[str, int, str]]:

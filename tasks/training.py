@@ -63,7 +63,7 @@ from upath import UPath
 from tasks.decoding import open_image
 from tasks.embedding import ModelSpec, build_backbone, default_device, load_checkpoint
 from tasks.storage import atomic_target, describe, read_bytes
-from tasks.video import FrameRange, frame_image, read_frames
+from tasks.video.frames import FrameRange, frame_image, read_frames
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from upath import UPath
 from tasks.gathering import load_embeddings
 from tasks.selection.kcenter import SelectionResult, select
 from tasks.storage import read_parquet, read_table, write_parquet
-from tasks.video import frame_infos, sequences
+from tasks.video.sequences import frame_infos, sequences
 
 SELECTION_SCHEMA = pa.schema([("filename", pa.string()), ("order", pa.int32()), ("distance", pa.float32())])
 

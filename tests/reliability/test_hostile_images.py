@@ -13,11 +13,21 @@ import pytest
 from PIL import Image
 
 from flows.cli import main
-from tasks.decoding import CheckOptions, check_files, load_image
-from tasks.embedding import EmbedOptions, _load
-from tasks.listing import list_images
+from tasks.decoding import CheckOptions, check_files, open_image
+from tasks.embedding import EmbedOptions, _image_input
+from tasks.listing import InputFile, list_images
 from tests.images import picture, save
 from tests.reliability.corpus import hostile_images
+
+
+def load_image(path, max_pixels: int) -> Image.Image:
+    return open_image(path.read_bytes(), max_pixels)
+
+
+def _load(input_dir, filename: str, options: EmbedOptions):
+    """The embedder's input from a file, or why there is none, as the embed stage reads it."""
+    [(_, found)] = InputFile(filename, 0, 1, "0.0").read(input_dir, lambda data: _image_input(data, options), None)
+    return found
 
 
 @pytest.fixture(scope="module")

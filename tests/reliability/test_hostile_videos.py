@@ -12,12 +12,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-import tasks.video
+import tasks.video.frames
+import tasks.video.probe
 from flows.cli import main
+from tasks.decoding import CheckOptions, check_files
 from tasks.listing import InputFile
-from tasks.video import (
-    VIDEO_SCHEMA, check_ranges, embedder_input, frame_image, frame_ranges, probe_row, read_frames,
-)
+from tasks.sharding import frame_ranges
+from tasks.video.frames import embedder_input, frame_image, read_frames
+from tasks.video.probe import VIDEO_SCHEMA, probe_row
 from tests.videos import audio_only, frames, garbled, rotated, truncated, write_video
 
 def video_corpus(root: Path) -> dict[str, str | None]:
@@ -69,10 +71,10 @@ def test_rotation_metadata_turns_frames_upright(tmp_path):
     assert all(x.shape == (3, 16, 16) for x in upright_input)
 
 
-def _stall(monkeypatch, name: str, at: int, release: threading.Event) -> None:
-    """tasks.video.<name>, a generator over one video, stopped before its item `at` for stuck.mp4 until
+def _stall(monkeypatch, module, name: str, at: int, release: threading.Event) -> None:
+    """module.<name>, a generator over one video, stopped before its item `at` for stuck.mp4 until
     `release` is set: a decoder stuck in C, as it looks from Python."""
-    real = getattr(tasks.video, name)
+    real = getattr(module, name)
 
     def stalling(path, *args):
         for i, item in enumerate(real(path, *args)):
@@ -80,7 +82,7 @@ def _stall(monkeypatch, name: str, at: int, release: threading.Event) -> None:
                 release.wait()
             yield item
 
-    monkeypatch.setattr(tasks.video, name, stalling)
+    monkeypatch.setattr(module, name, stalling)
 
 
 def test_a_frame_that_never_decodes_times_out_and_the_other_frames_and_videos_go_on(tmp_path, monkeypatch):
@@ -89,9 +91,10 @@ def test_a_frame_that_never_decodes_times_out_and_the_other_frames_and_videos_go
     videos = pa.Table.from_pylist([probe_row(tmp_path, InputFile(name, 0, 1, "0.0"), False)
                                    for name in ("stuck.mp4", "good.mp4")], schema=VIDEO_SCHEMA)
     release = threading.Event()
-    _stall(monkeypatch, "decode_frames", 2, release)
+    _stall(monkeypatch, tasks.video.frames, "decode_frames", 2, release)
     start = time.monotonic()
-    rows = check_ranges(tmp_path, frame_ranges(videos, size=8), threshold=None, timeout=0.5)
+    options = CheckOptions(full_decode=False, decode_timeout=0.5)  # no corruption threshold
+    rows = check_files(tmp_path, frame_ranges(videos, size=8), options).to_pylist()
     elapsed = time.monotonic() - start
     release.set()
     errors = {row["filename"]: row["error"] for row in rows}
@@ -108,7 +111,7 @@ def test_a_video_whose_probing_stalls_is_corrupt_and_probing_goes_on(tmp_path, m
     files = {name: InputFile(name, 0, 1, "0.0") for name in ("stuck.mp4", "good.mp4")}
     release = threading.Event()
     untimed = probe_row(tmp_path, files["good.mp4"], False)
-    _stall(monkeypatch, "_probe_items", 1, release)  # after the header
+    _stall(monkeypatch, tasks.video.probe, "_probe_items", 1, release)  # after the header
     start = time.monotonic()
     stuck, good = (probe_row(tmp_path, files[name], False, timeout=0.5) for name in ("stuck.mp4", "good.mp4"))
     elapsed = time.monotonic() - start

@@ -1,6 +1,7 @@
-from tasks.caching import MIN_PIECE, pack, plan_pieces, shard_key, stable_shards
+from tasks.caching import shard_key
 from tasks.decoding import CheckOptions
 from tasks.listing import InputFile
+from tasks.sharding import MIN_PIECE, pack_pieces, plan_pieces, stable_shards
 
 
 def _files(n, start=0):
@@ -81,7 +82,7 @@ def test_new_files_in_several_shards_make_one_task_per_slot():
     plan = _plan(stable_shards(new, lambda f: f.filename, 256, 2), set())
     sizes = _computed(plan)
     assert len(sizes) > 2
-    tasks = pack(sizes, slots=2, target=256)
+    tasks = pack_pieces(sizes, slots=2, target=256)
     assert sorted(i for task in tasks for i in task) == list(range(len(sizes)))  # every piece in one task
     loads = [sum(sizes[i] for i in task) for task in tasks]
     assert len(tasks) == 2 and max(loads) - min(loads) <= max(sizes)
@@ -90,8 +91,8 @@ def test_new_files_in_several_shards_make_one_task_per_slot():
 def test_a_first_run_makes_tasks_of_about_the_shard_size():
     files = _files(2000)
     sizes = [len(shard) for shard in stable_shards(files, lambda f: f.filename, 256, 2)]
-    tasks = pack(sizes, slots=2, target=256)
+    tasks = pack_pieces(sizes, slots=2, target=256)
     assert len(tasks) == 8 < len(sizes)
     assert max(sum(sizes[i] for i in task) for task in tasks) <= 2 * 256
-    assert pack([2] * 16, slots=2, target=2) == [[i] for i in range(16)]  # small shards stay one task each
-    assert pack([], slots=2, target=256) == []
+    assert pack_pieces([2] * 16, slots=2, target=2) == [[i] for i in range(16)]  # small shards stay one task each
+    assert pack_pieces([], slots=2, target=256) == []

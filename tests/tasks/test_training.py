@@ -11,13 +11,14 @@ from lightly.loss import NTXentLoss
 from PIL import Image
 
 from flows.config import ConfigError, validate_config
-from tasks.embedding import EmbedOptions, ModelSpec, build_backbone, embed_files, load_backbone, load_checkpoint
-from tasks.listing import list_images
+from tasks.embedding import EmbedOptions, ModelSpec, build_backbone, embed_sources, load_backbone, load_checkpoint
+from tasks.listing import InputFile, list_images
+from tasks.sharding import frame_ranges
 from tasks.training import (
     Augmentations, Step, TrainOptions, build_simclr, checkpoint_payload, extract_frames, sample_ranges,
     save_checkpoint, train, train_model, train_step, training_loader,
 )
-from tasks.video import VIDEO_SCHEMA, frame_ranges, probe_row
+from tasks.video.probe import VIDEO_SCHEMA, probe_row
 from tests.images import picture, save
 from tests.videos import frames, write_video
 
@@ -46,9 +47,9 @@ def test_one_epoch_writes_a_checkpoint_that_embeds_and_resumes(images, tmp_path)
 
     # the trained backbone embeds differently from the untrained one
     options = EmbedOptions(input_size=32, batch_size=8)
-    names = [p.name for p in images[:4]]
-    before, _, _ = embed_files(images[0].parent, names, load_backbone("resnet-18", 16, None, 1, "cpu"), options)
-    after, _, _ = embed_files(images[0].parent, names, load_backbone("resnet-18", 16, checkpoint, 1, "cpu"), options)
+    files = [InputFile(p.name, 0, 1, "0.0") for p in images[:4]]
+    before = embed_sources(images[0].parent, files, load_backbone("resnet-18", 16, None, 1, "cpu"), options)[1]
+    after = embed_sources(images[0].parent, files, load_backbone("resnet-18", 16, checkpoint, 1, "cpu"), options)[1]
     assert before.shape == after.shape == (4, 16) and not np.allclose(before, after, atol=1e-4)
 
 

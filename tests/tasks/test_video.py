@@ -7,13 +7,14 @@ from PIL import Image
 
 from tasks.decoding import CheckOptions, check_files
 from tasks.dedup import classify
-from tasks.dumping import dump_frames
-from tasks.embedding import EmbedOptions, embed_frames, load_backbone
+from tasks.dumping import dump_names, dump_shard
+from tasks.embedding import EmbedOptions, embed_sources, load_backbone
 from tasks.listing import InputFile, list_images
-from tasks.video import (
-    VIDEO_SCHEMA, corruption_score, frame_infos, frame_name, frame_ranges, probe_row, sequence_information,
-    read_frames, sequences, split_points, video_shards, video_timelines,
-)
+from tasks.sharding import frame_ranges, split_points, video_shards
+from tasks.video.frames import frame_name, read_frames
+from tasks.video.probe import VIDEO_SCHEMA, probe_row
+from tasks.video.quality import corruption_score
+from tasks.video.sequences import frame_infos, sequence_information, sequences, video_timelines
 from tests.videos import FORMATS, frames, garbled, has_encoder, truncated, write_video
 
 SOURCE = frames(23)
@@ -116,11 +117,15 @@ def test_dumped_frames_equal_their_source_frames(library, tmp_path):
     videos = _probe(library)
     keep = {frame_name("clips/mpeg4.avi", i, 23) for i in (3, 17)}
     [ranges] = video_shards(videos, shard_size=256, n_workers=1, keep=keep)
-    assert dump_frames(library, ranges, tmp_path, -1, "png") == {}
+
+    def dump_frames(out_dir, spec, fmt):
+        return dump_shard.fn(library, ranges, dump_names(sorted(keep), fmt), out_dir, spec, fmt, 10**6)
+
+    assert dump_frames(tmp_path, -1, "png") == {}
     for index in (3, 17):
         dumped = np.asarray(Image.open(tmp_path / "clips" / f"mpeg4-{index:02d}-avi.png"))
         assert np.abs(dumped.astype(int) - SOURCE[index]).mean() < 8
-    dump_frames(library, ranges, tmp_path / "small", 24, "jpg")
+    dump_frames(tmp_path / "small", 24, "jpg")
     assert Image.open(tmp_path / "small" / "clips" / "mpeg4-03-avi.jpg").size == (32, 24)
 
 
@@ -128,7 +133,7 @@ def test_embedding_frames_streams_them_resized(library):
     videos = _probe(library)
     [ranges] = video_shards(videos, 256, 1, keep={frame_name("clips/mpeg4.mp4", i, 23) for i in range(4)})
     model = load_backbone("resnet-18", 8, None, 1, "cpu")
-    names, vectors, errors, _ = embed_frames(library, ranges, model, EmbedOptions(input_size=32, batch_size=3))
+    names, vectors, errors, _ = embed_sources(library, ranges, model, EmbedOptions(input_size=32, batch_size=3))
     assert names == [frame_name("clips/mpeg4.mp4", i, 23) for i in range(4)]
     assert vectors.shape == (4, 8) and errors == [None] * 4
 
