@@ -11,6 +11,10 @@ the first run, cheaper than photos; --image-size 640x480 measures camera-sized o
 
     uv run python benchmarks/rerun.py --n 2000
     uv run python benchmarks/rerun.py --n 2000 --image-size 640x480
+
+Measured for the piece size (tasks/sharding.py, MIN_PIECE): a Prefect task costs about 0.25 s of
+CPU of its own, the time of 20 to 30 small images; on 2 slots, runs adding 200 to 220 files took
+1.5 s less in 3 to 5 pieces than in 5 to 6 (the mean of 4 runs each).
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ from sklearn.neighbors import KNeighborsClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.embedding import EmbedOptions, ModelSpec, embed_files, load_backbone  # noqa: E402
+from tasks.embedding import EmbedOptions, ModelSpec, embed_sources, load_backbone  # noqa: E402
+from tasks.listing import InputFile  # noqa: E402
 from tasks.training import Augmentations, TrainOptions, train  # noqa: E402
 
 
@@ -48,7 +49,8 @@ def write_digits(root: Path, n: int, size: int) -> tuple[list[Path], np.ndarray]
 
 def knn_accuracy(paths: list[Path], labels: np.ndarray, spec: ModelSpec, size: int) -> float:
     model = load_backbone(spec.name, spec.num_ftrs, spec.checkpoint, spec.seed, "cpu")
-    vectors, _, _ = embed_files(paths[0].parent, [p.name for p in paths], model, EmbedOptions(input_size=size, batch_size=64))
+    files = [InputFile(p.name, 0, p.stat().st_size, "") for p in paths]
+    _, vectors, _, _ = embed_sources(paths[0].parent, files, model, EmbedOptions(input_size=size, batch_size=64))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     return float(cross_val_score(KNeighborsClassifier(5), vectors, labels, cv=5).mean())
 

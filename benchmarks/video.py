@@ -25,7 +25,9 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.listing import InputFile
-from tasks.video import VIDEO_SCHEMA, embedder_input, probe_row, read_frames, video_shards
+from tasks.sharding import video_shards
+from tasks.video.frames import embedder_input, read_frames
+from tasks.video.probe import VIDEO_SCHEMA, probe_row
 
 
 def write_1080p(path: Path, n_frames: int) -> Path:
