@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flows.config import ThresherConfig  # noqa: E402
 from tasks.dedup import SAMPLES_SCHEMA  # noqa: E402
-from tasks.selection.tasks import SELECTION_SCHEMA  # noqa: E402
+from tasks.selection.tasks import selection_table  # noqa: E402
 
 CHUNK = 100_000
 
@@ -66,10 +66,8 @@ def write_run(work: Path, n: int, dim: int, seed: int = 0) -> None:
         "duplicate_of": [None] * n + [names[i] for i in range(n_duplicates)] + [None] * n_corrupt,
     }, schema=SAMPLES_SCHEMA), work / "samples.parquet")
     chosen = rng.choice(n, int(0.3 * n), replace=False)
-    pq.write_table(pa.table({
-        "filename": names[chosen].tolist(), "order": np.arange(len(chosen), dtype=np.int32),
-        "distance": np.full(len(chosen), np.nan, np.float32),
-    }, schema=SELECTION_SCHEMA), work / "selection.parquet")
+    pq.write_table(selection_table(names[chosen].tolist(), np.full(len(chosen), np.nan, np.float32), None),
+                   work / "selection.parquet")
 
 
 def peak_rss_gb() -> float:

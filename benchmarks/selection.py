@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.selection.backends import Backend, TorchBackend, resolve_backend  # noqa: E402
-from tasks.selection.kcenter import coreset  # noqa: E402
+from tasks.selection.methods import coreset  # noqa: E402
 
 
 def make_embeddings(n: int, d: int, seed: int = 0) -> np.ndarray:

@@ -240,7 +240,11 @@ class ThresherConfig(_Section):
     normalize_embeddings: bool = Field(True, description="Normalise embeddings to unit length before selection.")
     scorer: str = Field("object-frequency", description="Lightly active-learning scorer; not applicable.")
     scorer_config: ScorerConfig = Field(default_factory=ScorerConfig)
-    method: Literal["coreset", "random"] = Field("coreset", description="Selection method.")
+    method: Literal["typical_coreset", "coreset", "random"] = Field(
+        "typical_coreset",
+        description="Selection method: typical_coreset (coverage weighted by typicality), coreset (k-center greedy) "
+        "or random.",
+    )
     stopping_condition: StoppingCondition = Field(default_factory=StoppingCondition)
     selected_sequence_length: int = Field(1, ge=1, description="Select whole sequences of this many consecutive frames.")
     datapool: Datapool = Field(default_factory=Datapool)
@@ -459,7 +463,8 @@ def check_consistency(config: ThresherConfig) -> None:
             "so nothing past the first sample could be selected; use a value in [0, 2]."
         )
     if config.method == "random" and stop.radius is not None:
-        raise ConfigError("stopping_condition.min_distance needs method=coreset; random selection ignores distances.")
+        raise ConfigError("stopping_condition.min_distance needs method=coreset or typical_coreset; random selection ignores "
+                          "distances.")
     if config.enable_training and config.embeddings:
         raise ConfigError("enable_training=True needs images to train on; it cannot be combined with embeddings=.")
     length = config.selected_sequence_length

@@ -1,6 +1,6 @@
 """Array backends for k-center greedy: NumPy on CPU; CuPy on a CUDA GPU (optional extra `gpu`), else torch on CUDA.
 
-The greedy loop in `tasks.selection.kcenter` is written once against the small `Backend` interface;
+The greedy loops in `tasks.selection.greedy` are written once against the small `Backend` interface;
 each backend spells its few operations in its own library.
 """
 
@@ -33,6 +33,7 @@ class Backend(Protocol):
     def matvec(self, m: Array, v: Array, out: Array) -> None: ...
     def minimum(self, a: Array, b: Array) -> None: ...  # a = min(a, b) in place
     def rowmin(self, m: Array) -> Array: ...
+    def row_smallest(self, m: Array, k: int) -> Array: ...  # each row's k smallest values, in no order
     def nonzero(self, mask: Array) -> tuple[Array, Array]: ...
     def free_bytes(self) -> int: ...
     def matmul_eps(self) -> float: ...  # extra relative error of reduced-precision GEMM modes
@@ -89,6 +90,9 @@ class ArrayModuleBackend:
 
     def nonzero(self, mask: Array) -> tuple[Array, Array]:
         return self.xp.nonzero(mask)
+
+    def row_smallest(self, m: Array, k: int) -> Array:
+        return self.xp.partition(m, k - 1, axis=1)[:, :k]
 
     def free_bytes(self) -> int:
         if self.is_gpu:
@@ -163,6 +167,9 @@ class TorchBackend:
     def nonzero(self, mask: Array) -> tuple[Array, Array]:
         rows, cols = mask.nonzero(as_tuple=True)
         return rows, cols
+
+    def row_smallest(self, m: Array, k: int) -> Array:
+        return m.topk(k, dim=1, largest=False, sorted=False).values
 
     def free_bytes(self) -> int:
         if self.is_gpu:

@@ -16,11 +16,14 @@ from prefect import task
 from upath import UPath
 
 from tasks.gathering import load_embeddings
-from tasks.selection.kcenter import SelectionResult, select
+from tasks.selection.methods import SelectionResult, select
 from tasks.storage import read_parquet, read_table, write_parquet
 from tasks.video.sequences import frame_infos, sequences
 
-SELECTION_SCHEMA = pa.schema([("filename", pa.string()), ("order", pa.int32()), ("distance", pa.float32())])
+# radius: the covering radius once the row is picked (see SelectionResult); null for random subsets.
+SELECTION_SCHEMA = pa.schema(
+    [("filename", pa.string()), ("order", pa.int32()), ("distance", pa.float32()), ("radius", pa.float32())]
+)
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,13 @@ def selected_filenames(path: UPath) -> list[str]:
     return read_table(path).column("filename").to_pylist()
 
 
-def selection_table(names: list[str], distances: np.ndarray) -> pa.Table:
+def selection_table(names: list[str], distances: np.ndarray, radii: np.ndarray | None) -> pa.Table:
     """A SELECTION_SCHEMA table of the selected names in selection order."""
     order = np.arange(len(names), dtype=np.int32)
+    radius = pa.nulls(len(names), pa.float32()) if radii is None else pa.array(radii, pa.float32())
     return pa.Table.from_arrays(
-        [pa.array(names, pa.string()), pa.array(order), pa.array(distances, pa.float32())], schema=SELECTION_SCHEMA
+        [pa.array(names, pa.string()), pa.array(order), pa.array(distances, pa.float32()), radius],
+        schema=SELECTION_SCHEMA,
     )
 
 
@@ -102,7 +107,7 @@ def select_samples(
 ) -> dict:
     """Select from a gathered embeddings table into a SELECTION_SCHEMA table; returns a summary (see `choose`)."""
     filenames, result, summary = choose(embeddings_path, options, centers_path)
-    write_parquet(selection_table([filenames[i] for i in result.indices], result.distances), out_path)
+    write_parquet(selection_table([filenames[i] for i in result.indices], result.distances, result.radii), out_path)
     return summary
 
 
@@ -137,7 +142,7 @@ def select_sequences(embeddings_path: UPath, videos_path: UPath, options: Select
     _, result, summary = choose(candidates_path, per_sequence)
     length = options.sequence_length
     names = [filenames[row] for i in result.indices for row in chunks[i]]
-    write_parquet(selection_table(names, np.repeat(result.distances, length)), out_path)
+    write_parquet(selection_table(names, *(None if a is None else np.repeat(a, length) for a in (result.distances, result.radii))), out_path)
     count = per_sequence.n_samples
     return {**summary, "sequence_length": length, "n_sequences_selected": summary["n_selected"],
             "n_selected": len(names), "n_samples_target": None if count is None else count * length}

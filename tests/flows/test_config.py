@@ -20,7 +20,7 @@ BASE = ["input_dir=in", "output_dir=out"]
 
 def test_lightly_defaults_and_types():
     config = config_from_overrides([*BASE, "stopping_condition.n_samples=0.3"])
-    assert config.method == "coreset" and config.enable_corruptness_check and config.remove_exact_duplicates
+    assert config.method == "typical_coreset" and config.enable_corruptness_check and config.remove_exact_duplicates
     assert config.lightly.loader.batch_size == 16 and config.lightly.collate.input_size == 64
     assert config.n_example_images == 6 and config.memory_requirement_in_GB == 2
     assert config_from_overrides([*BASE, "stopping_condition.n_samples=1."]).stopping_condition.n_samples == 1.0
@@ -44,7 +44,7 @@ def test_unknown_key_names_the_nearest_valid_keys():
         ("stopping_condition.n_samples=1.5", "a float must be a fraction in (0, 1]"),
         ("stopping_condition.n_samples=-3", "use a count >= 0"),
         ("stopping_condition.min_distance=2.5", "normalised embeddings are at most 2 apart"),
-        ("method=kmeans", "method='kmeans': Input should be 'coreset' or 'random'"),
+        ("method=kmeans", "method='kmeans': Input should be 'typical_coreset', 'coreset' or 'random'"),
         ("n_example_images=3", "must be an even number"),
         ("output_image_size=0", "output_image_size=0"),
         ("lightly.trainer.precision=8", "lightly.trainer.precision=8"),

@@ -18,7 +18,7 @@ import pytest
 
 from tasks.dedup import SAMPLES_SCHEMA
 from tasks.gathering import embedding_schema
-from tasks.selection.tasks import SELECTION_SCHEMA
+from tasks.selection.tasks import selection_table
 
 N, DIM, SHARDS, SMALL = 48_000, 512, 12, 3
 MATRIX_BYTES = N * DIM * 4  # 98 MB
@@ -49,9 +49,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [pa.array(names(range(N))), pa.array([0] * N, pa.int32()), pa.array(["ok"] * N), nulls, nulls],
         schema=SAMPLES_SCHEMA), root / "samples.parquet")
     chosen = names(range(1, N, 100))
-    pq.write_table(pa.Table.from_arrays(
-        [pa.array(chosen), pa.array(np.arange(len(chosen), dtype=np.int32)), pa.array(np.ones(len(chosen), np.float32))],
-        schema=SELECTION_SCHEMA), root / "selection.parquet")
+    pq.write_table(selection_table(chosen, np.ones(len(chosen), np.float32), None), root / "selection.parquet")
     return root
 
 

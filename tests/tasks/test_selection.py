@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from tasks.selection.backends import ArrayModuleBackend, TorchBackend
-from tasks.selection.kcenter import Plan, coreset, coreset_two_round, plan_storage, random_subset, select
+from tasks.selection.methods import Plan, coreset, coreset_two_round, plan_storage, random_subset, select
 from tasks.selection.tasks import SelectOptions
+from tasks.selection.typicality import typicality
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -283,3 +284,111 @@ def test_empty_inputs() -> None:
         got = select(np.empty((0, 4), np.float32), method, 5, None, device="cpu")
         assert got.indices.shape == got.distances.shape == (0,)
         assert len(select(X, method, 0, None, device="cpu").indices) == 0
+
+
+def weighted_reference(
+    x: np.ndarray, w: np.ndarray, n: int | None, md: float | None, centers: np.ndarray | None
+) -> list[int]:
+    """Greedy argmax of squared distance x weight in float64, with direct distances: candidates
+    closer than md are out; once all distances are 0, the heaviest unpicked row."""
+    x = x.astype(np.float64)
+    limit = len(x) if n is None else min(n, len(x))
+    mind = np.full(len(x), np.inf)  # squared distances: exact on the grid, so ties break alike
+    for c in [] if centers is None else centers.astype(np.float64):
+        mind = np.minimum(mind, ((x - c) ** 2).sum(axis=1))
+    picked: list[int] = []
+    while len(picked) < limit:
+        if not picked and centers is None:
+            i = int(np.argmax(w))
+        else:
+            score = np.where(mind < (-1 if md is None else md**2), -1.0, mind * w)
+            score[picked] = -1.0
+            i = int(np.argmax(score))
+            if score[i] <= 0:
+                if md is not None:
+                    break
+                rest = w.copy()
+                rest[picked] = -1.0
+                i = int(np.argmax(rest))
+                if rest[i] <= 0:
+                    break
+        picked.append(i)
+        mind = np.minimum(mind, ((x - x[i]) ** 2).sum(axis=1))
+    return picked
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@FAST
+@given(problem=grid_problems(), data=st.data())
+def test_weighted_coreset_equals_brute_force(name: str, problem: tuple, data: st.DataObject) -> None:
+    x, n_samples, md, centers, seed = problem
+    # Powers of two keep every product exact, so ties break alike.
+    w = 2.0 ** -np.array(data.draw(st.lists(st.integers(0, 3), min_size=len(x), max_size=len(x))))
+    backend, storage = BACKENDS[name]
+    got = coreset(x, n_samples, md, centers, seed, backend, storage, weights=w)
+    assert got.indices.tolist() == weighted_reference(x, w, n_samples, md, centers)
+    picks = x[got.indices].astype(np.float64)
+    pool = np.empty((0, x.shape[1])) if centers is None else centers.astype(np.float64)
+
+    def gap(rows: np.ndarray, chosen: np.ndarray) -> np.ndarray:  # each row's distance to the chosen
+        if not len(chosen):
+            return np.full(len(rows), np.inf)
+        return np.linalg.norm(rows[:, None] - chosen[None], axis=2).min(axis=1)
+
+    want = [gap(picks[j : j + 1], np.concatenate([pool, picks[:j]]))[0] for j in range(len(picks))]
+    np.testing.assert_allclose(got.distances, want, rtol=1e-6, atol=1e-6)
+    radii = [gap(x.astype(np.float64), np.concatenate([pool, picks[: j + 1]])).max() for j in range(len(picks))]
+    np.testing.assert_allclose(got.radii, radii, rtol=1e-5, atol=1e-5)
+
+
+@FAST
+@given(seed=st.integers(0, 2**16), n=st.integers(2, 60), md=st.sampled_from([None, 0.3, 0.8]),
+       m=st.integers(0, 3), k=st.integers(1, 70))
+def test_typical_coreset_honours_min_distance_and_the_datapool(seed: int, n: int, md: float | None, m: int,
+                                                                k: int) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    x[rng.integers(n, size=n // 4)] = x[0]  # duplicates
+    centers = rng.normal(size=(m, 3)).astype(np.float32) if m else None
+    got = select(x, "typical_coreset", k, md, centers, seed, "cpu")
+    again = select(x, "typical_coreset", k, md, centers, seed, "cpu")
+    assert got.indices.tolist() == again.indices.tolist()  # deterministic for a seed
+    picks = x[got.indices].astype(np.float64)
+    assert len(set(got.indices.tolist())) == len(got.indices) <= min(k, n)
+    if md is not None:
+        pairs = np.linalg.norm(picks[:, None] - picks[None], axis=2)[np.triu_indices(len(picks), 1)]
+        assert (pairs >= md - 1e-6).all()
+        if centers is not None:
+            assert (np.linalg.norm(picks[:, None] - centers[None], axis=2) >= md - 1e-6).all()
+        if len(picks) < k:  # stopped by distance: every row is within md of the selection
+            every = picks if centers is None else np.concatenate([picks, centers.astype(np.float64)])
+            assert np.linalg.norm(x[:, None] - every[None], axis=2).min(1).max() < md + 1e-6
+    elif centers is None:
+        assert len(picks) == min(k, n)
+
+
+def test_typicality_equals_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 5)).astype(np.float32)
+    dist = np.linalg.norm(x[:, None].astype(np.float64) - x[None], axis=2)
+    np.fill_diagonal(dist, np.inf)
+    want = 1 / np.sort(dist, axis=1)[:, :20].mean(1)
+    for backend, _ in BACKENDS.values():
+        np.testing.assert_allclose(typicality(backend, x), want, rtol=1e-4)
+    # Against a reference sample: the neighbours among those rows only (a row is not its own).
+    rows = np.sort(np.random.default_rng(0).choice(300, 100, replace=False))
+    sub = dist[:, rows]
+    np.testing.assert_allclose(typicality(BACKENDS["numpy-64"][0], x, k=5, reference=100, seed=0),
+                               1 / np.sort(sub, axis=1)[:, :5].mean(1), rtol=1e-4)
+
+
+def test_typical_coreset_prefers_the_typical_sample_among_equally_far_ones() -> None:
+    # A dense cluster and one far outlier: k-center's second pick is the outlier; the default covers the
+    # cluster first.
+    rng = np.random.default_rng(0)
+    cluster = rng.normal(scale=0.5, size=(200, 2))
+    x = np.concatenate([cluster, [[3.0, 0.0]]]).astype(np.float32)
+    typical = select(x, "typical_coreset", 3, None, None, 0, "cpu").indices
+    spread = select(x, "coreset", 3, None, None, 0, "cpu").indices
+    assert spread[1] == 200 and 200 not in typical
+    assert np.linalg.norm(x[typical[0]] - cluster.mean(0)) < 0.3  # the first pick is the most typical
