@@ -182,9 +182,17 @@ def weighted_greedy(
         state.update(bk.index([first]))
         radii.append(float(bk.to_host(state.radius())[0]))
     while len(picked) < limit:
-        i = _best(state, weights, md2, score)
+        i = _largest(state, weights, md2, score)
         if i is None:
-            break
+            if md2 is not None:
+                break  # every row is picked or closer than min_distance
+            if not state.exact:
+                state.make_exact(picked)  # what is left duplicates the picks, up to the expansion's error
+                continue
+            # Every row left duplicates a pick: the heaviest, as k-center greedy takes duplicates in turn.
+            i = _largest(state, weights, None, score, distance=False)
+            if i is None:
+                break
         row, gap = int(bk.to_host(i)[0]), float(bk.to_host(state.mind[i])[0])
         if gap <= guard and not state.exact:
             state.make_exact(picked)  # near 0 the expansion cannot order the candidates
@@ -199,21 +207,15 @@ def weighted_greedy(
     return result(picked, dists, radii)
 
 
-def _best(state: GreedyState, weights: Array, md2: float | None, score: Array) -> Array | None:
-    """The row of the largest distance² x weight; None when every row is picked or too close.
-    Once every unpicked row duplicates a pick (all distances 0), the heaviest of them, as k-center
-    greedy then takes duplicates in turn."""
+def _largest(state: GreedyState, weights: Array, md2: float | None, score: Array, distance: bool = True) -> Array | None:
+    """The unpicked row of the largest distance² x weight (of the largest weight, without `distance`), not
+    surely closer than min_distance; None when no such row scores above 0."""
     bk, mind = state.bk, state.mind
-    score[:] = mind
-    score *= weights
-    if md2 is not None:
-        score[mind < md2 - state.guard] = -1.0  # surely closer than min_distance
-    i = bk.argmax(score)
-    if float(bk.to_host(score[i])[0]) > 0:
-        return i
-    if md2 is not None:
-        return None
     score[:] = weights
-    score[mind < 0] = -1.0
+    if distance:
+        score *= mind
+    if md2 is not None:
+        score[mind < md2 - state.guard] = -1.0
+    score[mind == -1.0] = -1.0  # picked
     i = bk.argmax(score)
     return i if float(bk.to_host(score[i])[0]) > 0 else None
