@@ -25,8 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.embedding import ModelSpec  # noqa: E402
-from tasks.training import Augmentations, Step, TrainOptions, train  # noqa: E402
+from tasks.training import Step, train  # noqa: E402
 from tests.images import picture, save  # noqa: E402
+from tests.options import augmentations, train_options  # noqa: E402
 
 
 def make_images(root: Path, n: int) -> list[Path]:
@@ -35,8 +36,8 @@ def make_images(root: Path, n: int) -> list[Path]:
 
 def run_case(images: list[Path], model: str, size: int, device: str, args: argparse.Namespace) -> dict:
     steps: list[Step] = []
-    options = TrainOptions(max_epochs=1, batch_size=args.batch_size, num_workers=args.workers, use_gpu=device == "cuda",
-                           precision=args.precision, augment=Augmentations(input_size=size))
+    options = train_options(max_epochs=1, batch_size=args.batch_size, num_workers=args.workers,
+                            use_gpu=device == "cuda", precision=args.precision, augment=augmentations(input_size=size))
     n = args.batch_size * (args.steps + 1)
     paths = (images * (n // len(images) + 1))[:n]
     with tempfile.TemporaryDirectory() as run_dir:

@@ -29,9 +29,10 @@ from sklearn.neighbors import KNeighborsClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.embedding import EmbedOptions, ModelSpec, embed_sources, load_backbone  # noqa: E402
+from tasks.embedding import ModelSpec, embed_sources, load_backbone  # noqa: E402
 from tasks.listing import InputFile  # noqa: E402
-from tasks.training import Augmentations, TrainOptions, train  # noqa: E402
+from tasks.training import train  # noqa: E402
+from tests.options import augmentations, embed_options, train_options  # noqa: E402
 
 
 def write_digits(root: Path, n: int, size: int) -> tuple[list[Path], np.ndarray]:
@@ -50,7 +51,7 @@ def write_digits(root: Path, n: int, size: int) -> tuple[list[Path], np.ndarray]
 def knn_accuracy(paths: list[Path], labels: np.ndarray, spec: ModelSpec, size: int) -> float:
     model = load_backbone(spec.name, spec.num_ftrs, spec.checkpoint, spec.seed, "cpu")
     files = [InputFile(p.name, 0, p.stat().st_size, "") for p in paths]
-    _, vectors, _, _ = embed_sources(paths[0].parent, files, model, EmbedOptions(input_size=size, batch_size=64))
+    _, vectors, _, _ = embed_sources(paths[0].parent, files, model, embed_options(input_size=size, batch_size=64))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     return float(cross_val_score(KNeighborsClassifier(5), vectors, labels, cv=5).mean())
 
@@ -67,8 +68,8 @@ def main() -> None:
     # Digits are centred, upright and grey: flips, colour jitter and small crops would change what
     # they show, so the augmentations keep to scale, blur and position, as one would set them for
     # such data through lightly.collate.*.
-    augment = Augmentations(input_size=args.size, min_scale=0.5, hf_prob=0.0, cj_prob=0.0, random_gray_scale=0.0)
-    options = TrainOptions(max_epochs=1, batch_size=args.batch_size, lr=args.lr, num_workers=0, augment=augment)
+    augment = augmentations(input_size=args.size, min_scale=0.5, hf_prob=0.0, cj_prob=0.0, random_gray_scale=0.0)
+    options = train_options(max_epochs=1, batch_size=args.batch_size, lr=args.lr, num_workers=0, augment=augment)
     with tempfile.TemporaryDirectory() as root:
         paths, labels = write_digits(Path(root) / "digits", args.n, args.size)
         spec = ModelSpec(args.model, 32, None, 1)

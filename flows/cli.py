@@ -1,5 +1,8 @@
 """`thresher run key=value ...`: the command line of the curate flow.
 
+It validates the config, plans the Dask cluster (flows/cluster.py) and starts the pipeline flow
+on it itself (`flows.curate.pipeline`); deployments start it through `flows.curate.curate`.
+
 Without `PREFECT_API_URL`, one temporary Prefect server is started for the run and every Dask
 worker talks to it (Prefect's ephemeral mode would otherwise start one server per worker
 process). With `PREFECT_API_URL` set, the run shows up in that server's UI.
@@ -69,23 +72,6 @@ def prefect_api() -> Iterator[None]:
         server.stop()
 
 
-@contextmanager
-def no_heartbeats() -> Iterator[None]:
-    """Flow runs without heartbeats, unless PREFECT_FLOWS_HEARTBEAT_FREQUENCY is set. Heartbeats let
-    a Prefect server mark a run whose process died unseen as crashed, which matters for deployment
-    runs that a worker starts; a run from the command line is watched by whoever started it. Each
-    flow run's heartbeat thread also costs it up to a second at its end (Prefect joins the thread,
-    which wakes once a second): the start and end of a run adding 220 files to a datapool, on a
-    warm cluster, took 0.4 to 0.7 s with it and 0.1 s without."""
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-    if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" in os.environ:
-        yield
-        return
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield
-
-
 def sanity_check(config: ThresherConfig) -> None:
     """Check the installation without curating: folders, the model and one forward pass."""
     import numpy as np
@@ -126,11 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         if config.sanity_check:
             sanity_check(config)
             return 0
-        from flows.curate import run
+        from flows.cluster import cluster_plan
+        from flows.curate import frozen_modules, no_heartbeats, pipeline
 
         quiet_console()
-        with prefect_api(), no_heartbeats():
-            result = run(config)
+        plan = cluster_plan(config)
+        with prefect_api(), no_heartbeats(), frozen_modules():
+            result = pipeline.with_options(task_runner=plan.task_runner())(config, plan)
     except ConfigError as error:
         print(f"thresher: {error}", file=sys.stderr)
         return 2

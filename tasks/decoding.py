@@ -8,7 +8,9 @@ so what passes the check is exactly what gets embedded. Shards may also hold vid
 whose frames are checked one by one (pixel hash and corruption score: `tasks/video/quality.py`).
 
     >>> files = [InputFile("objects/chelsea_00.jpg", 0, 1, "0.0")]
-    >>> check_files(UPath("examples/images"), files, CheckOptions()).column("error").to_pylist()
+    >>> options = CheckOptions(full_decode=True, max_pixels=10**8, allow_extension_mismatch=False,
+    ...                        corruption_threshold=0.1, decode_timeout=10.0)
+    >>> check_files(UPath("examples/images"), files, options).column("error").to_pylist()
     [None]
 """
 
@@ -55,11 +57,13 @@ CHECK_SCHEMA = pa.schema(
 
 @dataclass(frozen=True)
 class CheckOptions:
-    full_decode: bool = True
-    max_pixels: int = 178_956_970
-    allow_extension_mismatch: bool = False
-    corruption_threshold: float = 0.1  # video frames only
-    decode_timeout: float = 60.0  # seconds per image or video frame
+    """`corruptness_check.*` and `enable_corruptness_check` (see flows/options.py)."""
+
+    full_decode: bool
+    max_pixels: int
+    allow_extension_mismatch: bool
+    corruption_threshold: float  # video frames only
+    decode_timeout: float  # seconds per image or video frame
 
 
 class CorruptImage(Exception):

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from prefect import task
+from upath import UPath
+
+from tasks.storage import read_parquet, write_parquet
 
 SAMPLES_SCHEMA = pa.schema(
     [
@@ -59,3 +63,8 @@ def classify(check: pa.Table, remove_exact_duplicates: bool) -> pa.Table:
         ],
         schema=SAMPLES_SCHEMA,
     )
+
+
+@task(name="classify-samples")
+def classify_samples(check_paths: list[UPath], remove_exact_duplicates: bool, out_path: UPath) -> UPath:
+    return write_parquet(classify(read_parquet(check_paths), remove_exact_duplicates), out_path)

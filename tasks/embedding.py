@@ -11,7 +11,8 @@ they come out of it (`tasks/video/frames.py`), so a shard of a long video stream
     >>> from tasks.listing import InputFile
     >>> model = load_backbone("efficientnet-lite0", num_ftrs=32, checkpoint="", seed=1, device="cpu")
     >>> names, vectors, errors, seconds = embed_sources(UPath("examples/images"),
-    ...     [InputFile("objects/chelsea_00.jpg", 0, 1, "0.0")], model, EmbedOptions(input_size=64, num_threads=1))
+    ...     [InputFile("objects/chelsea_00.jpg", 0, 1, "0.0")], model, EmbedOptions(input_size=64, batch_size=16,
+    ...     num_threads=1, torch_threads=1, precision=32, max_pixels=10**8, decode_timeout=10.0))
     >>> vectors.shape
     (1, 1280)
 """
@@ -50,13 +51,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class EmbedOptions:
-    input_size: int = 64
-    batch_size: int = 16
-    num_threads: int = 1  # decoding threads
-    torch_threads: int = 1
-    precision: int = 32
-    max_pixels: int = 178_956_970
-    decode_timeout: float = 60.0  # seconds per image or video frame
+    """The config's keys that embedding reads, and the worker's threads (see flows/options.py)."""
+
+    input_size: int
+    batch_size: int
+    num_threads: int  # decoding threads
+    torch_threads: int
+    precision: int
+    max_pixels: int
+    decode_timeout: float  # seconds per image or video frame
 
 
 def default_device() -> str:

@@ -31,7 +31,7 @@ It is a `torch.save`d dict that loads with `torch.load(path, weights_only=True)`
 
     >>> checkpoint = train([location("examples/images/objects/chelsea_00.jpg"), ...],
     ...                    ModelSpec("resnet-18", num_ftrs=32, checkpoint="", seed=1),
-    ...                    TrainOptions(max_epochs=1, batch_size=8), location("out/run"))
+    ...                    train_options(config), location("out/run"))
     >>> checkpoint.name
     'lightly_epoch_0.ckpt'
 """
@@ -73,37 +73,39 @@ class Augmentations:
     """`lightly.collate.*`, named as `SimCLRTransform`'s arguments. lightly's `kernel_size` is not
     here: lightly's own transform ignores it since it blurs with Pillow by `sigmas`."""
 
-    input_size: int = 64
-    cj_prob: float = 0.8
-    cj_bright: float = 0.7
-    cj_contrast: float = 0.7
-    cj_sat: float = 0.7
-    cj_hue: float = 0.2
-    min_scale: float = 0.15
-    random_gray_scale: float = 0.2
-    gaussian_blur: float = 0.5
-    sigmas: tuple[float, float] = (0.2, 2.0)
-    vf_prob: float = 0.0
-    hf_prob: float = 0.5
-    rr_prob: float = 0.0
+    input_size: int
+    cj_prob: float
+    cj_bright: float
+    cj_contrast: float
+    cj_sat: float
+    cj_hue: float
+    min_scale: float
+    random_gray_scale: float
+    gaussian_blur: float
+    sigmas: tuple[float, float]
+    vf_prob: float
+    hf_prob: float
+    rr_prob: float
 
 
 @dataclass(frozen=True)
 class TrainOptions:
-    max_epochs: int = 100
-    batch_size: int = 16
-    shuffle: bool = True
-    drop_last: bool = True
-    num_workers: int = 0  # data-loading processes; -1 means one per CPU core
-    use_gpu: bool = True
-    precision: int = 32
-    lr: float = 1.0
-    weight_decay: float = 1e-5
-    temperature: float = 0.5
-    memory_bank_size: int = 0
-    out_dim: int = 128
-    max_pixels: int = 178_956_970
-    augment: Augmentations = Augmentations()
+    """The `lightly.*` keys that training reads (see flows/options.py)."""
+
+    max_epochs: int
+    batch_size: int
+    shuffle: bool
+    drop_last: bool
+    num_workers: int  # data-loading processes; -1 means one per CPU core
+    use_gpu: bool
+    precision: int
+    lr: float
+    weight_decay: float
+    temperature: float
+    memory_bank_size: int
+    out_dim: int
+    max_pixels: int
+    augment: Augmentations
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ from distributed import Client
 from lightly.utils.io import load_embeddings
 from PIL import Image
 
-from flows.cli import main, no_heartbeats
+from flows.cli import main
+from flows.curate import no_heartbeats
 from tests.images import dataset
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 
 from flows.cli import main
-from tasks.decoding import CheckOptions, check_files, open_image
-from tasks.embedding import EmbedOptions, _image_input
+from tasks.decoding import check_files, open_image
+from tasks.embedding import _image_input
 from tasks.listing import InputFile, list_images
 from tests.images import picture, save
+from tests.options import check_options, embed_options
 from tests.reliability.corpus import hostile_images
 
 
@@ -44,7 +45,7 @@ def test_listing_finds_every_file_and_no_trap(corpus):
 def test_check_gives_each_file_its_fate(corpus):
     root, expected = corpus
     start, peak = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rows = {row["filename"]: row for row in check_files(root, list_images(root), CheckOptions()).to_pylist()}
+    rows = {row["filename"]: row for row in check_files(root, list_images(root), check_options()).to_pylist()}
     assert time.perf_counter() - start < 30, "a file stalled the check"
     # The bomb declares 10^10 pixels (30 GB decoded): it must be refused from its header.
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200 * 1024, "memory was not bounded"
@@ -72,8 +73,8 @@ def test_decoded_pixels_are_the_picture(corpus):
 def test_pixel_limit_is_configurable(tmp_path):
     save(picture(1, (100, 100)), tmp_path / "a.png")
     files = list_images(tmp_path)
-    assert check_files(tmp_path, files, CheckOptions(max_pixels=10_000)).column("error")[0].as_py() is None
-    error = check_files(tmp_path, files, CheckOptions(max_pixels=9_999)).column("error")[0].as_py()
+    assert check_files(tmp_path, files, check_options(max_pixels=10_000)).column("error")[0].as_py() is None
+    error = check_files(tmp_path, files, check_options(max_pixels=9_999)).column("error")[0].as_py()
     assert error.startswith("decompression bomb: 100x100 = 10000 pixels exceeds corruptness_check.max_pixels=9999")
 
 
@@ -82,10 +83,10 @@ def test_slow_decode_times_out(tmp_path):
     save(Image.new("L", (6000, 6000)), tmp_path / "slow.png")
     files = list_images(tmp_path)
     start = time.perf_counter()
-    error = check_files(tmp_path, files, CheckOptions(decode_timeout=0.001)).column("error")[0].as_py()
+    error = check_files(tmp_path, files, check_options(decode_timeout=0.001)).column("error")[0].as_py()
     assert time.perf_counter() - start < 5
     assert error.startswith("decoding timed out") and "corruptness_check.decode_timeout" in error
-    assert _load(tmp_path, "slow.png", EmbedOptions(decode_timeout=0.001)).startswith("decoding timed out")
+    assert _load(tmp_path, "slow.png", embed_options(decode_timeout=0.001)).startswith("decoding timed out")
 
 
 def test_files_that_vanish_or_change_after_listing(tmp_path):
@@ -96,12 +97,12 @@ def test_files_that_vanish_or_change_after_listing(tmp_path):
     (tmp_path / "1.jpg").write_bytes(b"\xff\xd8 no longer a jpeg")
     (tmp_path / "2.jpg").unlink()
     (tmp_path / "2.jpg").mkdir()  # replaced by a folder of the same name
-    errors = check_files(tmp_path, files, CheckOptions()).column("error").to_pylist()
+    errors = check_files(tmp_path, files, check_options()).column("error").to_pylist()
     assert errors[0] == "unreadable: No such file or directory"
     assert errors[1].startswith("not a recognised image format")
     assert errors[2] == "unreadable: Is a directory"
     # the embedder reads again, later: a file gone by then is an error row, not a crash
-    assert _load(tmp_path, "0.jpg", EmbedOptions()) == "unreadable: No such file or directory"
+    assert _load(tmp_path, "0.jpg", embed_options()) == "unreadable: No such file or directory"
 
 
 def test_unreadable_file(tmp_path):
@@ -109,7 +110,7 @@ def test_unreadable_file(tmp_path):
     os.chmod(tmp_path / "locked.jpg", 0)
     if os.access(tmp_path / "locked.jpg", os.R_OK):
         pytest.skip("running as root: permissions do not stop reads (traps/pipe.jpg covers an unreadable entry)")
-    errors = check_files(tmp_path, list_images(tmp_path), CheckOptions()).column("error").to_pylist()
+    errors = check_files(tmp_path, list_images(tmp_path), check_options()).column("error").to_pylist()
     assert errors == ["unreadable: Permission denied"]
 
 

@@ -15,11 +15,12 @@ import pytest
 import tasks.video.frames
 import tasks.video.probe
 from flows.cli import main
-from tasks.decoding import CheckOptions, check_files
+from tasks.decoding import check_files
 from tasks.listing import InputFile
 from tasks.sharding import frame_ranges
 from tasks.video.frames import embedder_input, frame_image, read_frames
 from tasks.video.probe import VIDEO_SCHEMA, probe_row
+from tests.options import check_options
 from tests.videos import audio_only, frames, garbled, rotated, truncated, write_video
 
 def video_corpus(root: Path) -> dict[str, str | None]:
@@ -93,7 +94,7 @@ def test_a_frame_that_never_decodes_times_out_and_the_other_frames_and_videos_go
     release = threading.Event()
     _stall(monkeypatch, tasks.video.frames, "decode_frames", 2, release)
     start = time.monotonic()
-    options = CheckOptions(full_decode=False, decode_timeout=0.5)  # no corruption threshold
+    options = check_options(full_decode=False, decode_timeout=0.5)  # no corruption threshold
     rows = check_files(tmp_path, frame_ranges(videos, size=8), options).to_pylist()
     elapsed = time.monotonic() - start
     release.set()

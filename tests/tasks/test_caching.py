@@ -1,7 +1,7 @@
 from tasks.caching import shard_key
-from tasks.decoding import CheckOptions
 from tasks.listing import InputFile
 from tasks.sharding import MIN_PIECE, pack_pieces, plan_pieces, stable_shards
+from tests.options import check_options
 
 
 def _files(n, start=0):
@@ -10,13 +10,13 @@ def _files(n, start=0):
 
 def test_key_changes_with_what_determines_the_result_only():
     files = _files(3)
-    key = shard_key("check", "/d", CheckOptions(), files)
-    assert key == shard_key("check", "/d", CheckOptions(), _files(3))
-    assert key != shard_key("check", "/d", CheckOptions(max_pixels=10), files)
-    assert key != shard_key("check", "/other", CheckOptions(), files)
+    key = shard_key("check", "/d", check_options(), files)
+    assert key == shard_key("check", "/d", check_options(), _files(3))
+    assert key != shard_key("check", "/d", check_options(max_pixels=10), files)
+    assert key != shard_key("check", "/other", check_options(), files)
     touched = [*files[:2], InputFile(files[2].filename, 0, files[2].size, "2.0")]
-    assert key != shard_key("check", "/d", CheckOptions(), touched)
-    assert key != shard_key("embed", "/d", CheckOptions(), files)
+    assert key != shard_key("check", "/d", check_options(), touched)
+    assert key != shard_key("embed", "/d", check_options(), files)
 
 
 def test_adding_files_keeps_most_shards():

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.decoding import CheckOptions, CorruptImage, check_files, open_image, to_rgb
+from tasks.decoding import CorruptImage, check_files, open_image, to_rgb
 from tasks.listing import InputFile
 from tests.images import picture, save, truncated
+from tests.options import check_options
 
 
 def _bytes(image: Image.Image, fmt: str, **options) -> bytes:
@@ -18,7 +19,7 @@ def _bytes(image: Image.Image, fmt: str, **options) -> bytes:
 
 def _check(tmp_path: Path, name: str, **options) -> dict:
     path = tmp_path / name
-    return check_files(tmp_path, [InputFile(name, 0, path.stat().st_size, "0.0")], CheckOptions(**options)).to_pylist()[0]
+    return check_files(tmp_path, [InputFile(name, 0, path.stat().st_size, "0.0")], check_options(**options)).to_pylist()[0]
 
 
 @pytest.mark.parametrize(
@@ -65,12 +66,12 @@ def test_equal_bytes_hash_equal_and_different_bytes_differ(tmp_path):
     (tmp_path / "b.png").write_bytes(data)
     (tmp_path / "c.png").write_bytes(_bytes(picture(4), "PNG"))
     files = [InputFile(n, 0, 1, "0.0") for n in ("a.png", "b.png", "c.png")]
-    hashes = check_files(tmp_path, files, CheckOptions()).column("content_hash").to_pylist()
+    hashes = check_files(tmp_path, files, check_options()).column("content_hash").to_pylist()
     assert hashes[0] == hashes[1] != hashes[2]
 
 
 def test_unreadable_file_reports_reason(tmp_path):
-    row = check_files(tmp_path, [InputFile("gone.jpg", 0, 1, "0.0")], CheckOptions()).to_pylist()[0]
+    row = check_files(tmp_path, [InputFile("gone.jpg", 0, 1, "0.0")], check_options()).to_pylist()[0]
     assert row["error"].startswith("unreadable")
 
 

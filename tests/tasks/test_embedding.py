@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.embedding import EmbedOptions, build_backbone, embed_sources, load_backbone, load_checkpoint
+from tasks.embedding import build_backbone, embed_sources, load_backbone, load_checkpoint
 from tasks.listing import InputFile
 from tests.images import save, truncated
+from tests.options import embed_options
 
 EXAMPLES = Path(__file__).parents[2] / "examples" / "images"
 
@@ -26,7 +27,7 @@ def test_pretrained_default_embeds_real_photos_meaningfully():
     ImageNet weights give real features offline."""
     names = [f"objects/{p}_{i:02d}.jpg" for p in ("chelsea", "coffee", "rocket") for i in range(3)]
     model = load_backbone("efficientnet-lite0", 32, None, 1, "cpu")
-    _, vectors, errors, _ = embed_sources(EXAMPLES, _files(names), model, EmbedOptions(input_size=96, batch_size=4))
+    _, vectors, errors, _ = embed_sources(EXAMPLES, _files(names), model, embed_options(input_size=96, batch_size=4))
     assert errors == [None] * 9 and vectors.shape == (9, 1280)
     distances = np.linalg.norm(_unit(vectors)[:, None] - _unit(vectors)[None], axis=-1)
     group = np.repeat(np.arange(3), 3)
@@ -82,7 +83,7 @@ def test_undecodable_files_get_nan_rows_and_reasons_in_order(tmp_path):
     save(picture(2), tmp_path / "c.png")
     model = load_backbone("resnet-18", 8, None, 1, "cpu")
     _, vectors, errors, compute = embed_sources(tmp_path, _files(["a.png", "b.jpg", "c.png"]), model,
-                                                EmbedOptions(batch_size=2))
+                                                embed_options(batch_size=2))
     assert errors[0] is None and errors[1].startswith("decoding failed") and errors[2] is None
     assert np.isfinite(vectors[[0, 2]]).all() and np.isnan(vectors[1]).all()
     assert compute > 0

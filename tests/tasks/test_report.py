@@ -20,7 +20,7 @@ import tasks.report.plots
 import tasks.report.previews
 import tasks.report.views
 from flows.config import ThresherConfig
-from tasks.decoding import CheckOptions, check_files
+from tasks.decoding import check_files
 from tasks.dedup import classify
 from tasks.gathering import load_embeddings
 from tasks.listing import list_images
@@ -35,6 +35,7 @@ from tasks.report.views import pca_2d, start_views, umap_2d
 from tasks.selection.tasks import SelectOptions, select_samples, selected_filenames
 from tasks.storage import write_parquet
 from tests.images import picture, save, truncated
+from tests.options import check_options
 
 
 def test_exact_stats_match_brute_force():
@@ -183,7 +184,7 @@ def inputs(tmp_path_factory) -> dict:
     (images / "empty.png").write_bytes(b"")
 
     work = run_dir / "intermediate"
-    samples = classify(check_files(images, list_images(images), CheckOptions()), remove_exact_duplicates=True)
+    samples = classify(check_files(images, list_images(images), check_options()), remove_exact_duplicates=True)
     write_parquet(samples, work / "samples.parquet")
     ok = [name for name, status in zip(samples.column("filename").to_pylist(), samples.column("status").to_pylist())
           if status == "ok"]

@@ -11,19 +11,21 @@ from lightly.loss import NTXentLoss
 from PIL import Image
 
 from flows.config import ConfigError, validate_config
-from tasks.embedding import EmbedOptions, ModelSpec, build_backbone, embed_sources, load_backbone, load_checkpoint
+from tasks.embedding import ModelSpec, build_backbone, embed_sources, load_backbone, load_checkpoint
 from tasks.listing import InputFile, list_images
 from tasks.sharding import frame_ranges
 from tasks.training import (
-    Augmentations, Step, TrainOptions, build_simclr, checkpoint_payload, extract_frames, sample_ranges,
-    save_checkpoint, train, train_model, train_step, training_loader,
+    Step, build_simclr, checkpoint_payload, extract_frames, sample_ranges, save_checkpoint, train, train_model,
+    train_step, training_loader,
 )
 from tasks.video.probe import VIDEO_SCHEMA, probe_row
 from tests.images import picture, save
+from tests.options import augmentations, embed_options, train_options
 from tests.videos import frames, write_video
 
 SPEC = ModelSpec("resnet-18", num_ftrs=16, checkpoint=None, seed=1)
-TINY = TrainOptions(max_epochs=1, batch_size=8, out_dim=16, lr=0.1, augment=Augmentations(input_size=32))
+TINY = train_options(max_epochs=1, batch_size=8, out_dim=16, lr=0.1, num_workers=0,
+                     augment=augmentations(input_size=32))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def test_one_epoch_writes_a_checkpoint_that_embeds_and_resumes(images, tmp_path)
     assert resumed.name == "lightly_epoch_1.ckpt"
 
     # the trained backbone embeds differently from the untrained one
-    options = EmbedOptions(input_size=32, batch_size=8)
+    options = embed_options(input_size=32, batch_size=8)
     files = [InputFile(p.name, 0, 1, "0.0") for p in images[:4]]
     before = embed_sources(images[0].parent, files, load_backbone("resnet-18", 16, None, 1, "cpu"), options)[1]
     after = embed_sources(images[0].parent, files, load_backbone("resnet-18", 16, checkpoint, 1, "cpu"), options)[1]

@@ -5,16 +5,17 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from tasks.decoding import CheckOptions, check_files
+from tasks.decoding import check_files
 from tasks.dedup import classify
 from tasks.dumping import dump_names, dump_shard
-from tasks.embedding import EmbedOptions, embed_sources, load_backbone
+from tasks.embedding import embed_sources, load_backbone
 from tasks.listing import InputFile, list_images
 from tasks.sharding import frame_ranges, split_points, video_shards
 from tasks.video.frames import frame_name, read_frames
 from tasks.video.probe import VIDEO_SCHEMA, probe_row
 from tasks.video.quality import corruption_score
 from tasks.video.sequences import frame_infos, sequence_information, sequences, video_timelines
+from tests.options import check_options, embed_options
 from tests.videos import FORMATS, frames, garbled, has_encoder, truncated, write_video
 
 SOURCE = frames(23)
@@ -80,7 +81,7 @@ def test_every_frame_decodes_to_its_source_in_every_format_with_seeking(library)
     videos = _probe(library)
     ranges = [r for r in frame_ranges(videos, size=6) if r.file.filename.startswith("clips/")]
     assert any(r.indices[0] > 0 for r in ranges)  # ranges after the first seek
-    rows = check_files(library, ranges, CheckOptions())
+    rows = check_files(library, ranges, check_options())
     assert rows.column("error").null_count == len(rows) == 23 * len({r.file.filename for r in ranges})
     for name, pixels in read_frames(library, ranges, lambda f: f.to_ndarray(format="rgb24")):
         error = np.abs(pixels.astype(int) - SOURCE[_index(name)]).mean()
@@ -90,7 +91,7 @@ def test_every_frame_decodes_to_its_source_in_every_format_with_seeking(library)
 def test_garbled_frames_are_corrupt_and_the_rest_are_not(library):
     videos = _probe(library)
     ranges = [r for r in frame_ranges(videos, size=256) if r.file.filename == "broken/noise.avi"]
-    rows = check_files(library, ranges, CheckOptions(corruption_threshold=0.1)).to_pylist()
+    rows = check_files(library, ranges, check_options(corruption_threshold=0.1)).to_pylist()
     corrupt = [r["filename"] for r in rows if r["error"]]
     assert 1 <= len(corrupt) <= 8 and corrupt[0] != "broken/noise-00-avi.png"
     assert all("corruption score" in r["error"] or "decoded" in r["error"] for r in rows if r["error"])
@@ -108,7 +109,7 @@ def test_identical_frames_are_exact_duplicates(tmp_path):
     frozen = [SOURCE[0]] * 3 + [SOURCE[1]]
     write_video(tmp_path / "frozen.mp4", frozen, gop=1)
     videos = _probe(tmp_path)
-    samples = classify(check_files(tmp_path, frame_ranges(videos, 256), CheckOptions()), True).to_pylist()
+    samples = classify(check_files(tmp_path, frame_ranges(videos, 256), check_options()), True).to_pylist()
     assert [s["status"] for s in samples] == ["ok", "duplicate", "duplicate", "ok"]
     assert samples[1]["duplicate_of"] == "frozen-0-mp4.png"
 
@@ -133,7 +134,7 @@ def test_embedding_frames_streams_them_resized(library):
     videos = _probe(library)
     [ranges] = video_shards(videos, 256, 1, keep={frame_name("clips/mpeg4.mp4", i, 23) for i in range(4)})
     model = load_backbone("resnet-18", 8, None, 1, "cpu")
-    names, vectors, errors, _ = embed_sources(library, ranges, model, EmbedOptions(input_size=32, batch_size=3))
+    names, vectors, errors, _ = embed_sources(library, ranges, model, embed_options(input_size=32, batch_size=3))
     assert names == [frame_name("clips/mpeg4.mp4", i, 23) for i in range(4)]
     assert vectors.shape == (4, 8) and errors == [None] * 4
 
@@ -165,5 +166,5 @@ def test_a_frame_range_of_an_input_file_is_one_check_row_per_frame(tmp_path):
     videos = _probe(tmp_path)
     image = InputFile("x.png", 0, 1, "0.0")
     Image.fromarray(SOURCE[0]).save(tmp_path / "x.png")
-    rows = check_files(tmp_path, [image, *frame_ranges(videos, 256)], CheckOptions()).column("filename").to_pylist()
+    rows = check_files(tmp_path, [image, *frame_ranges(videos, 256)], check_options()).column("filename").to_pylist()
     assert rows == ["x.png"] + [f"v-{i}-webm.png" for i in range(4)]

@@ -2,9 +2,8 @@ import os
 
 import pytest
 
-from flows.clusters import load_cluster_spec
+from flows.cluster import cluster_plan, load_cluster_spec
 from flows.config import parse_overrides, validate_config
-from flows.curate import cluster_info
 
 
 def test_local_spec_is_one_single_threaded_process_per_core():
@@ -30,7 +29,7 @@ def test_spec_from_a_path_and_unknown_names(tmp_path):
 def test_only_the_processes_of_a_local_cluster_spec_are_the_runs_own_to_replace(tmp_path):
     def own(*overrides: str) -> bool:
         keys = [f"input_dir={tmp_path}", f"output_dir={tmp_path}", "stopping_condition.n_samples=1", *overrides]
-        return cluster_info(validate_config(parse_overrides(keys))).own_workers
+        return cluster_plan(validate_config(parse_overrides(keys))).own_workers
 
     assert own() and own("dask.cluster=local", "dask.n_workers=1")
     assert not own("dask.cluster=local-threads")

@@ -1,0 +1,91 @@
+"""The configuration as each stage's options: the only code that reads `ThresherConfig` for the tasks.
+
+The tasks take small frozen option objects whose fields have no defaults: the defaults live in
+the config (`flows/config.py`), so changing one means changing one place.
+
+    >>> config = ThresherConfig(input_dir="in", output_dir="out")
+    >>> check_options(config).max_pixels == config.corruptness_check.max_pixels
+    True
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from flows.config import ThresherConfig
+from tasks.decoding import CheckOptions
+from tasks.embedding import EmbedOptions, ModelSpec
+from tasks.selection.tasks import SelectOptions
+
+if TYPE_CHECKING:
+    from tasks.training import TrainOptions
+
+
+def check_options(config: ThresherConfig) -> CheckOptions:
+    check = config.corruptness_check
+    return CheckOptions(
+        full_decode=config.enable_corruptness_check,
+        max_pixels=check.max_pixels,
+        allow_extension_mismatch=check.allow_extension_mismatch,
+        corruption_threshold=check.corruption_threshold,
+        decode_timeout=check.decode_timeout,
+    )
+
+
+def embed_options(config: ThresherConfig, threads: int) -> EmbedOptions:
+    """`threads`: the threads of one Dask worker (see ClusterPlan.threads)."""
+    loader = config.lightly.loader
+    return EmbedOptions(
+        input_size=config.lightly.collate.input_size,
+        batch_size=loader.batch_size,
+        num_threads=threads if loader.num_workers == -1 else max(1, loader.num_workers),
+        torch_threads=threads,
+        precision=config.lightly.trainer.precision,
+        max_pixels=config.corruptness_check.max_pixels,
+        decode_timeout=config.corruptness_check.decode_timeout,
+    )
+
+
+def model_spec(config: ThresherConfig) -> ModelSpec:
+    return ModelSpec(
+        name=config.lightly.model.name,
+        num_ftrs=config.lightly.model.num_ftrs,
+        checkpoint=config.shared_path(config.checkpoint, "checkpoint") if config.checkpoint else None,
+        seed=config.lightly.seed,
+    )
+
+
+def train_options(config: ThresherConfig) -> TrainOptions:
+    # Imported here: lightly loads torchvision (see tasks/embedding.py), which only training needs.
+    from tasks.training import Augmentations, TrainOptions
+
+    lightly = config.lightly
+    return TrainOptions(
+        max_epochs=lightly.trainer.max_epochs, batch_size=lightly.loader.batch_size,
+        shuffle=lightly.loader.shuffle, drop_last=lightly.loader.drop_last,
+        num_workers=lightly.loader.num_workers, use_gpu=lightly.trainer.gpus > 0,
+        precision=lightly.trainer.precision, lr=lightly.optimizer.lr,
+        weight_decay=lightly.optimizer.weight_decay, temperature=lightly.criterion.temperature,
+        memory_bank_size=lightly.criterion.memory_bank_size, out_dim=lightly.model.out_dim,
+        max_pixels=config.corruptness_check.max_pixels,
+        # lightly's own transform ignores kernel_size (it blurs with Pillow by sigmas)
+        augment=Augmentations(**lightly.collate.model_dump(exclude={"kernel_size"})),
+    )
+
+
+def select_options(config: ThresherConfig) -> SelectOptions:
+    stop = config.stopping_condition
+    return SelectOptions(
+        method=config.method,
+        n_samples=stop.samples,
+        min_distance=stop.radius,
+        normalize=config.normalize_embeddings,
+        seed=config.lightly.seed,
+        device=config.selection.device,
+        sequence_length=config.selected_sequence_length,
+    )
+
+
+def report_config(config: ThresherConfig) -> dict:
+    """The config as the report reads it (tasks/report.py: ReportSettings.from_config), secrets left out."""
+    return config.model_dump(mode="json", exclude={"token"})

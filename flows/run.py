@@ -1,0 +1,152 @@
+"""What the stages of one run share, and how they put their work on the cluster.
+
+`Run` is frozen: the config, the run's folders and the cluster plan. `RunLog` collects each
+stage's timing and the run's counts for report.json. `pieces` cuts a stage's shards into the
+pieces the cache has and has not (see tasks/sharding.py), and `track` waits for a stage's tasks
+with a progress bar in the terminal and in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture, as_completed
+from tqdm import tqdm
+from upath import UPath
+
+from flows.cluster import ClusterPlan
+from flows.config import ThresherConfig, dump_config, overrides_of
+from tasks.caching import cache_path
+from tasks.gathering import GATHERED_NAME
+from tasks.sharding import Source, count_samples, describe_shard, pack_pieces, plan_pieces
+from tasks.storage import describe, existing_names, remove_partial_files, write_text
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every stage of one run reads: its config, where it reads and writes, and its cluster."""
+
+    config: ThresherConfig
+    plan: ClusterPlan
+    run_dir: UPath
+    input: UPath  # input_dir, as a path that carries its storage options
+    cache: UPath
+    pool_dir: UPath | None
+
+    @property
+    def source(self) -> str:
+        return describe(self.input)
+
+    @property
+    def work(self) -> UPath:
+        return self.run_dir / "intermediate"
+
+    @property
+    def samples_path(self) -> UPath:
+        return self.work / "samples.parquet"
+
+    @property
+    def videos_path(self) -> UPath:
+        return self.work / "videos.parquet"
+
+    @property
+    def embeddings_path(self) -> UPath:
+        return self.work / GATHERED_NAME
+
+    @property
+    def selection_path(self) -> UPath:
+        return self.work / "selection.parquet"
+
+
+def start_run(config: ThresherConfig, plan: ClusterPlan, started: datetime) -> Run:
+    """The run's folders, with its config written into it and the partial files of killed runs removed."""
+    logger = get_run_logger()
+    run_dir = config.location(config.output_dir) / (config.run_directory or started.strftime("%Y-%m-%d_%H-%M-%S"))
+    write_text(dump_config(config), run_dir / "config" / "config.yaml")
+    write_text("".join(f"- {item}\n" for item in overrides_of(config)), run_dir / "config" / "overrides.yaml")
+    logger.info("Run directory: %s", describe(run_dir))
+    run = Run(config, plan, run_dir, config.location(config.input_dir), config.cache_path(), config.pool_dir())
+    swept = remove_partial_files(run_dir, recursive=True) + sum(
+        remove_partial_files(folder) for folder in (run.cache / "check", run.cache / "embed", run.pool_dir) if folder)
+    if swept:
+        logger.info("Removed %d partial files that killed runs had left.", swept)
+    return run
+
+
+@dataclass
+class RunLog:
+    """What the stages did: each stage's timing and figures, and the run's counts."""
+
+    timings: dict[str, dict] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=lambda: {"n_skipped_processed": 0})
+
+    def timed(self, stage: str, items: int, start: float) -> None:
+        seconds = time.perf_counter() - start
+        self.timings[stage] = {"seconds": round(seconds, 3), "items": items,
+                               "items_per_second": round(items / seconds, 2) if seconds > 0 else None}
+
+
+# The UI's progress bars are updated at most this often: an update is a call to the API, and a
+# stage of many small shards would otherwise make one per shard.
+PROGRESS_SECONDS = 1.0
+
+
+def track(futures: list[PrefectFuture], stage: str, shards: list[list], log: RunLog) -> list[Any]:
+    """Wait for a stage's futures, with a progress bar in images/s in the terminal and a progress
+    artifact in the Prefect UI; results in submission order. A shard that failed after its
+    retries stops the run with a message naming its files."""
+    start = time.perf_counter()
+    if not futures:  # everything cached or nothing to do: no progress to show
+        log.timed(stage, 0, start)
+        return []
+    sizes = [count_samples(s) for s in shards]
+    index = {id(f): i for i, f in enumerate(futures)}
+    results: list[Any] = [None] * len(futures)
+    artifact = create_progress_artifact(0.0, description=f"{stage}: {sum(sizes)} samples in {len(shards)} shards")
+    shown = time.monotonic()
+    with tqdm(total=sum(sizes), desc=f"{stage:<8}", unit="img", dynamic_ncols=True) as bar:
+        for done, future in enumerate(as_completed(futures), start=1):
+            i = index[id(future)]
+            try:
+                results[i] = future.result()
+            except Exception as error:
+                raise RuntimeError(f"{stage} failed for shard {i} ({describe_shard(shards[i])}): {error}") from error
+            bar.update(sizes[i])
+            if done == len(futures) or time.monotonic() - shown >= PROGRESS_SECONDS:
+                update_progress_artifact(artifact, 100.0 * done / len(futures))
+                shown = time.monotonic()
+    log.timed(stage, sum(sizes), start)
+    return results
+
+
+@dataclass(frozen=True)
+class Batches:
+    """A stage's pieces to compute, grouped into batches, one task each (see tasks/sharding.py)."""
+
+    pieces: list[list[list[Source]]]  # each batch's pieces, as lists of sources
+    paths: list[list[UPath]]  # each batch's pieces' result files in the cache
+    cached: int  # pieces whose result the cache holds
+
+    def shards(self) -> list[list[Source]]:
+        """Each batch's sources as one shard (for its progress and its error message)."""
+        return [[source for piece in batch for source in piece] for batch in self.pieces]
+
+
+def pieces(run: Run, stage: str, params: Any, shards: list[list[Source]]) -> tuple[list[UPath], Batches]:
+    """The shards as pieces (see plan_pieces): every piece's result file in the cache, in order, and
+    the pieces to compute, grouped into batches of about dask.shard_size samples (see pack_pieces).
+    One listing of the cache folder tells what is there."""
+    slots = run.plan.slots
+    plan = plan_pieces(stage, run.source, params, shards, existing_names(run.cache / stage) if shards else set(), slots)
+    all_pieces = [(shard[piece.start : piece.stop], cache_path(run.cache, stage, piece.key), piece.cached)
+                  for shard, shard_plan in zip(shards, plan) for piece in shard_plan]
+    todo = [(items, path) for items, path, cached in all_pieces if not cached]
+    groups = pack_pieces([count_samples(items) for items, _ in todo], slots, run.config.dask.shard_size)
+    batches = Batches([[todo[i][0] for i in group] for group in groups],
+                      [[todo[i][1] for i in group] for group in groups], cached=len(all_pieces) - len(todo))
+    return [path for _, path, _ in all_pieces], batches

@@ -1,0 +1,340 @@
+"""The curate pipeline's stages, in pipeline order. Each takes what it needs and returns its result.
+
+A stage is wiring: it cuts its input into shards, maps a task of `tasks/` over them on the Dask
+cluster, waits for them with a progress bar, and returns the paths or tables that the next stage
+takes (`flows/curate.py: pipeline` passes them on). All that stages share is the frozen `Run`
+(the run's config, paths and cluster plan) and the `RunLog` of timings and counts that
+report.json shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from concurrent.futures import Future
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import NamedTuple
+
+import dask
+import pyarrow as pa
+import pyarrow.compute as pc
+from prefect import get_run_logger, unmapped
+from prefect.context import FlowRunContext
+from upath import UPath
+
+from flows.cluster import ClusterExecutor, start_replacing_workers
+from flows.config import ThresherConfig
+from flows.options import check_options, embed_options, model_spec, report_config, select_options, train_options
+from flows.run import Run, RunLog, pieces, track
+from tasks.datapool import PoolLock, commit, history, merge, processed_keys, run_rows, sampled_embeddings
+from tasks.decoding import check_pieces, check_table
+from tasks.dedup import classify_samples
+from tasks.dumping import dump_names, dump_shard
+from tasks.embedding import ModelSpec, embed_pieces
+from tasks.embeddings_csv import read_embeddings_csv
+from tasks.gathering import from_embeddings_csv, gather_embeddings, load_embeddings
+from tasks.listing import InputFile, is_video, list_datasource, read_relevant_filenames
+from tasks.outputs import write_outputs
+from tasks.report.build import write_report
+from tasks.report.settings import ReportInputs
+from tasks.report.views import StartedViews, start_views
+from tasks.selection.tasks import select_samples, select_sequences, selected_filenames
+from tasks.sharding import Source, count_samples, stable_shards, video_shards
+from tasks.storage import describe, read_parquet, write_parquet
+from tasks.video.frames import FrameRange
+from tasks.video.probe import corrupt_video_rows, probe_videos, read_videos
+from tasks.video.sequences import frame_infos, write_video_outputs
+
+Identities = dict[str, tuple[str, int, str]]  # sample -> its input file's (name, size, version)
+
+
+class EmbeddingModel(NamedTuple):
+    """What this run's embeddings are: their dimension, and the model that makes them."""
+
+    dim: int
+    name: str
+
+
+def embedding_model(config: ThresherConfig) -> EmbeddingModel:
+    """Known before any work, so that a datapool can refuse a run whose embeddings it cannot hold."""
+    if config.embeddings:
+        _, vectors, _ = read_embeddings_csv(config.shared_path(config.embeddings, "embeddings"))
+        return EmbeddingModel(vectors.shape[1], "embeddings-file")
+    spec = model_spec(config)
+    return EmbeddingModel(spec.dim, spec.identity(config.lightly.collate.input_size))
+
+
+def read_embeddings(run: Run, log: RunLog) -> None:
+    """The samples and embeddings of an embeddings file, instead of listing, checking and embedding."""
+    start = time.perf_counter()
+    samples, embeddings = from_embeddings_csv(run.config.shared_path(run.config.embeddings, "embeddings"))
+    write_parquet(samples, run.samples_path)
+    write_parquet(embeddings, run.embeddings_path)
+    write_parquet(read_videos([]), run.videos_path)  # no videos
+    log.counts["n_input_files"] = len(samples)
+    log.timed("read-embeddings", len(samples), start)
+
+
+def list_files(run: Run, log: RunLog, pool: pa.Table | None) -> list[InputFile]:
+    """The input files; with a datapool, only those no earlier run processed (unless process_all)."""
+    config = run.config
+    start = time.perf_counter()
+    relevant = None
+    if config.relevant_filenames_file:
+        path = config.shared_path(config.relevant_filenames_file, "relevant_filenames_file")
+        relevant = read_relevant_filenames(path)
+    files = list_datasource(run.input, relevant)
+    if pool is not None and not config.datasource.process_all:
+        done = processed_keys(pool, run.source)
+        new = [f for f in files if (f.filename, f.size, f.version) not in done]
+        log.counts["n_skipped_processed"] = len(files) - len(new)
+        get_run_logger().info("Datapool: %d files are new, %d were processed by earlier runs.",
+                              len(new), len(files) - len(new))
+        files = new
+    log.counts["n_input_files"] = len(files)
+    log.timed("list", len(files), start)
+    return files
+
+
+def probe(run: Run, log: RunLog, files: list[InputFile]) -> pa.Table:
+    """The videos among the files, probed: one VIDEO_SCHEMA row each, also written to videos.parquet."""
+    config = run.config
+    videos = [f for f in files if is_video(f.filename)]
+    groups = stable_shards(videos, lambda f: f.filename, config.dask.shard_size, run.plan.slots)
+    futures = probe_videos.with_options(retries=config.dask.retries).map(
+        unmapped(run.input), groups, unmapped(config.datasource.use_frame_count_metadata),
+        unmapped(config.corruptness_check.decode_timeout),
+        [run.work / "probe" / f"shard-{i:05d}.parquet" for i in range(len(groups))],
+    )
+    probed = read_videos(track(futures, "probe", groups, log))
+    write_parquet(probed, run.videos_path)
+    return probed
+
+
+def sample_identities(files: list[InputFile], probed: pa.Table) -> Identities:
+    """Each sample's input file: an image is its own; a frame's is its video (also for unusable videos)."""
+    by_name = {f.filename: (f.filename, f.size, f.version) for f in files}
+    identities = {f.filename: by_name[f.filename] for f in files if not is_video(f.filename)}
+    identities.update({row["filename"]: by_name[row["filename"]] for row in corrupt_video_rows(probed)})
+    identities.update({name: by_name[info.video] for name, info in frame_infos(probed).items()})
+    return identities
+
+
+def check(run: Run, log: RunLog, files: list[InputFile], probed: pa.Table) -> list[UPath]:
+    """Decode and hash every image and video frame; returns the check tables: the unusable videos'
+    rows, then every piece's."""
+    config = run.config
+    options = check_options(config)
+    images = [f for f in files if not is_video(f.filename)]
+    shards: list[list[Source]] = stable_shards(images, lambda f: f.filename, config.dask.shard_size, run.plan.slots)
+    shards += video_shards(probed, config.dask.shard_size, run.plan.slots)
+    paths, batches = pieces(run, "check", options, shards)
+    futures = check_pieces.with_options(retries=config.dask.retries).map(
+        unmapped(run.input), batches.pieces, unmapped(options), batches.paths)
+    track(futures, "check", batches.shards(), log)
+    log.timings["check"]["cached_shards"] = batches.cached
+    corrupt_videos = write_parquet(check_table(corrupt_video_rows(probed)), run.work / "check-videos.parquet")
+    return [corrupt_videos, *paths]
+
+
+@dataclass(frozen=True)
+class Usable:
+    """The samples that passed the check and are no duplicates: what training and embedding read."""
+
+    images: list[InputFile]
+    frames: list[list[FrameRange]]  # video frames, as shards of frame ranges
+
+    def count(self) -> int:
+        return len(self.images) + count_samples([rng for group in self.frames for rng in group])
+
+
+def deduplicate(run: Run, log: RunLog, checked: list[UPath], probed: pa.Table, identities: Identities) -> Usable:
+    """Classify every sample as ok, corrupt or duplicate (samples.parquet); returns the ok ones."""
+    start = time.perf_counter()
+    classify_samples(checked, run.config.remove_exact_duplicates, run.samples_path)
+    samples = read_parquet([run.samples_path])
+    log.timed("dedup", len(samples), start)
+    ok = samples.filter(pc.equal(samples.column("status"), "ok"))
+    names = set(ok.column("filename").to_pylist())
+    frame_shards = video_shards(probed, run.config.dask.shard_size, run.plan.slots, keep=names)
+    frames = {name for group in frame_shards for rng in group for name in rng.names()}
+    images = [InputFile(n, label, *identities[n][1:])
+              for n, label in zip(ok.column("filename").to_pylist(), ok.column("label").to_pylist()) if n not in frames]
+    return Usable(images, frame_shards)
+
+
+def train(run: Run, log: RunLog, usable: Usable, spec: ModelSpec) -> ModelSpec:
+    """Fine-tune the backbone with SimCLR; returns the spec with the trained checkpoint. It runs in
+    the flow's process, not on a Dask worker: workers cannot start the data-loading processes
+    lightly.loader.num_workers asks for."""
+    # Imported here: lightly loads torchvision (see tasks/embedding.py), which only training needs.
+    from tasks.training import train_model
+
+    start = time.perf_counter()
+    ranges = [rng for group in usable.frames for rng in group]
+    checkpoint = train_model(run.input, [f.filename for f in usable.images], spec, train_options(run.config),
+                             run.run_dir, frames=ranges)
+    log.timed("train", usable.count(), start)
+    return dataclasses.replace(spec, checkpoint=checkpoint)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    paths: list[UPath]  # every piece's embeddings, in the order of the usable samples
+    computed: bool  # some pieces were computed, on this run's workers (the others were cached)
+
+
+def embed(run: Run, log: RunLog, usable: Usable, spec: ModelSpec) -> Embedded:
+    config = run.config
+    options = embed_options(config, run.plan.threads)
+    # What changes the embeddings: the model, input size, precision and decoding limit (not batching).
+    key_params = (spec.identity(options.input_size), options.input_size, options.precision, options.max_pixels)
+    image_shards = stable_shards(usable.images, lambda f: f.filename, config.dask.shard_size, run.plan.slots)
+    paths, batches = pieces(run, "embed", key_params, [*image_shards, *usable.frames])
+    # On a cluster with GPU workers, embedding runs only there (one task per GPU at a time).
+    with dask.annotate(resources={"GPU": 1}) if run.plan.gpu else nullcontext():
+        futures = embed_pieces.with_options(retries=config.dask.retries).map(
+            unmapped(run.input), batches.pieces, unmapped(spec), unmapped(options), batches.paths)
+    embedded = track(futures, "embed", batches.shards(), log)
+    del futures  # their keys are released: the workers replaced after embedding hold nothing the flow still wants
+    compute = sum(e["compute_seconds"] for e in embedded)
+    total = sum(e["seconds"] for e in embedded)
+    log.timings["embed"]["compute_efficiency"] = round(compute / total, 3) if total else None
+    log.timings["embed"]["cached_shards"] = batches.cached
+    return Embedded(paths, computed=bool(batches.pieces))
+
+
+def free_workers(run: Run, log: RunLog, embedded: Embedded) -> Future | None:
+    """Replace this run's worker processes with new ones in the background, while the flow gathers,
+    selects and writes; returns the replacement while it runs. Embedding leaves each worker holding
+    torch, the model and its allocator's high-water mark (about 1 GB of RSS on CPU, a CUDA context
+    on a GPU); the later stages need none of it, and a new worker starts at under 100 MB. The
+    workers of a cluster given by address are not ours: a service keeps them warm for its next run."""
+    if not (embedded.computed and run.plan.own_workers):
+        return None
+    client = FlowRunContext.get().task_runner.client
+    workers = len(client.cluster.worker_spec)
+    get_run_logger().info("Replacing the %d workers to free the model's memory (the flow goes on meanwhile).", workers)
+    log.timings["embed"]["workers_replaced"] = workers
+    return start_replacing_workers(client)
+
+
+def workers_ready(replacing: Future | None) -> None:
+    """Wait for the workers replaced after embedding before the cluster runs anything else."""
+    if replacing is not None:
+        replacing.result()
+
+
+def gather(run: Run, log: RunLog, embedded: Embedded, dim: int) -> None:
+    start = time.perf_counter()
+    gathered = gather_embeddings(run.samples_path, embedded.paths, run.embeddings_path, dim)
+    log.timed("gather", gathered, start)
+
+
+def datapool_centers(run: Run, pool: pa.Table | None) -> UPath | None:
+    """The datapool's selected samples, which selection starts from, when there are any."""
+    centers = sampled_embeddings(pool) if pool is not None else None
+    if centers is not None and len(centers):
+        return write_parquet(centers, run.work / "datapool-centers.parquet")
+    return None
+
+
+def cluster_executor() -> ClusterExecutor:
+    """The flow's cluster, for the report's UMAPs and plots."""
+    return ClusterExecutor(FlowRunContext.get().task_runner)
+
+
+def start_report_views(run: Run, centers: UPath | None, replacing: Future | None) -> StartedViews | None:
+    """Start the report's projections on the cluster: they need only the embeddings, so they run
+    while the flow selects, writes and updates the pool. Not while this run's workers are being
+    replaced: the report starts them then, on the new ones."""
+    if replacing is not None:
+        return None
+    vectors = load_embeddings(run.embeddings_path, run.config.normalize_embeddings)[2]
+    return start_views(vectors, report_config(run.config), centers, run.cache, cluster_executor())
+
+
+def select(run: Run, log: RunLog, centers: UPath | None) -> dict:
+    start = time.perf_counter()
+    options = select_options(run.config)
+    if options.sequence_length > 1:
+        selection = select_sequences(run.embeddings_path, run.videos_path, options, run.selection_path)
+    else:
+        selection = select_samples(run.embeddings_path, options, run.selection_path, centers)
+    log.timed("select", selection["n_candidates"], start)
+    return selection
+
+
+def write(run: Run, log: RunLog) -> dict[str, list[float]]:
+    """The filename lists, CSVs and video outputs; returns the selected frames' timelines per video."""
+    config = run.config
+    start = time.perf_counter()
+    lists = write_outputs(run.run_dir, run.samples_path, run.embeddings_path, run.selection_path,
+                          config.normalize_embeddings, config.dump_sampled_embeddings)
+    log.counts.update({f"n_{name}": value for name, value in lists.items()})
+    timelines = write_video_outputs(run.run_dir, run.videos_path, run.selection_path, config.selected_sequence_length)
+    log.timed("write", log.counts["n_input_files"], start)
+    return timelines
+
+
+def dump(run: Run, log: RunLog, identities: Identities, replacing: Future | None) -> None:
+    """Copy the selected images and frames to data/sampled/."""
+    config = run.config
+    selected = selected_filenames(run.selection_path)
+    workers_ready(replacing)
+    frame_groups = video_shards(read_videos([run.videos_path]), config.dask.shard_size, run.plan.slots, set(selected))
+    frames = {name for group in frame_groups for rng in group for name in rng.names()}
+    samples = read_parquet([run.samples_path])
+    labels = dict(zip(samples.column("filename").to_pylist(), samples.column("label").to_pylist()))
+    # Without a listing (embeddings from a file) an image's size and version are not known; dumping needs neither.
+    images = [InputFile(name, labels[name], *identities.get(name, (name, 0, ""))[1:])
+              for name in sorted(set(selected) - frames)]
+    groups = [*stable_shards(images, lambda f: f.filename, config.dask.shard_size, run.plan.slots), *frame_groups]
+    outputs = dump_names(selected, config.output_image_format)
+    futures = dump_shard.with_options(retries=config.dask.retries).map(
+        unmapped(run.input), groups, [{n: outputs[n] for s in group for n in s.names()} for group in groups],
+        unmapped(run.run_dir / "data" / "sampled"),
+        unmapped(config.output_image_size), unmapped(config.output_image_format),
+        unmapped(config.corruptness_check.max_pixels),
+    )
+    failed = {name: reason for shard in track(futures, "dump", groups, log) for name, reason in shard.items()}
+    log.counts["n_dump_failed"] = len(failed)
+    if failed:
+        shown = "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items())[:5])
+        get_run_logger().warning("%d selected files could not be dumped to data/sampled (changed or deleted since "
+                                 "they were checked): %s", len(failed), shown)
+
+
+def update_pool(run: Run, log: RunLog, lock: PoolLock, pool: pa.Table | None, checked: list[UPath],
+                identities: Identities, model: EmbeddingModel) -> None:
+    """Merge this run's files and selection into the datapool and commit it."""
+    start = time.perf_counter()
+    samples = read_parquet([run.samples_path])
+    check = read_parquet(checked) if checked else None
+    hashes = dict(zip(check.column("filename").to_pylist(), check.column("content_hash").to_pylist())) if check else {}
+    chosen = set(selected_filenames(run.selection_path))
+    names, _, vectors = load_embeddings(run.embeddings_path, normalize=False)
+    sampled = {name: vector for name, vector in zip(names, vectors) if name in chosen}
+    identities = identities or {n: (n, 0, "") for n in samples.column("filename").to_pylist()}
+    rows = run_rows(run.source, samples, identities, hashes, sampled, run.run_dir.name, model.dim, model.name)
+    merged = merge(pool, rows)
+    lock.check()  # the last moment before the pool is written
+    commit(lock.pool_dir, merged, run.config.datapool.keep_history)
+    log.timed("datapool", len(rows), start)
+
+
+def report(run: Run, log: RunLog, started: datetime, selection: dict, timelines: dict[str, list[float]],
+           centers: UPath | None, views: StartedViews | None, replacing: Future | None) -> None:
+    config = run.config
+    workers_ready(replacing)
+    finished = datetime.now(timezone.utc)
+    job = {"started": started.isoformat(), "finished": finished.isoformat(),
+           "duration_seconds": round((finished - started).total_seconds(), 3), "run_directory": describe(run.run_dir)}
+    inputs = ReportInputs(
+        run.run_dir, run.samples_path, run.embeddings_path, run.selection_path, job, log.counts, log.timings,
+        selection, report_config(config), timelines if config.show_video_sampling_timeline and timelines else None,
+        history(run.pool_dir) if run.pool_dir else None, centers, run.cache,
+    )
+    write_report(inputs, cluster_executor(), views)
