@@ -22,14 +22,8 @@ if TYPE_CHECKING:
 
 
 def check_options(config: ThresherConfig) -> CheckOptions:
-    check = config.corruptness_check
-    return CheckOptions(
-        full_decode=config.enable_corruptness_check,
-        max_pixels=check.max_pixels,
-        allow_extension_mismatch=check.allow_extension_mismatch,
-        corruption_threshold=check.corruption_threshold,
-        decode_timeout=check.decode_timeout,
-    )
+    # CheckOptions names its fields as the corruptness_check.* keys.
+    return CheckOptions(full_decode=config.enable_corruptness_check, **config.corruptness_check.model_dump())
 
 
 def embed_options(config: ThresherConfig, threads: int) -> EmbedOptions:
