@@ -76,6 +76,7 @@ def peak_rss_gb() -> float:
 
 def child(work: Path) -> None:
     """Time one report in this process and print its figures as JSON."""
+    from flows.options import report_config, report_settings
     from tasks.report.build import build_report
     from tasks.report.settings import ReportInputs
 
@@ -84,13 +85,14 @@ def child(work: Path) -> None:
               for name, table in (("n_input_files", "samples"), ("n_sampled", "selection"))}
     n_ok = pq.read_metadata(work / "embeddings.parquet").num_rows
     counts |= {"n_duplicate": n_ok // 1000, "n_corrupt": n_ok // 10_000, "n_removed": n_ok - counts["n_sampled"]}
-    config = ThresherConfig(input_dir=str(work / "images"), output_dir=str(work)).model_dump(mode="json", exclude={"token"})
+    thresher_config = ThresherConfig(input_dir=str(work / "images"), output_dir=str(work))
+    config = report_config(thresher_config)
     job = {"started": "", "finished": "", "duration_seconds": 0.0, "run_directory": str(work)}
     selection = {"method": "random", "n_candidates": n_ok, "n_selected": counts["n_sampled"], "n_samples_target": None,
                  "min_distance": None, "stopped_by": "n_samples", "last_pick_distance": None}
     start = time.perf_counter()
     build_report(ReportInputs(work, work / "samples.parquet", work / "embeddings.parquet", work / "selection.parquet",
-                              job, counts, {}, selection, config))
+                              job, counts, {}, selection, config, report_settings(thresher_config)))
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "peak_rss_gb": peak_rss_gb(), "rss_after_imports_gb": imported,
                       "memory_requirement_in_GB": config["memory_requirement_in_GB"]}))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from flows.config import ThresherConfig
 from tasks.decoding import CheckOptions
 from tasks.embedding import EmbedOptions, ModelSpec
+from tasks.report.settings import ReportSettings
 from tasks.selection.tasks import SelectOptions
 
 if TYPE_CHECKING:
@@ -80,6 +81,15 @@ def select_options(config: ThresherConfig) -> SelectOptions:
     )
 
 
+def report_settings(config: ThresherConfig) -> ReportSettings:
+    # ReportSettings names its last fields as the report.* keys.
+    return ReportSettings(
+        input_dir=config.input_dir, storage_options=config.storage_options, normalize=config.normalize_embeddings,
+        memory_gb=config.memory_requirement_in_GB, n_example_images=config.n_example_images,
+        max_pixels=config.corruptness_check.max_pixels, seed=config.lightly.seed, **config.report.model_dump(),
+    )
+
+
 def report_config(config: ThresherConfig) -> dict:
-    """The config as the report reads it (tasks/report.py: ReportSettings.from_config), secrets left out."""
+    """The config as the report shows it, secrets left out."""
     return config.model_dump(mode="json", exclude={"token"})

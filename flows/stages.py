@@ -26,7 +26,9 @@ from upath import UPath
 
 from flows.cluster import ClusterExecutor, start_replacing_workers
 from flows.config import ThresherConfig
-from flows.options import check_options, embed_options, model_spec, report_config, select_options, train_options
+from flows.options import (
+    check_options, embed_options, model_spec, report_config, report_settings, select_options, train_options,
+)
 from flows.run import Run, RunLog, pieces, track
 from tasks.datapool import PoolLock, commit, history, merge, processed_keys, run_rows, sampled_embeddings
 from tasks.decoding import check_pieces, check_table
@@ -253,7 +255,7 @@ def start_report_views(run: Run, centers: UPath | None, replacing: Future | None
     if replacing is not None:
         return None
     vectors = load_embeddings(run.embeddings_path, run.config.normalize_embeddings)[2]
-    return start_views(vectors, report_config(run.config), centers, run.cache, cluster_executor())
+    return start_views(vectors, report_settings(run.config), centers, run.cache, cluster_executor())
 
 
 def select(run: Run, log: RunLog, centers: UPath | None) -> dict:
@@ -334,7 +336,8 @@ def report(run: Run, log: RunLog, started: datetime, selection: dict, timelines:
            "duration_seconds": round((finished - started).total_seconds(), 3), "run_directory": describe(run.run_dir)}
     inputs = ReportInputs(
         run.run_dir, run.samples_path, run.embeddings_path, run.selection_path, job, log.counts, log.timings,
-        selection, report_config(config), timelines if config.show_video_sampling_timeline and timelines else None,
+        selection, report_config(config), report_settings(config),
+        timelines if config.show_video_sampling_timeline and timelines else None,
         history(run.pool_dir) if run.pool_dir else None, centers, run.cache,
     )
     write_report(inputs, cluster_executor(), views)

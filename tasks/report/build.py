@@ -19,7 +19,7 @@ from tasks.report.numbers import file_lists, machine, savings, selection_numbers
 from tasks.report.plots import summary_plots, view_plots
 from tasks.report.previews import Thumbnails
 from tasks.report.render import artifacts, render_html, write_pdf
-from tasks.report.settings import GROUPS, InProcess, ReportInputs, ReportSettings
+from tasks.report.settings import GROUPS, InProcess, ReportInputs
 from tasks.report.views import StartedViews, start_views
 from tasks.selection.tasks import selected_filenames
 from tasks.storage import is_local, location, write_text
@@ -33,14 +33,14 @@ def build_report(inputs: ReportInputs, executor: Executor = InProcess(), started
     With `inputs.cache_dir`, results of an earlier report on the same data are reused from
     `cache_dir/report/` (see ReportCache). The UMAPs and plots run on `executor`; `started` are the
     views if start_views started them already, with the same embeddings and settings."""
-    settings = ReportSettings.from_config(inputs.config)
+    settings = inputs.settings
     cache = ReportCache.under(inputs.cache_dir)
     filenames, _, vectors = load_embeddings(inputs.embeddings_path, normalize=settings.normalize)
     chosen = set(selected_filenames(inputs.selection_path))
     selected = np.fromiter((f in chosen for f in filenames), bool, count=len(filenames))
 
     # The views' UMAPs run while the distance numbers are computed here (a flow starts them earlier).
-    started = started or start_views(vectors, inputs.config, inputs.datapool_embeddings_path, inputs.cache_dir,
+    started = started or start_views(vectors, settings, inputs.datapool_embeddings_path, inputs.cache_dir,
                                      executor)
     scatter = started.scatter(filenames, selected) if started else None
 

@@ -1,5 +1,6 @@
-"""What the report is given (`ReportSettings` from the configuration, `ReportInputs` from the run),
-where its work runs (`InProcess` without a cluster), and the constants its modules share."""
+"""What the report is given (`ReportSettings` from the configuration, built by flows/options.py, and
+`ReportInputs` from the run), where its work runs (`InProcess` without a cluster), and the
+constants its modules share."""
 
 from __future__ import annotations
 
@@ -37,24 +38,11 @@ class ReportSettings:
     gpu_power_watts: float
     grid_co2_kg_per_kwh: float
 
-    @classmethod
-    def from_config(cls, config: dict) -> ReportSettings:
-        return cls(
-            input_dir=config["input_dir"],
-            storage_options=config["storage_options"],
-            normalize=config["normalize_embeddings"],
-            memory_gb=config["memory_requirement_in_GB"],
-            n_example_images=config["n_example_images"],
-            max_pixels=config["corruptness_check"]["max_pixels"],
-            seed=config["lightly"]["seed"],
-            **config["report"],
-        )
-
 
 @dataclass(frozen=True)
 class ReportInputs:
-    """What a report is made of: the run's tables and figures, its configuration (dumped as JSON),
-    and where the report goes (`run_dir`).
+    """What a report is made of: the run's tables and figures, its configuration (dumped as JSON,
+    shown as it is) with the settings the report reads from it, and where the report goes (`run_dir`).
 
     `video_timelines` is {video: seconds of its selected frames}; `datapool_history` is
     [{"run": name, "n_samples": added}] in run order; `datapool_embeddings_path` is a table of the
@@ -69,7 +57,8 @@ class ReportInputs:
     counts: dict
     stages: dict
     selection: dict
-    config: dict
+    config: dict  # shown in the report as it is
+    settings: ReportSettings
     video_timelines: dict[str, list[float]] | None = None
     datapool_history: list[dict] | None = None
     datapool_embeddings_path: UPath | None = None

@@ -213,7 +213,7 @@ class StartedViews:
         return Scatter(groups, [filenames[i] if i < self.n_run else None for i in self.rows.tolist()], self.n_total)
 
 
-def start_views(vectors: np.ndarray, config: dict, datapool_embeddings_path: UPath | None = None,
+def start_views(vectors: np.ndarray, settings: ReportSettings, datapool_embeddings_path: UPath | None = None,
                 cache_dir: UPath | None = None, executor: Executor = InProcess()) -> StartedViews | None:
     """Start the projections of the views of this run's samples (`vectors`, normalized as the
     report's numbers are) among the datapool's, on `executor`. They need only the embeddings, so a
@@ -221,7 +221,6 @@ def start_views(vectors: np.ndarray, config: dict, datapool_embeddings_path: UPa
     the datapool): it has nothing to show there."""
     if not len(vectors):
         return None
-    settings = ReportSettings.from_config(config)
     datapool = load_embeddings(datapool_embeddings_path, settings.normalize)[2] if datapool_embeddings_path else None
     rows, points = scatter_points(vectors, datapool, settings.seed)
     n_total = len(vectors) + (len(datapool) if datapool is not None else 0)

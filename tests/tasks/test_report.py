@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 import shutil
@@ -20,6 +21,7 @@ import tasks.report.plots
 import tasks.report.previews
 import tasks.report.views
 from flows.config import ThresherConfig
+from flows.options import report_config, report_settings
 from tasks.decoding import check_files
 from tasks.dedup import classify
 from tasks.gathering import load_embeddings
@@ -30,7 +32,7 @@ from tasks.report.numbers import example_pairs, histogram, nearest_neighbours, p
 from tasks.report.plots import COLOURS, plot_pair
 from tasks.report.previews import Thumbnails
 from tasks.report.render import artifacts
-from tasks.report.settings import PACKAGE, InProcess, ReportInputs, ReportSettings
+from tasks.report.settings import PACKAGE, InProcess, ReportInputs
 from tasks.report.views import pca_2d, start_views, umap_2d
 from tasks.selection.tasks import SelectOptions, select_samples, selected_filenames
 from tasks.storage import write_parquet
@@ -115,7 +117,7 @@ def test_a_pair_shows_the_retained_image_left_in_the_selected_colour_and_a_missi
 
 
 def test_savings_count_removed_and_duplicate_images_at_the_configured_rates():
-    settings = ReportSettings.from_config(ThresherConfig(input_dir="in", output_dir="out").model_dump(mode="json"))
+    settings = report_settings(ThresherConfig(input_dir="in", output_dir="out"))
     saved = savings({"n_removed": 700, "n_duplicate": 100, "n_sampled": 200, "n_corrupt": 5}, settings)
     assert saved["n_images_not_labelled"] == 800 and saved["dataset_reduction"] == 0.8
     assert saved["labeling_cost_saved_usd"] == 40.0 and saved["labeling_cost_selected_usd"] == 10.0
@@ -193,7 +195,7 @@ def inputs(tmp_path_factory) -> dict:
                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 16)}),
                   work / "embeddings.parquet")
     config = ThresherConfig(input_dir=str(images), output_dir=str(root), n_example_images=4,
-                            stopping_condition={"n_samples": N_SELECT}).model_dump(mode="json", exclude={"token"})
+                            stopping_condition={"n_samples": N_SELECT})
     selection = select_samples.fn(work / "embeddings.parquet", _select_options(N_SELECT), work / "selection.parquet")
     counts = {"n_input_files": 19, "n_corrupt": 2, "n_duplicate": 3, "n_removed": N_GOOD - N_SELECT, "n_sampled": N_SELECT}
     job = {"started": "2026-01-01T10:00:00+00:00", "finished": "2026-01-01T10:01:00+00:00", "duration_seconds": 60.0,
@@ -201,7 +203,8 @@ def inputs(tmp_path_factory) -> dict:
     stages = {"check": {"seconds": 2.0, "items": 19, "items_per_second": 9.5}}
     return {"samples_path": work / "samples.parquet", "embeddings_path": work / "embeddings.parquet",
             "selection_path": work / "selection.parquet", "job": job, "counts": counts, "stages": stages,
-            "selection": selection, "config": config, "video_timelines": TIMELINES, "datapool_history": HISTORY,
+            "selection": selection, "config": report_config(config), "settings": report_settings(config),
+            "video_timelines": TIMELINES, "datapool_history": HISTORY,
             "ok": ok, "vectors": vectors}
 
 
@@ -267,13 +270,13 @@ def test_on_a_cluster_the_report_is_the_same_as_in_one_process(inputs, run, tmp_
 def test_views_started_before_the_selection_give_the_same_report(inputs, run, tmp_path):
     """The flow's way: it starts the projections from the embeddings alone, before selecting."""
     normalized = load_embeddings(inputs["embeddings_path"], normalize=True)[2]
-    started = start_views(normalized, inputs["config"])
+    started = start_views(normalized, inputs["settings"])
     assert started is not None and started.n_run == len(inputs["ok"])
     report = _build(inputs, tmp_path / "started", started=started)
     run_dir, data = run
     assert {key: report[key] for key in REUSED} == {key: data["report"][key] for key in REUSED}
     assert _pngs(tmp_path / "started") == _pngs(run_dir)
-    assert start_views(normalized[:0], inputs["config"]) is None  # no samples of its own: nothing to project
+    assert start_views(normalized[:0], inputs["settings"]) is None  # no samples of its own: nothing to project
 
 
 def _plot_files(plots: dict) -> list[str]:
@@ -469,11 +472,12 @@ def test_a_changed_image_redraws_the_plots_that_show_it(inputs, tmp_path):
     images = tmp_path / "in"
     shutil.copytree(inputs["config"]["input_dir"], images)
     config = inputs["config"] | {"input_dir": str(images)}
+    settings = dataclasses.replace(inputs["settings"], input_dir=str(images))
     cache = tmp_path / "cache"
-    first = _build(inputs, tmp_path / "first", cache_dir=cache, config=config)
+    first = _build(inputs, tmp_path / "first", cache_dir=cache, config=config, settings=settings)
     shown = first["example_pairs"][0]["retained"]
     save(picture(99), images / shown, format="JPEG", quality=90)
-    second = _build(inputs, tmp_path / "second", cache_dir=cache, config=config)
+    second = _build(inputs, tmp_path / "second", cache_dir=cache, config=config, settings=settings)
     before, after = _pngs(tmp_path / "first"), _pngs(tmp_path / "second")
     assert after["filter_decision_0.png"] != before["filter_decision_0.png"]
     unchanged = [name for name in before if name.startswith(("distance", "nn_", "video", "datapool"))]
