@@ -18,10 +18,10 @@ from tasks.report.cache import ReportCache
 from tasks.report.numbers import file_lists, machine, savings, selection_numbers, stage_table
 from tasks.report.plots import summary_plots, view_plots
 from tasks.report.previews import Thumbnails
+from tasks.report.quality import Picks, RunSelection, selection_quality
 from tasks.report.render import artifacts, render_html, write_pdf
 from tasks.report.settings import GROUPS, InProcess, ReportInputs
 from tasks.report.views import StartedViews, start_views
-from tasks.selection.tasks import selected_filenames
 from tasks.storage import is_local, location, write_text
 
 SCHEMA_VERSION = 2
@@ -35,9 +35,10 @@ def build_report(inputs: ReportInputs, executor: Executor = InProcess(), started
     views if start_views started them already, with the same embeddings and settings."""
     settings = inputs.settings
     cache = ReportCache.under(inputs.cache_dir)
-    filenames, _, vectors = load_embeddings(inputs.embeddings_path, normalize=settings.normalize)
-    chosen = set(selected_filenames(inputs.selection_path))
-    selected = np.fromiter((f in chosen for f in filenames), bool, count=len(filenames))
+    filenames, labels, vectors = load_embeddings(inputs.embeddings_path, normalize=settings.normalize)
+    picks = Picks.read(inputs.selection_path, filenames)
+    selected = np.zeros(len(filenames), bool)
+    selected[picks.rows] = True
 
     # The views' UMAPs run while the distance numbers are computed here (a flow starts them earlier).
     started = started or start_views(vectors, settings, inputs.datapool_embeddings_path, inputs.cache_dir,
@@ -47,6 +48,7 @@ def build_report(inputs: ReportInputs, executor: Executor = InProcess(), started
     numbers = cache.numbers(functools.partial(selection_numbers, vectors, filenames, selected, settings),
                             "selection numbers", vectors, filenames, selected, settings.memory_gb, settings.seed,
                             settings.n_example_images)
+    quality = selection_quality_numbers(inputs, settings, cache, vectors, filenames, labels, picks)
     del vectors  # the run's matrix is freed before the plots
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -56,6 +58,7 @@ def build_report(inputs: ReportInputs, executor: Executor = InProcess(), started
         "selection": inputs.selection,
         "savings": savings(inputs.counts, settings),
         **numbers,
+        "selection_quality": quality,
         "files": file_lists(inputs.samples_path),
         "video_timelines": inputs.video_timelines,
         "datapool_history": inputs.datapool_history,
@@ -82,6 +85,18 @@ def build_report(inputs: ReportInputs, executor: Executor = InProcess(), started
     write_pdf(render_html(report, run_dir / "plots", embed=not is_local(run_dir)), run_dir / "report.pdf")
     write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False), run_dir / "report.json")
     return report
+
+
+def selection_quality_numbers(inputs: ReportInputs, settings: ReportSettings, cache: ReportCache, vectors: np.ndarray,
+                              filenames: list[str], labels: list[int], picks: Picks) -> dict:
+    """The selection against random, how many to label and the calibrated min_distance (see
+    tasks.report.quality), or what an earlier report computed from the same inputs."""
+    path = inputs.datapool_embeddings_path
+    centers = load_embeddings(path, normalize=settings.normalize)[2] if path else None
+    run = RunSelection.of(inputs.config, inputs.selection, centers)
+    label_array = np.asarray(labels, np.int64)
+    return cache.numbers(functools.partial(selection_quality, vectors, filenames, label_array, picks, run),
+                         "selection quality", vectors, filenames, label_array, picks, run)
 
 
 # No Prefect cache key: the report is never reused whole (its job section is new every run), and

@@ -135,15 +135,24 @@ def plot_scatter(view: dict, scatter: Scatter, thumbnails: Thumbnails | None, pa
     _save(figure, path)
 
 
+RETAINED_REMOVED = (("retained", "selected"), ("removed", "removed"))
+
+
 def plot_pair(pair: dict, thumbnails: Thumbnails, path: UPath) -> None:
     """The retained image, framed in the colour of selected points, beside its removed neighbour,
-    framed in the colour of removed ones. Composed with Pillow: the names and the distance are the
-    figure's caption in the report, as text, and a matplotlib figure of two images was slow to
-    draw (measured in benchmarks/report.py's docstring)."""
+    framed in the colour of removed ones."""
+    plot_two_images(pair, thumbnails, RETAINED_REMOVED, path)
+
+
+def plot_two_images(pair: dict, thumbnails: Thumbnails, sides: tuple, path: UPath) -> None:
+    """Two images side by side: `sides` names each one's key in `pair` and the group whose colour
+    frames it. Composed with Pillow: the names and the distance are the figure's caption in the
+    report, as text, and a matplotlib figure of two images was slow to draw (measured in
+    benchmarks/report.py's docstring)."""
     cell = THUMBNAIL_PIXELS + 2 * PAIR_FRAME
     canvas = Image.new("RGB", (2 * cell + PAIR_GAP, cell), "white")
     draw = ImageDraw.Draw(canvas)
-    for column, (role, group) in enumerate((("retained", "selected"), ("removed", "removed"))):
+    for column, (role, group) in enumerate(sides):
         left = column * (cell + PAIR_GAP)
         image = thumbnails.get(pair[role])
         if image is None:
@@ -188,6 +197,70 @@ def plot_datapool_growth(history: list[dict], path: UPath) -> None:
     _save(figure, path)
 
 
+def plot_probe(probe: dict, path: UPath) -> None:
+    """Probe accuracy against the number of training samples: the selection's, and the random
+    subsets' mean with a band of one standard deviation."""
+    figure, ax = _figure(FULL_WIDTH * 0.75, 3.0)
+    budgets = probe["budgets"]
+    n = [b["n_samples"] for b in budgets]
+    mean, std = np.array([b["random_mean"] for b in budgets]), np.array([b["random_std"] for b in budgets])
+    ax.fill_between(n, mean - std, mean + std, color=COLOURS["datapool"], alpha=0.2, linewidth=0)
+    ax.plot(n, mean, "o-", color=COLOURS["datapool"], label=f"random (mean ± std of {probe['seeds']} seeds)")
+    ax.plot(n, [b["selection"] for b in budgets], "o-", color=COLOURS["selected"], label="selection")
+    run = next((b["n_samples"] for b in budgets if b["source"] == "run"), None)
+    if run is not None:
+        ax.axvline(run, color="#777", linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.set_xlabel("samples to train on (dotted: this run's selection)")
+    ax.set_ylabel("accuracy on the other samples")
+    ax.set_title("Linear probe: selection against random", fontsize=10)
+    ax.legend(fontsize=8)
+    _save(figure, path)
+
+
+def plot_how_many(advice: dict, probe: dict | None, path: UPath) -> None:
+    """The covering radius and its certified lower bound against the number selected, where the
+    curve flattens and, with a probe, its accuracies on a second axis."""
+    figure, ax = _figure(FULL_WIDTH * 0.75, 3.2)
+    curve = advice["curve"]
+    ax.plot(curve["n_selected"], curve["radius"], color=COLOURS["selected"], label="covering radius")
+    ax.plot(curve["n_selected"], curve["lower_bound"], "--", color="#777", label="no selection of that size does better")
+    if advice["suggested_n_samples"]:
+        ax.axvline(advice["suggested_n_samples"], color="#333", linestyle=":", linewidth=1.2,
+                   label=f"flattens at {advice['suggested_n_samples']:,}")
+    ax.set_xscale("log")
+    ax.set_xlabel("samples selected")
+    ax.set_ylabel("distance")
+    ax.legend(fontsize=8, loc="lower left")
+    if probe:
+        accuracy = ax.twinx()
+        budgets = probe["budgets"]
+        accuracy.plot([b["n_samples"] for b in budgets], [b["selection"] for b in budgets], "o",
+                      color=COLOURS["selected"], markerfacecolor="white", label="probe, selection")
+        accuracy.plot([b["n_samples"] for b in budgets], [b["random_mean"] for b in budgets], "s",
+                      color=COLOURS["datapool"], markerfacecolor="white", label="probe, random")
+        accuracy.set_ylabel("probe accuracy")
+        accuracy.legend(fontsize=8, loc="upper right")
+    ax.set_title("How many should we label?", fontsize=10)
+    _save(figure, path)
+
+
+def plot_min_distance(calibration: dict, path: UPath) -> None:
+    """The nearest-neighbour distances on a log scale with the suggested min_distance."""
+    figure, ax = _figure(FULL_WIDTH * 0.75, 3.0)
+    hist = calibration["histogram"]
+    ax.stairs(hist["counts"], hist["edges"], fill=True, color="#3b75af", alpha=0.85)
+    ax.axvline(calibration["suggested_min_distance"], color=COLOURS["selected"], linewidth=1.6,
+               label=f"suggested min_distance {calibration['suggested_min_distance']:.4g} ({calibration['rule']})")
+    ax.set_xscale("log")
+    ax.set_xlabel("distance to the nearest other sample (log scale)")
+    ax.set_ylabel("samples")
+    ax.set_title("Calibrating min_distance", fontsize=10)
+    ax.legend(fontsize=8)
+    _save(figure, path)
+
+
 def _add(plots: list[Plot], key: str, draw: Callable[..., None], *inputs: object) -> str:
     plots.append(Plot(f"{key}.png", draw, inputs))
     return f"{key}.png"
@@ -208,11 +281,35 @@ def summary_plots(report: dict, previews: Thumbnails) -> tuple[dict, list[Plot]]
     names["filter_decisions"] = [_add(plots, f"filter_decision_{i}", plot_pair, pair,
                                       previews.subset([pair["retained"], pair["removed"]]))
                                  for i, pair in enumerate(report["example_pairs"])]
+    names |= quality_plots(report["selection_quality"], previews, plots)
     if report.get("video_timelines"):
         names["video_timelines"] = _add(plots, "video_timelines", plot_video_timelines, report["video_timelines"])
     if report.get("datapool_history"):
         names["datapool_growth"] = _add(plots, "datapool_growth", plot_datapool_growth, report["datapool_history"])
     return names, plots
+
+
+BELOW_SIDES = (("first", "selected"), ("second", "removed"))  # min_distance keeps one of them
+ABOVE_SIDES = (("first", "selected"), ("second", "selected"))  # and both of these
+
+
+def quality_plots(quality: dict, previews: Thumbnails, plots: list[Plot]) -> dict:
+    """The probe, the radius curve, the nearest-neighbour distances with the suggested
+    min_distance and the pairs either side of it: {plot key: file name}, their Plots added to `plots`."""
+    names: dict = {}
+    if quality["probe"] and quality["probe"]["budgets"]:
+        names["selection_probe"] = _add(plots, "selection_probe", plot_probe, quality["probe"])
+    if quality["how_many"]:
+        names["how_many"] = _add(plots, "how_many", plot_how_many, quality["how_many"], quality["probe"])
+    calibration = quality["min_distance"]
+    if calibration:
+        names["min_distance"] = _add(plots, "min_distance", plot_min_distance, calibration)
+        for side, sides in (("below", BELOW_SIDES), ("above", ABOVE_SIDES)):
+            names[f"min_distance_{side}"] = [
+                _add(plots, f"min_distance_{side}_{i}", plot_two_images, pair,
+                     previews.subset([pair["first"], pair["second"]]), sides)
+                for i, pair in enumerate(calibration[f"pairs_{side}"])]
+    return names
 
 
 def view_plots(views: list[dict], scatter: Scatter | None, previews: Thumbnails) -> tuple[dict, list[Plot]]:
