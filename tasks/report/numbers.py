@@ -41,6 +41,16 @@ NN_BLOCK = 8_192
 ROW_BLOCK = 8_192
 
 
+def squared_distances(a: np.ndarray, a_sq: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
+    """The len(a) x len(b) squared distances from the expansion |a|^2 - 2 a.b + |b|^2 in the
+    inputs' precision (a_sq, b_sq: the rows' squared norms), clamped at 0; it errs most near 0."""
+    d2 = a @ b.T
+    d2 *= -2.0
+    d2 += a_sq[:, None]
+    d2 += b_sq[None, :]
+    return np.maximum(d2, 0.0, out=d2)
+
+
 def _exact_pair_distances(vectors: np.ndarray) -> Iterator[np.ndarray]:
     """Distances of all pairs i < j, a block of rows at a time (float64 expansion, no N x N matrix)."""
     x = vectors.astype(np.float64)

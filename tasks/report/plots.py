@@ -225,7 +225,8 @@ def plot_how_many(advice: dict, probe: dict | None, path: UPath) -> None:
     figure, ax = _figure(FULL_WIDTH * 0.75, 3.2)
     curve = advice["curve"]
     ax.plot(curve["n_selected"], curve["radius"], color=COLOURS["selected"], label="covering radius")
-    ax.plot(curve["n_selected"], curve["lower_bound"], "--", color="#777", label="no selection of that size does better")
+    ax.plot(curve["n_selected"], curve["lower_bound"], "--", color="#777",
+            label="certified bound: no selection of that size does better")
     if advice["suggested_n_samples"]:
         ax.axvline(advice["suggested_n_samples"], color="#333", linestyle=":", linewidth=1.2,
                    label=f"flattens at {advice['suggested_n_samples']:,}")

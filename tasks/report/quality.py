@@ -3,16 +3,18 @@ probe and label-free measures, each against seeded random subsets of the same si
 `how_many` and `min_distance` advice of `tasks.report.advice`.
 
 Linear probe, when the candidates carry at least two distinct labels (the input's top-level
-folders; a video's frames carry its index among the videos): a logistic regression (scikit-learn,
-C = 1) on the L2-normalised embeddings is fitted on the selected samples and on each of
-PROBE_SEEDS uniform random subsets of the same size, and scored on the evaluation samples outside
-its training set. The evaluation samples are all candidates, or a seeded sample of EVAL_ROWS of
-them at scale. A training set of one class predicts that class. Budgets: the run's k, the
-prefixes k/8, k/4 and k/2 of the selection order (what a smaller `n_samples` would have picked
+folders; a video's frames carry its index among the videos): a logistic regression (scikit-learn;
+PROBE_C = 10, as unit-length features need weak regularisation for the weights to reach the class
+margins; balanced class weights, so that the uneven class counts of a small training set do not
+decide through the intercept) on the L2-normalised embeddings is fitted on the selected samples and
+on each of PROBE_SEEDS uniform random subsets of the same size, and scored on the evaluation
+samples outside its training set. The evaluation samples are all candidates, or a seeded sample of
+EVAL_ROWS of them at scale. A training set of one class predicts that class. Budgets: the run's k,
+the prefixes k/8, k/4 and k/2 of the selection order (what a smaller `n_samples` would have picked
 for a greedy method), and 2k and 4k (at most N/2) from re-running the run's method, seed and
-`min_distance` with more samples (the datapool counting as selected), when that is cheap
-(N x their sum x d <= RERUN_COST) and the run selected single samples, not video sequences. The
-probe trains on this run's samples only, not on the datapool's.
+`min_distance` with more samples (the datapool counting as selected), when that is cheap (N x their
+sum x d <= RERUN_COST) and the run selected single samples, not video sequences. The probe trains
+on this run's samples only, not on the datapool's.
 
 Label-free measures, for the selection and the same random subsets, each with the datapool's
 samples counted as selected: over query samples (all candidates, or a seeded sample of at most
@@ -22,7 +24,8 @@ sample; on a sample of queries, a lower bound of the true one), the mean distanc
 selected sample, and the share of dense regions covered: of the DENSE_SHARE most typical queries
 (typicality: 1 / the mean distance to the TYPICALITY_NEIGHBOURS nearest other samples of a seeded
 reference sample of TYPICALITY_REFERENCE candidates), the share whose nearest selected sample
-lies within the median nearest-neighbour distance of all samples.
+lies within the median nearest-neighbour distance of all samples (from the samples of the
+min_distance calibration).
 
 Distances are those of the selection (embeddings normalised as the run normalised them).
 """
@@ -38,6 +41,7 @@ from threadpoolctl import threadpool_limits
 from upath import UPath
 
 from tasks.report.advice import calibrate_min_distance, how_many
+from tasks.report.numbers import squared_distances
 from tasks.selection.kcenter import select
 from tasks.storage import read_table
 
@@ -48,6 +52,7 @@ LARGER_FACTORS = (2, 4)
 # Multiply-adds of the re-runs for the larger budgets: k-center greedy reads the N x d matrix once
 # per pick, so 5e10 is about half a minute on two cores.
 RERUN_COST = 5e10
+PROBE_C = 10.0
 PROBE_MAX_ITER = 1_000
 TYPICALITY_NEIGHBOURS = 20
 TYPICALITY_REFERENCE = 10_000
@@ -123,7 +128,8 @@ def probe_accuracy(vectors: np.ndarray, labels: np.ndarray, train: np.ndarray, t
         return float(np.mean(labels[test] == classes[0]))
     # One BLAS thread: the fits are small, and on a busy machine threads contend (25x slower on two cores).
     with threadpool_limits(1):
-        model = LogisticRegression(max_iter=PROBE_MAX_ITER).fit(_unit(vectors[train]), labels[train])
+        model = LogisticRegression(C=PROBE_C, class_weight="balanced", max_iter=PROBE_MAX_ITER)
+        model.fit(_unit(vectors[train]), labels[train])
         return float(model.score(_unit(vectors[test]), labels[test]))
 
 
@@ -194,11 +200,7 @@ def _blocks(queries: np.ndarray, pool: np.ndarray, reduce: Callable[[np.ndarray,
     q_sq, p_sq = np.einsum("ij,ij->i", queries, queries), np.einsum("ij,ij->i", pool, pool)
     for start in range(0, len(queries), QUERY_BLOCK):
         rows = slice(start, min(len(queries), start + QUERY_BLOCK))
-        block = queries[rows] @ pool.T
-        block *= -2.0
-        block += q_sq[rows, None]
-        block += p_sq[None, :]
-        reduce(np.maximum(block, 0.0, out=block), rows)
+        reduce(squared_distances(queries[rows], q_sq[rows], pool, p_sq), rows)
 
 
 def nearest_distances(queries: np.ndarray, pool: np.ndarray) -> np.ndarray:
@@ -239,7 +241,8 @@ def label_free(vectors: np.ndarray, chosen: np.ndarray, centers: np.ndarray | No
     pool_size = len(chosen) + (0 if centers is None else len(centers))
     queries = _sample(n, int(min(EVAL_ROWS, max(MIN_QUERIES, SET_COST // (pool_size * d)))), seed, 2)
     reference = _sample(n, TYPICALITY_REFERENCE, seed, 3)
-    typical = typicality(vectors, queries, reference, TYPICALITY_NEIGHBOURS) if len(reference) > 1 else np.ones(len(queries))
+    typical = (typicality(vectors, queries, reference, TYPICALITY_NEIGHBOURS) if len(reference) > 1
+               else np.ones(len(queries)))
     dense = np.argsort(-typical, kind="stable")[: max(1, math.ceil(DENSE_SHARE * len(queries)))]
 
     def measures(rows: np.ndarray) -> dict:
@@ -263,11 +266,12 @@ def selection_quality(vectors: np.ndarray, filenames: list[str], labels: np.ndar
     labelled = len(np.unique(labels)) >= 2
     calibration = calibrate_min_distance(vectors, filenames, run.seed)
     probe = probe_comparison(vectors, labels, picks.rows, run) if labelled and len(picks.rows) else None
-    measured = len(picks.rows) and len(picks.rows) < len(vectors) and calibration is not None
+    measured = 0 < len(picks.rows) < len(vectors) and calibration is not None
     return {
         "labelled": bool(labelled),
         "probe": probe,
-        "label_free": label_free(vectors, picks.rows, run.centers, calibration["nn_median"], run.seed) if measured else None,
+        "label_free": (label_free(vectors, picks.rows, run.centers, calibration["nn_median"], run.seed)
+                       if measured else None),
         "how_many": how_many(picks.distances, picks.radius) if run.sequence_length == 1 else None,
         "min_distance": calibration,
     }

@@ -14,6 +14,7 @@ from upath import UPath
 
 from tasks.gathering import load_embeddings
 from tasks.report.cache import ReportCache, content_key
+from tasks.report.numbers import squared_distances
 from tasks.report.settings import CONTINUE_EPOCHS, GROUPS, InProcess, ReportSettings
 
 KNN_BLOCK = 1_024  # rows of the UMAP's exact kNN per distance block (20 MB at UMAP_POINTS)
@@ -78,11 +79,7 @@ def _knn(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     distances = np.empty((len(x), k), np.float32)
     for start in range(0, len(x), KNN_BLOCK):
         block = slice(start, min(len(x), start + KNN_BLOCK))
-        d2 = x[block] @ x.T
-        d2 *= -2.0
-        d2 += sq[block, None]
-        d2 += sq[None, :]
-        np.maximum(d2, 0.0, out=d2)
+        d2 = squared_distances(x[block], sq[block], x, sq)
         d2[np.arange(len(d2)), np.arange(block.start, block.stop)] = -1.0  # self first, even beside a duplicate
         near = np.argpartition(d2, k - 1, axis=1)[:, :k]
         near = np.take_along_axis(near, np.argsort(np.take_along_axis(d2, near, 1), axis=1), 1)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute
 import pytest
 from dask.utils import key_split
 from distributed import Client, LocalCluster, get_task_stream
@@ -35,7 +36,7 @@ from tasks.report.render import artifacts
 from tasks.report.settings import PACKAGE, InProcess, ReportInputs
 from tasks.report.views import pca_2d, start_views, umap_2d
 from tasks.selection.tasks import SelectOptions, select_samples, selected_filenames
-from tasks.storage import write_parquet
+from tasks.storage import read_table, write_parquet
 from tests.images import picture, save, truncated
 from tests.options import check_options
 
@@ -510,3 +511,83 @@ def test_the_report_module_does_not_load_torch():
     code = "import sys, tasks.report.build; print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+# The report on the example data: two folders of photo crops (two labels), embedded by the packaged
+# model, selected by coreset.
+EXAMPLES = Path(__file__).parents[2] / "examples" / "images"
+N_EXAMPLE_SELECT = 12
+
+
+def _with_radii(selection_path: Path, embeddings_path: Path) -> None:
+    """The selection stage is gaining a `radius` column (the covering radius after each pick);
+    where it is not written yet, the brute-force radii stand in for it."""
+    table = read_table(selection_path)
+    if "radius" in table.column_names:
+        return
+    names, _, unit = load_embeddings(embeddings_path, normalize=True)
+    rows = [names.index(name) for name in table.column("filename").to_pylist()]
+    nearest = np.minimum.accumulate(cdist(unit[rows].astype(np.float64), unit.astype(np.float64)), axis=0)
+    write_parquet(table.append_column("radius", pa.array(nearest.max(axis=1), pa.float32())), selection_path)
+
+
+@pytest.fixture(scope="module")
+def example_report(tmp_path_factory) -> tuple[Path, dict]:
+    from tasks.embedding import EmbedOptions, embed_files, load_backbone
+
+    run_dir = tmp_path_factory.mktemp("examples")
+    work = run_dir / "intermediate"
+    samples = classify(check_files(EXAMPLES, list_images(EXAMPLES), CheckOptions()), remove_exact_duplicates=True)
+    write_parquet(samples, work / "samples.parquet")
+    ok = samples.filter(pa.compute.equal(samples.column("status"), "ok"))
+    names = ok.column("filename").to_pylist()
+    model = load_backbone("efficientnet-lite0", 32, None, 1, "cpu")
+    vectors, errors, _ = embed_files(EXAMPLES, names, model, EmbedOptions(input_size=96, batch_size=8))
+    assert errors == [None] * len(names)
+    write_parquet(pa.table({"filename": names, "label": ok.column("label"),
+                            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])}),
+                  work / "embeddings.parquet")
+    selection = select_samples.fn(work / "embeddings.parquet", _select_options(N_EXAMPLE_SELECT), work / "selection.parquet")
+    _with_radii(work / "selection.parquet", work / "embeddings.parquet")
+    status = samples.column("status").to_pylist()
+    counts = {"n_input_files": len(status), "n_corrupt": status.count("corrupt"), "n_duplicate": status.count("duplicate"),
+              "n_removed": len(names) - N_EXAMPLE_SELECT, "n_sampled": N_EXAMPLE_SELECT}
+    config = ThresherConfig(input_dir=str(EXAMPLES), output_dir=str(run_dir), n_example_images=2,
+                            stopping_condition={"n_samples": N_EXAMPLE_SELECT}).model_dump(mode="json", exclude={"token"})
+    job = {"started": "2026-01-01T10:00:00+00:00", "finished": "2026-01-01T10:01:00+00:00", "duration_seconds": 60.0,
+           "run_directory": str(run_dir)}
+    report = build_report(ReportInputs(run_dir, work / "samples.parquet", work / "embeddings.parquet",
+                                       work / "selection.parquet", job, counts, {}, selection, config))
+    return run_dir, report
+
+
+def test_the_example_report_compares_the_selection_with_random_and_shows_how_many_to_label(example_report):
+    run_dir, report = example_report
+    quality = json.loads((run_dir / "report.json").read_text())["selection_quality"]
+    assert quality == report["selection_quality"] and quality["labelled"]
+    n = report["distances"]["before"]["n_samples"]
+    probe = quality["probe"]
+    assert probe["n_classes"] == 2 and probe["eval_exact"] and probe["n_eval"] == n
+    assert [(b["n_samples"], b["source"]) for b in probe["budgets"]] == [
+        (3, "prefix"), (6, "prefix"), (N_EXAMPLE_SELECT, "run"), (n // 2, "re-run")]
+    for budget in probe["budgets"]:
+        assert 0 <= budget["selection"] <= 1 and len(budget["random"]) == 5
+        assert budget["gain_points"] == pytest.approx(100 * (budget["selection"] - budget["random_mean"]), abs=0.01)
+    advice = quality["how_many"]
+    assert advice["k"] == N_EXAMPLE_SELECT and advice["curve"]["n_selected"][-1] == N_EXAMPLE_SELECT
+    assert advice["lower_bound"] == pytest.approx(advice["radius"] / 2, rel=1e-6)  # coreset: the bound is r / 2
+    calibration = quality["min_distance"]
+    assert calibration["nn_min"] <= calibration["suggested_min_distance"] <= calibration["nn_max"]
+    assert quality["label_free"]["selection"]["covering_radius"] == pytest.approx(advice["radius"], rel=1e-4)
+    plots = report["plots"]
+    assert {"selection_probe", "how_many", "min_distance", "min_distance_below", "min_distance_above"} <= set(plots)
+    for name in _plot_files({key: plots[key] for key in ("selection_probe", "how_many", "min_distance")}):
+        with Image.open(run_dir / "plots" / name) as image:
+            image.verify()
+    text = re.sub(r"\s+", " ", " ".join(page.extract_text() for page in PdfReader(run_dir / "report.pdf").pages))
+    for heading in ("Selection quality", "Does the selection beat random?", "How many should we label?",
+                    "A calibrated min_distance"):
+        assert heading in text, heading
+    run_budget = next(b for b in probe["budgets"] if b["source"] == "run")
+    assert f"{run_budget['random_mean']:.3f} ± {run_budget['random_std']:.3f}" in text
+    assert f"{advice['lower_bound']:.4f}" in text
