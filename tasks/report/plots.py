@@ -14,7 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.offsetbox import AnnotationBbox, OffsetImage
-from matplotlib.ticker import FuncFormatter, NullLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 from PIL import Image, ImageDraw, ImageOps
 from upath import UPath
 
@@ -219,10 +219,17 @@ def plot_probe(probe: dict, path: UPath) -> None:
     _save(figure, path)
 
 
+def _plain_log_ticks(axis: object) -> None:
+    """Ticks of a log axis at 1, 2 and 5 times the powers of ten, labelled as plain numbers (0.2, 50)."""
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot_how_many(advice: dict, probe: dict | None, path: UPath) -> None:
     """The covering radius and its certified lower bound against the number selected, where the
-    curve flattens and, with a probe, its accuracies on a second axis."""
-    figure, ax = _figure(FULL_WIDTH * 0.75, 3.2)
+    curve flattens and, with a probe, its accuracies on a second axis; one legend below."""
+    figure, ax = _figure(FULL_WIDTH * 0.75, 4.0)
     curve = advice["curve"]
     ax.plot(curve["n_selected"], curve["radius"], color=COLOURS["selected"], label="covering radius")
     ax.plot(curve["n_selected"], curve["lower_bound"], "--", color="#777",
@@ -231,18 +238,21 @@ def plot_how_many(advice: dict, probe: dict | None, path: UPath) -> None:
         ax.axvline(advice["suggested_n_samples"], color="#333", linestyle=":", linewidth=1.2,
                    label=f"flattens at {advice['suggested_n_samples']:,}")
     ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("samples selected")
     ax.set_ylabel("distance")
-    ax.legend(fontsize=8, loc="lower left")
+    handles = ax.get_legend_handles_labels()
     if probe:
         accuracy = ax.twinx()
         budgets = probe["budgets"]
         accuracy.plot([b["n_samples"] for b in budgets], [b["selection"] for b in budgets], "o",
-                      color=COLOURS["selected"], markerfacecolor="white", label="probe, selection")
+                      color=COLOURS["selected"], markerfacecolor="white", label="probe accuracy, selection")
         accuracy.plot([b["n_samples"] for b in budgets], [b["random_mean"] for b in budgets], "s",
-                      color=COLOURS["datapool"], markerfacecolor="white", label="probe, random")
+                      color=COLOURS["datapool"], markerfacecolor="white", label="probe accuracy, random (mean)")
         accuracy.set_ylabel("probe accuracy")
-        accuracy.legend(fontsize=8, loc="upper right")
+        handles = tuple(mine + theirs for mine, theirs in zip(handles, accuracy.get_legend_handles_labels()))
+    figure.legend(*handles, loc="outside lower center", ncols=1, fontsize=7)
     ax.set_title("How many should we label?", fontsize=10)
     _save(figure, path)
 
@@ -255,6 +265,7 @@ def plot_min_distance(calibration: dict, path: UPath) -> None:
     ax.axvline(calibration["suggested_min_distance"], color=COLOURS["selected"], linewidth=1.6,
                label=f"suggested min_distance {calibration['suggested_min_distance']:.4g} ({calibration['rule']})")
     ax.set_xscale("log")
+    _plain_log_ticks(ax.xaxis)
     ax.set_xlabel("distance to the nearest other sample (log scale)")
     ax.set_ylabel("samples")
     ax.set_title("Calibrating min_distance", fontsize=10)

@@ -150,7 +150,7 @@ def probe_budget(vectors: np.ndarray, labels: np.ndarray, chosen: np.ndarray, ev
     random = [probe_accuracy(vectors, labels, rows, test) for rows, test in zip(subsets, tests[1:])]
     mean, std = _spread(random)
     return {"n_samples": int(len(chosen)), "selection": round(selection, 4), "random_mean": mean, "random_std": std,
-            "random": [round(value, 4) for value in random], "gain_points": round(100 * (selection - mean), 2)}
+            "random": [round(value, 4) for value in random], "gain_points": round(100 * (selection - mean), 2) + 0.0}  # + 0.0: no -0.0
 
 
 def probe_budgets(k: int, n: int, d: int, sequences: bool) -> tuple[list[int], list[int]]:
