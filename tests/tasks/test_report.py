@@ -533,18 +533,19 @@ def _with_radii(selection_path: Path, embeddings_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def example_report(tmp_path_factory) -> tuple[Path, dict]:
-    from tasks.embedding import EmbedOptions, embed_files, load_backbone
+    from tasks.embedding import EmbedOptions, embed_sources, load_backbone
 
     run_dir = tmp_path_factory.mktemp("examples")
     work = run_dir / "intermediate"
-    samples = classify(check_files(EXAMPLES, list_images(EXAMPLES), CheckOptions()), remove_exact_duplicates=True)
+    files = list_images(EXAMPLES)
+    samples = classify(check_files(EXAMPLES, files, CheckOptions()), remove_exact_duplicates=True)
     write_parquet(samples, work / "samples.parquet")
-    ok = samples.filter(pa.compute.equal(samples.column("status"), "ok"))
-    names = ok.column("filename").to_pylist()
+    ok = set(samples.filter(pa.compute.equal(samples.column("status"), "ok")).column("filename").to_pylist())
+    sources = [file for file in files if file.filename in ok]
     model = load_backbone("efficientnet-lite0", 32, None, 1, "cpu")
-    vectors, errors, _ = embed_files(EXAMPLES, names, model, EmbedOptions(input_size=96, batch_size=8))
+    names, vectors, errors, _ = embed_sources(EXAMPLES, sources, model, EmbedOptions(input_size=96, batch_size=8))
     assert errors == [None] * len(names)
-    write_parquet(pa.table({"filename": names, "label": ok.column("label"),
+    write_parquet(pa.table({"filename": names, "label": pa.array([file.label for file in sources], pa.int32()),
                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])}),
                   work / "embeddings.parquet")
     selection = select_samples.fn(work / "embeddings.parquet", _select_options(N_EXAMPLE_SELECT), work / "selection.parquet")
