@@ -22,8 +22,7 @@ EVAL_ROWS, fewer when the selection is so large that one set would cost more tha
 multiply-adds), the covering radius (the largest distance of a query to its nearest selected
 sample; on a sample of queries, a lower bound of the true one), the mean distance to the nearest
 selected sample, and the share of dense regions covered: of the DENSE_SHARE most typical queries
-(typicality: 1 / the mean distance to the TYPICALITY_NEIGHBOURS nearest other samples of a seeded
-reference sample of TYPICALITY_REFERENCE candidates), the share whose nearest selected sample
+(`tasks.selection.typicality`, among the queries), the share whose nearest selected sample
 lies within the median nearest-neighbour distance of all samples (from the samples of the
 min_distance calibration).
 
@@ -42,7 +41,9 @@ from upath import UPath
 
 from tasks.report.advice import calibrate_min_distance, how_many
 from tasks.report.numbers import squared_distances
-from tasks.selection.kcenter import select
+from tasks.selection.backends import resolve_backend
+from tasks.selection.methods import select
+from tasks.selection.typicality import REFERENCE_ROWS, typicality
 from tasks.storage import read_table
 
 PROBE_SEEDS = 5
@@ -54,8 +55,6 @@ LARGER_FACTORS = (2, 4)
 RERUN_COST = 5e10
 PROBE_C = 10.0
 PROBE_MAX_ITER = 1_000
-TYPICALITY_NEIGHBOURS = 20
-TYPICALITY_REFERENCE = 10_000
 DENSE_SHARE = 0.10
 SET_COST = 2e11  # multiply-adds of the query distances to one compared set
 MIN_QUERIES = 1_000
@@ -215,24 +214,6 @@ def nearest_distances(queries: np.ndarray, pool: np.ndarray) -> np.ndarray:
     return np.sqrt(best)
 
 
-def typicality(vectors: np.ndarray, query_rows: np.ndarray, reference_rows: np.ndarray, k: int) -> np.ndarray:
-    """1 / the mean distance of each query row to its k nearest rows among the sorted
-    `reference_rows`, itself excluded (TypiClust's typicality, against a reference sample)."""
-    k = min(k, len(reference_rows) - 1)
-    out = np.empty(len(query_rows), np.float64)
-    at = np.minimum(np.searchsorted(reference_rows, query_rows), len(reference_rows) - 1)
-    itself = reference_rows[at] == query_rows
-
-    def mean_knn(block: np.ndarray, rows: slice) -> None:
-        inside = np.flatnonzero(itself[rows])
-        block[inside, at[rows][inside]] = np.inf
-        near = np.partition(block, k - 1, axis=1)[:, :k]
-        out[rows] = 1.0 / np.maximum(np.sqrt(near).mean(axis=1), np.finfo(np.float32).tiny)
-
-    _blocks(vectors[query_rows], vectors[reference_rows], mean_knn)
-    return out
-
-
 def label_free(vectors: np.ndarray, chosen: np.ndarray, centers: np.ndarray | None, dense_radius: float,
                seed: int) -> dict:
     """Covering radius, mean distance to the nearest selected sample and share of dense regions
@@ -240,9 +221,7 @@ def label_free(vectors: np.ndarray, chosen: np.ndarray, centers: np.ndarray | No
     n, d = vectors.shape
     pool_size = len(chosen) + (0 if centers is None else len(centers))
     queries = _sample(n, int(min(EVAL_ROWS, max(MIN_QUERIES, SET_COST // (pool_size * d)))), seed, 2)
-    reference = _sample(n, TYPICALITY_REFERENCE, seed, 3)
-    typical = (typicality(vectors, queries, reference, TYPICALITY_NEIGHBOURS) if len(reference) > 1
-               else np.ones(len(queries)))
+    typical = typicality(resolve_backend("cpu"), vectors[queries], seed=seed)
     dense = np.argsort(-typical, kind="stable")[: max(1, math.ceil(DENSE_SHARE * len(queries)))]
 
     def measures(rows: np.ndarray) -> dict:
@@ -254,7 +233,7 @@ def label_free(vectors: np.ndarray, chosen: np.ndarray, centers: np.ndarray | No
     random = [measures(_random_rows(n, len(chosen), seed, draw)) for draw in range(PROBE_SEEDS)]
     spread = {key: _spread([values[key] for values in random]) for key in random[0]}
     return {"n_queries": int(len(queries)), "exact": len(queries) == n, "n_dense": int(len(dense)),
-            "dense_radius": dense_radius, "typicality_reference": int(len(reference)), "seeds": PROBE_SEEDS,
+            "dense_radius": dense_radius, "typicality_reference": min(len(queries), REFERENCE_ROWS), "seeds": PROBE_SEEDS,
             "selection": measures(chosen), "random_mean": {key: mean for key, (mean, _) in spread.items()},
             "random_std": {key: std for key, (_, std) in spread.items()}}
 

@@ -519,18 +519,6 @@ EXAMPLES = Path(__file__).parents[2] / "examples" / "images"
 N_EXAMPLE_SELECT = 12
 
 
-def _with_radii(selection_path: Path, embeddings_path: Path) -> None:
-    """The selection stage is gaining a `radius` column (the covering radius after each pick);
-    where it is not written yet, the brute-force radii stand in for it."""
-    table = read_table(selection_path)
-    if "radius" in table.column_names:
-        return
-    names, _, unit = load_embeddings(embeddings_path, normalize=True)
-    rows = [names.index(name) for name in table.column("filename").to_pylist()]
-    nearest = np.minimum.accumulate(cdist(unit[rows].astype(np.float64), unit.astype(np.float64)), axis=0)
-    write_parquet(table.append_column("radius", pa.array(nearest.max(axis=1), pa.float32())), selection_path)
-
-
 @pytest.fixture(scope="module")
 def example_report(tmp_path_factory) -> tuple[Path, dict]:
     from tasks.embedding import EmbedOptions, embed_sources, load_backbone
@@ -549,7 +537,6 @@ def example_report(tmp_path_factory) -> tuple[Path, dict]:
                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])}),
                   work / "embeddings.parquet")
     selection = select_samples.fn(work / "embeddings.parquet", _select_options(N_EXAMPLE_SELECT), work / "selection.parquet")
-    _with_radii(work / "selection.parquet", work / "embeddings.parquet")
     status = samples.column("status").to_pylist()
     counts = {"n_input_files": len(status), "n_corrupt": status.count("corrupt"), "n_duplicate": status.count("duplicate"),
               "n_removed": len(names) - N_EXAMPLE_SELECT, "n_sampled": N_EXAMPLE_SELECT}

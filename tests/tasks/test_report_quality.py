@@ -5,8 +5,8 @@ import pytest
 from scipy.spatial.distance import cdist
 
 from tasks.report.advice import calibrate_min_distance, how_many, lower_bounds
-from tasks.report.quality import RunSelection, label_free, probe_budget, probe_comparison, typicality
-from tasks.selection.kcenter import select
+from tasks.report.quality import RunSelection, label_free, probe_budget, probe_comparison
+from tasks.selection.methods import select
 
 
 def covering_radii(x: np.ndarray, rows: np.ndarray, centers: np.ndarray | None = None) -> np.ndarray:
@@ -131,13 +131,11 @@ def test_without_near_duplicates_the_suggestion_is_a_low_quantile_within_the_ran
     assert calibrate_min_distance(x[:2], ["a", "b"], seed=0) is None
 
 
-def test_typicality_and_the_label_free_measures_match_brute_force():
+def test_the_label_free_measures_match_brute_force():
     x, _ = clusters([150, 30, 20], d=5, spread=0.5, seed=3)
     full = cdist(x, x)
     np.fill_diagonal(full, np.inf)
     reference = np.sort(full, axis=1)[:, :20].mean(axis=1)
-    everyone = np.arange(len(x))
-    np.testing.assert_allclose(typicality(x, everyone, everyone, 20), 1 / reference, rtol=1e-4)
 
     chosen = np.array([0, 160, 190, 5])
     tau = float(np.median(full.min(axis=1)))
