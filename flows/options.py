@@ -87,6 +87,7 @@ def report_settings(config: ThresherConfig) -> ReportSettings:
         input_dir=config.input_dir, storage_options=config.storage_options, normalize=config.normalize_embeddings,
         memory_gb=config.memory_requirement_in_GB, n_example_images=config.n_example_images,
         max_pixels=config.corruptness_check.max_pixels, seed=config.lightly.seed, **config.report.model_dump(),
+        selection=select_options(config),
     )
 
 

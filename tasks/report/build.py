@@ -93,7 +93,7 @@ def selection_quality_numbers(inputs: ReportInputs, settings: ReportSettings, ca
     tasks.report.quality), or what an earlier report computed from the same inputs."""
     path = inputs.datapool_embeddings_path
     centers = load_embeddings(path, normalize=settings.normalize)[2] if path else None
-    run = RunSelection.of(inputs.config, inputs.selection, centers)
+    run = RunSelection(inputs.settings.selection, centers if centers is not None and len(centers) else None)
     label_array = np.asarray(labels, np.int64)
     return cache.numbers(functools.partial(selection_quality, vectors, filenames, label_array, picks, run),
                          "selection quality", vectors, filenames, label_array, picks, run)

@@ -43,6 +43,7 @@ from tasks.report.advice import calibrate_min_distance, how_many
 from tasks.report.numbers import squared_distances
 from tasks.selection.backends import resolve_backend
 from tasks.selection.methods import select
+from tasks.selection.tasks import SelectOptions
 from tasks.selection.typicality import REFERENCE_ROWS, typicality
 from tasks.storage import read_table
 
@@ -63,22 +64,11 @@ QUERY_BLOCK, POOL_BLOCK = 1_024, 8_192  # a distance block is 32 MB of float32
 
 @dataclass(frozen=True)
 class RunSelection:
-    """How the run selected, to select again with more samples: its method, `min_distance`
-    (None without), seed, device, frames per selected sequence, and the datapool's samples that
+    """How the run selected, to select again with more samples, and the datapool's samples that
     counted as selected (None without)."""
 
-    method: str
-    min_distance: float | None
-    seed: int
-    device: str
-    sequence_length: int
+    options: SelectOptions
     centers: np.ndarray | None
-
-    @classmethod
-    def of(cls, config: dict, summary: dict, centers: np.ndarray | None) -> RunSelection:
-        return cls(summary.get("method", config["method"]), summary.get("min_distance"), config["lightly"]["seed"],
-                   config["selection"]["device"], config["selected_sequence_length"],
-                   centers if centers is not None and len(centers) else None)
 
 
 @dataclass(frozen=True)
@@ -171,7 +161,8 @@ def rerun(vectors: np.ndarray, budgets: list[int], run: RunSelection) -> dict[in
     """The run's method selecting each budget afresh; a budget that `min_distance` stops short of is left out."""
     picked = {}
     for budget in budgets:
-        result = select(vectors, run.method, budget, run.min_distance, run.centers, run.seed, run.device)
+        result = select(vectors, run.options.method, budget, run.options.min_distance, run.centers, run.options.seed,
+                        run.options.device)
         if len(result.indices) == budget:
             picked[budget] = result.indices
     return picked
@@ -180,13 +171,13 @@ def rerun(vectors: np.ndarray, budgets: list[int], run: RunSelection) -> dict[in
 def probe_comparison(vectors: np.ndarray, labels: np.ndarray, chosen: np.ndarray, run: RunSelection) -> dict:
     """The probe at the run's budget, the smaller and the larger ones (see the module doc)."""
     n, d = vectors.shape
-    smaller, larger = probe_budgets(len(chosen), n, d, run.sequence_length > 1)
-    eval_rows = _sample(n, EVAL_ROWS, run.seed, 1)
+    smaller, larger = probe_budgets(len(chosen), n, d, run.options.sequence_length > 1)
+    eval_rows = _sample(n, EVAL_ROWS, run.options.seed, 1)
     trained = [(budget, chosen[:budget], "prefix") for budget in smaller] + [(len(chosen), chosen, "run")]
     trained += [(budget, rows, "re-run") for budget, rows in rerun(vectors, larger, run).items()]
     budgets = []
     for _, rows, source in trained:
-        result = probe_budget(vectors, labels, rows, eval_rows, run.seed)
+        result = probe_budget(vectors, labels, rows, eval_rows, run.options.seed)
         if result is not None:
             budgets.append(result | {"source": source})
     return {"n_classes": int(len(np.unique(labels))), "n_eval": int(len(eval_rows)), "eval_exact": len(eval_rows) == n,
@@ -243,14 +234,14 @@ def selection_quality(vectors: np.ndarray, filenames: list[str], labels: np.ndar
     """The report's "selection_quality": the probe (None without labels), the label-free measures,
     how many to label, and the calibrated min_distance (each None when the data are too few)."""
     labelled = len(np.unique(labels)) >= 2
-    calibration = calibrate_min_distance(vectors, filenames, run.seed)
+    calibration = calibrate_min_distance(vectors, filenames, run.options.seed)
     probe = probe_comparison(vectors, labels, picks.rows, run) if labelled and len(picks.rows) else None
     measured = 0 < len(picks.rows) < len(vectors) and calibration is not None
     return {
         "labelled": bool(labelled),
         "probe": probe,
-        "label_free": (label_free(vectors, picks.rows, run.centers, calibration["nn_median"], run.seed)
+        "label_free": (label_free(vectors, picks.rows, run.centers, calibration["nn_median"], run.options.seed)
                        if measured else None),
-        "how_many": how_many(picks.distances, picks.radius) if run.sequence_length == 1 else None,
+        "how_many": how_many(picks.distances, picks.radius) if run.options.sequence_length == 1 else None,
         "min_distance": calibration,
     }

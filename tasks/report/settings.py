@@ -11,6 +11,8 @@ from pathlib import Path
 
 from upath import UPath
 
+from tasks.selection.tasks import SelectOptions
+
 PACKAGE = Path(__file__).parent
 TEMPLATES = PACKAGE / "templates"
 LIST_LIMIT = 20  # corrupt files, duplicate groups and videos listed in the report
@@ -37,6 +39,7 @@ class ReportSettings:
     training_gpu_seconds_per_image: float
     gpu_power_watts: float
     grid_co2_kg_per_kwh: float
+    selection: SelectOptions  # how the run selected, to select again for the report's larger budgets
 
 
 @dataclass(frozen=True)

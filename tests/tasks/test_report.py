@@ -38,7 +38,7 @@ from tasks.report.views import pca_2d, start_views, umap_2d
 from tasks.selection.tasks import SelectOptions, select_samples, selected_filenames
 from tasks.storage import read_table, write_parquet
 from tests.images import picture, save, truncated
-from tests.options import check_options
+from tests.options import check_options, embed_options
 
 
 def test_exact_stats_match_brute_force():
@@ -521,17 +521,17 @@ N_EXAMPLE_SELECT = 12
 
 @pytest.fixture(scope="module")
 def example_report(tmp_path_factory) -> tuple[Path, dict]:
-    from tasks.embedding import EmbedOptions, embed_sources, load_backbone
+    from tasks.embedding import embed_sources, load_backbone
 
     run_dir = tmp_path_factory.mktemp("examples")
     work = run_dir / "intermediate"
     files = list_images(EXAMPLES)
-    samples = classify(check_files(EXAMPLES, files, CheckOptions()), remove_exact_duplicates=True)
+    samples = classify(check_files(EXAMPLES, files, check_options()), remove_exact_duplicates=True)
     write_parquet(samples, work / "samples.parquet")
     ok = set(samples.filter(pa.compute.equal(samples.column("status"), "ok")).column("filename").to_pylist())
     sources = [file for file in files if file.filename in ok]
     model = load_backbone("efficientnet-lite0", 32, None, 1, "cpu")
-    names, vectors, errors, _ = embed_sources(EXAMPLES, sources, model, EmbedOptions(input_size=96, batch_size=8))
+    names, vectors, errors, _ = embed_sources(EXAMPLES, sources, model, embed_options(input_size=96, batch_size=8))
     assert errors == [None] * len(names)
     write_parquet(pa.table({"filename": names, "label": pa.array([file.label for file in sources], pa.int32()),
                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])}),
@@ -541,11 +541,12 @@ def example_report(tmp_path_factory) -> tuple[Path, dict]:
     counts = {"n_input_files": len(status), "n_corrupt": status.count("corrupt"), "n_duplicate": status.count("duplicate"),
               "n_removed": len(names) - N_EXAMPLE_SELECT, "n_sampled": N_EXAMPLE_SELECT}
     config = ThresherConfig(input_dir=str(EXAMPLES), output_dir=str(run_dir), n_example_images=2,
-                            stopping_condition={"n_samples": N_EXAMPLE_SELECT}).model_dump(mode="json", exclude={"token"})
+                            stopping_condition={"n_samples": N_EXAMPLE_SELECT})
     job = {"started": "2026-01-01T10:00:00+00:00", "finished": "2026-01-01T10:01:00+00:00", "duration_seconds": 60.0,
            "run_directory": str(run_dir)}
     report = build_report(ReportInputs(run_dir, work / "samples.parquet", work / "embeddings.parquet",
-                                       work / "selection.parquet", job, counts, {}, selection, config))
+                                       work / "selection.parquet", job, counts, {}, selection, report_config(config),
+                                       report_settings(config)))
     return run_dir, report
 
 

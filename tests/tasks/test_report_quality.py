@@ -7,6 +7,7 @@ from scipy.spatial.distance import cdist
 from tasks.report.advice import calibrate_min_distance, how_many, lower_bounds
 from tasks.report.quality import RunSelection, label_free, probe_budget, probe_comparison
 from tasks.selection.methods import select
+from tasks.selection.tasks import SelectOptions
 
 
 def covering_radii(x: np.ndarray, rows: np.ndarray, centers: np.ndarray | None = None) -> np.ndarray:
@@ -51,7 +52,7 @@ def test_a_selection_with_one_sample_per_class_beats_random_picks_of_imbalanced_
 
 def test_the_probe_runs_at_smaller_budgets_as_prefixes_and_at_larger_ones_by_selecting_again():
     x, labels = clusters([120, 120, 120], d=6, spread=1.0, seed=1)
-    run = RunSelection("coreset", None, 3, "cpu", 1, None)
+    run = RunSelection(SelectOptions("coreset", 10, None, True, 3, "cpu", 1), None)
     chosen = select(x, "coreset", 40, None, seed=3).indices
     comparison = probe_comparison(x, labels, chosen, run)
     budgets = [(b["n_samples"], b["source"]) for b in comparison["budgets"]]
