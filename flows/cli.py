@@ -17,7 +17,8 @@ import textwrap
 from contextlib import contextmanager
 from typing import Iterator
 
-from flows.config import ConfigError, ThresherConfig, all_keys, config_from_overrides, field_help
+from flows.config import ConfigError, ThresherConfig
+from flows.overrides import all_keys, config_from_overrides, field_help
 from tasks.datapool import DatapoolError
 from tasks.storage import StorageError
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from flows.cli import main
-from flows.config import ConfigError, all_keys, config_from_overrides, field_help
+from flows.config import ConfigError
+from flows.overrides import all_keys, config_from_overrides, field_help
 from tasks.datapool import commit, run_rows
 from tasks.dedup import classify
 from tasks.decoding import check_table
