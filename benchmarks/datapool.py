@@ -21,7 +21,15 @@ import psutil
 import pyarrow as pa
 
 from tasks.datapool import (
-    POOL_FILE, commit, embedding_column, history, merge, pool_schema, processed_keys, read_pool, sampled_embeddings,
+    POOL_FILE,
+    commit,
+    embedding_column,
+    history,
+    merge,
+    pool_schema,
+    processed_keys,
+    read_pool,
+    sampled_embeddings,
 )
 from tasks.storage import location
 
@@ -34,11 +42,15 @@ def pool_rows(first: int, n: int, n_sampled: int, dim: int, run: str, rng: np.ra
     chosen[rng.choice(n, n_sampled, replace=False)] = True
     embedding = embedding_column(chosen, rng.standard_normal((n_sampled, dim), dtype=np.float32))
     columns = {
-        "source": pa.array([SOURCE] * n), "filename": pa.array(names), "file": pa.array(names),
-        "label": pa.array(np.zeros(n, np.int32)), "size": pa.array(np.full(n, 120_000, np.int64)),
+        "source": pa.array([SOURCE] * n),
+        "filename": pa.array(names),
+        "file": pa.array(names),
+        "label": pa.array(np.zeros(n, np.int32)),
+        "size": pa.array(np.full(n, 120_000, np.int64)),
         "version": pa.array([repr(1.7e9 + i) for i in range(first, first + n)]),
         "content_hash": pa.array([f"{i:032x}" for i in range(first, first + n)]),
-        "status": pa.array(np.where(chosen, "sampled", "removed").tolist()), "run": pa.array([run] * n),
+        "status": pa.array(np.where(chosen, "sampled", "removed").tolist()),
+        "run": pa.array([run] * n),
         "embedding": embedding,
     }
     return pa.Table.from_pydict(columns, schema=pool_schema(dim, "benchmark-model"))
@@ -73,9 +85,13 @@ def main() -> None:
         state = timed("merge", lambda: merge(pool, new))
         timed("commit", lambda: commit(pool_dir, state, keep_history=True))
         timed("history", lambda: history(pool_dir))
-    print(f"pool of {args.n:,} files ({args.sampled:,} selected, d = {args.dim}), {size_mb:,.0f} MB; "
-          f"a run adding {args.new:,}")
-    print("  ".join(f"{step} {value:.2f} s" for step, value in seconds.items()) + f"  total {sum(seconds.values()):.2f} s")
+    print(
+        f"pool of {args.n:,} files ({args.sampled:,} selected, d = {args.dim}), {size_mb:,.0f} MB; "
+        f"a run adding {args.new:,}"
+    )
+    print(
+        "  ".join(f"{step} {value:.2f} s" for step, value in seconds.items()) + f"  total {sum(seconds.values()):.2f} s"
+    )
     print(f"reading the pool took {read_gb:.2f} GB of memory ({pool.nbytes / 1e9:.2f} GB of Arrow buffers)")
 
 

@@ -92,8 +92,10 @@ def main() -> None:
     assert len(listing) == args.n, (len(listing), args.n)
     # moto scans the whole bucket for each page of 1,000 keys, so at large n its time dominates:
     # the CPU time of this process is the listing's own cost.
-    print(f"listed {args.n:,} objects in {seconds:.2f} s: {args.n / seconds:,.0f} objects/s "
-          f"({cpu:.2f} s of CPU in this process)")
+    print(
+        f"listed {args.n:,} objects in {seconds:.2f} s: {args.n / seconds:,.0f} objects/s "
+        f"({cpu:.2f} s of CPU in this process)"
+    )
 
 
 if __name__ == "__main__":

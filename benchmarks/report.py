@@ -48,26 +48,41 @@ def write_run(work: Path, n: int, dim: int, seed: int = 0) -> None:
     with pq.ParquetWriter(work / "embeddings.parquet", schema) as writer:
         for start in range(0, n, CHUNK):
             count = min(CHUNK, n - start)
-            block = centres[rng.integers(0, len(centres), count)] + 0.6 * rng.standard_normal((count, dim), dtype=np.float32)
+            block = centres[rng.integers(0, len(centres), count)] + 0.6 * rng.standard_normal(
+                (count, dim), dtype=np.float32
+            )
             block /= np.linalg.norm(block, axis=1, keepdims=True)
-            writer.write_table(pa.table({
-                "filename": pa.array(names[start : start + count], pa.string()),
-                "label": pa.array(np.zeros(count, np.int32)),
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), dim),
-            }, schema=schema))
+            writer.write_table(
+                pa.table(
+                    {
+                        "filename": pa.array(names[start : start + count], pa.string()),
+                        "label": pa.array(np.zeros(count, np.int32)),
+                        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), dim),
+                    },
+                    schema=schema,
+                )
+            )
     n_duplicates, n_corrupt = n // 1000, n // 10_000
     extra = [f"copies/{i:07d}.jpg" for i in range(n_duplicates)] + [f"broken/{i:07d}.jpg" for i in range(n_corrupt)]
     status = ["ok"] * n + ["duplicate"] * n_duplicates + ["corrupt"] * n_corrupt
-    pq.write_table(pa.table({
-        "filename": list(names) + extra,
-        "label": np.zeros(n + len(extra), np.int32),
-        "status": status,
-        "reason": [None] * (n + n_duplicates) + ["decoding failed: image file is truncated"] * n_corrupt,
-        "duplicate_of": [None] * n + [names[i] for i in range(n_duplicates)] + [None] * n_corrupt,
-    }, schema=SAMPLES_SCHEMA), work / "samples.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "filename": list(names) + extra,
+                "label": np.zeros(n + len(extra), np.int32),
+                "status": status,
+                "reason": [None] * (n + n_duplicates) + ["decoding failed: image file is truncated"] * n_corrupt,
+                "duplicate_of": [None] * n + [names[i] for i in range(n_duplicates)] + [None] * n_corrupt,
+            },
+            schema=SAMPLES_SCHEMA,
+        ),
+        work / "samples.parquet",
+    )
     chosen = rng.choice(n, int(0.3 * n), replace=False)
-    pq.write_table(selection_table(names[chosen].tolist(), np.full(len(chosen), np.nan, np.float32), None),
-                   work / "selection.parquet")
+    pq.write_table(
+        selection_table(names[chosen].tolist(), np.full(len(chosen), np.nan, np.float32), None),
+        work / "selection.parquet",
+    )
 
 
 def peak_rss_gb() -> float:
@@ -81,21 +96,50 @@ def child(work: Path) -> None:
     from tasks.report.settings import ReportInputs
 
     imported = peak_rss_gb()
-    counts = {name: pq.read_metadata(work / f"{table}.parquet").num_rows
-              for name, table in (("n_input_files", "samples"), ("n_sampled", "selection"))}
+    counts = {
+        name: pq.read_metadata(work / f"{table}.parquet").num_rows
+        for name, table in (("n_input_files", "samples"), ("n_sampled", "selection"))
+    }
     n_ok = pq.read_metadata(work / "embeddings.parquet").num_rows
     counts |= {"n_duplicate": n_ok // 1000, "n_corrupt": n_ok // 10_000, "n_removed": n_ok - counts["n_sampled"]}
     thresher_config = ThresherConfig(input_dir=str(work / "images"), output_dir=str(work))
     config = report_config(thresher_config)
     job = {"started": "", "finished": "", "duration_seconds": 0.0, "run_directory": str(work)}
-    selection = {"method": "random", "n_candidates": n_ok, "n_selected": counts["n_sampled"], "n_samples_target": None,
-                 "min_distance": None, "stopped_by": "n_samples", "last_pick_distance": None}
+    selection = {
+        "method": "random",
+        "n_candidates": n_ok,
+        "n_selected": counts["n_sampled"],
+        "n_samples_target": None,
+        "min_distance": None,
+        "stopped_by": "n_samples",
+        "last_pick_distance": None,
+    }
     start = time.perf_counter()
-    build_report(ReportInputs(work, work / "samples.parquet", work / "embeddings.parquet", work / "selection.parquet",
-                              job, counts, {}, selection, config, report_settings(thresher_config)))
+    build_report(
+        ReportInputs(
+            work,
+            work / "samples.parquet",
+            work / "embeddings.parquet",
+            work / "selection.parquet",
+            job,
+            counts,
+            {},
+            selection,
+            config,
+            report_settings(thresher_config),
+        )
+    )
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_rss_gb": peak_rss_gb(), "rss_after_imports_gb": imported,
-                      "memory_requirement_in_GB": config["memory_requirement_in_GB"]}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "peak_rss_gb": peak_rss_gb(),
+                "rss_after_imports_gb": imported,
+                "memory_requirement_in_GB": config["memory_requirement_in_GB"],
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -116,9 +160,11 @@ def main() -> None:
         if result.returncode:
             sys.exit(result.stderr)
         figures = json.loads(result.stdout.strip().splitlines()[-1])
-        print(f"report for N={n:,}, d={args.dim}: {figures['seconds']:.1f} s, peak RSS {figures['peak_rss_gb']:.2f} GB "
-              f"({figures['rss_after_imports_gb']:.2f} GB after imports; "
-              f"memory_requirement_in_GB={figures['memory_requirement_in_GB']:g})")
+        print(
+            f"report for N={n:,}, d={args.dim}: {figures['seconds']:.1f} s, peak RSS {figures['peak_rss_gb']:.2f} GB "
+            f"({figures['rss_after_imports_gb']:.2f} GB after imports; "
+            f"memory_requirement_in_GB={figures['memory_requirement_in_GB']:g})"
+        )
         print("files:", ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in sorted(work.glob("report.*"))))
 
 

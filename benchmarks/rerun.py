@@ -34,10 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import flows  # noqa: F401  (Prefect settings before Prefect is imported)
 from distributed import LocalCluster
 from prefect.testing.utilities import prefect_test_harness
 
+import flows  # noqa: F401  (Prefect settings before Prefect is imported)
 from flows.cli import main, quiet_console
 from tests.images import picture, save
 
@@ -50,8 +50,18 @@ def make_images(root: Path, seeds: range, size: tuple[int, int]) -> None:
 def timed_run(address: str, root: Path, run: str, *extra: str) -> dict[str, float]:
     """Wall seconds of one run, and of its part before the report."""
     start = time.perf_counter()
-    code = main(["run", f"dask.address={address}", f"input_dir={root / 'in'}", f"output_dir={root / 'out'}",
-                 f"shared_dir={root / 'shared'}", f"run_directory={run}", "stopping_condition.n_samples=0.1", *extra])
+    code = main(
+        [
+            "run",
+            f"dask.address={address}",
+            f"input_dir={root / 'in'}",
+            f"output_dir={root / 'out'}",
+            f"shared_dir={root / 'shared'}",
+            f"run_directory={run}",
+            "stopping_condition.n_samples=0.1",
+            *extra,
+        ]
+    )
     assert code == 0, f"run {run} failed"
     wall = time.perf_counter() - start
     report = json.loads((root / "out" / run / "report.json").read_text())
@@ -81,14 +91,18 @@ def main_benchmark() -> None:
     args = parser.parse_args()
     quiet_console()
     workdir = Path(tempfile.mkdtemp(prefix="thresher-rerun-"))
-    with prefect_test_harness(server_startup_timeout=120), LocalCluster(
-        n_workers=os.cpu_count(), threads_per_worker=1, dashboard_address=":0", silence_logs=logging.WARNING
-    ) as cluster:
+    with (
+        prefect_test_harness(server_startup_timeout=120),
+        LocalCluster(
+            n_workers=os.cpu_count(), threads_per_worker=1, dashboard_address=":0", silence_logs=logging.WARNING
+        ) as cluster,
+    ):
         # one throw-away run warms the workers (torch import, model load) and this process (report)
         scenario(cluster.scheduler_address, workdir / "warm-up", 20, args.image_size, ())
         results = {
-            "datapool": scenario(cluster.scheduler_address, workdir / "pool", args.n, args.image_size,
-                                 ("datapool.name=pool",)),
+            "datapool": scenario(
+                cluster.scheduler_address, workdir / "pool", args.n, args.image_size, ("datapool.name=pool",)
+            ),
             "cache only": scenario(cluster.scheduler_address, workdir / "cache", args.n, args.image_size, ()),
         }
     shutil.rmtree(workdir, ignore_errors=True)
@@ -97,13 +111,20 @@ def main_benchmark() -> None:
     print(f"{'mode':<12}{'first s':>10}{'unchanged s':>13}{'ratio':>8}{'+10% s':>10}{'ratio':>8}")
     for mode, t in results.items():
         first = t["first"]["wall"]
-        print(f"{mode:<12}{first:>10.1f}{t['unchanged']['wall']:>13.1f}{t['unchanged']['wall'] / first:>8.2f}"
-              f"{t['grown']['wall']:>10.1f}{t['grown']['wall'] / first:>8.2f}")
+        print(
+            f"{mode:<12}{first:>10.1f}{t['unchanged']['wall']:>13.1f}{t['unchanged']['wall'] / first:>8.2f}"
+            f"{t['grown']['wall']:>10.1f}{t['grown']['wall'] / first:>8.2f}"
+        )
     print("targets: unchanged < 0.10, +10% < 0.25 of the first run")
     print("\nseconds before the report / report and flow overhead")
     for mode, t in results.items():
-        print(f"{mode:<12}" + "".join(f"{run:>11} {t[run]['before_report']:5.1f} / {t[run]['wall'] - t[run]['before_report']:4.1f}"
-                                      for run in ("first", "unchanged", "grown")))
+        print(
+            f"{mode:<12}"
+            + "".join(
+                f"{run:>11} {t[run]['before_report']:5.1f} / {t[run]['wall'] - t[run]['before_report']:4.1f}"
+                for run in ("first", "unchanged", "grown")
+            )
+        )
 
 
 if __name__ == "__main__":

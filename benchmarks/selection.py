@@ -119,17 +119,15 @@ HEADER = (
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--sizes", default="1e4,1e5,1e6", help="comma-separated N values")
     parser.add_argument("--dims", default="128,512", help="comma-separated d values")
     parser.add_argument("--steps", type=int, default=50, help="greedy steps timed per case")
     parser.add_argument("--ref-steps", type=int, default=3, help="naive steps timed (0: skip)")
     parser.add_argument(
-        "--backends", default="cpu",
-        help="comma-separated: cpu, cuda (CuPy, else torch), torch-cuda; GPU ones are skipped "
-        "when no GPU is visible",
+        "--backends",
+        default="cpu",
+        help="comma-separated: cpu, cuda (CuPy, else torch), torch-cuda; GPU ones are skipped when no GPU is visible",
     )
     parser.add_argument("--case", nargs=3, metavar=("N", "D", "BACKEND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -137,9 +135,11 @@ def main() -> None:
         n, d, name = args.case
         print(json.dumps(run_case(int(n), int(d), args.steps, args.ref_steps, name)))
         return
-    print(f"{os.cpu_count()} cores; {args.steps} greedy steps per case; "
-          "GB/s = (N·d·4 + 12·N) bytes per step / time; read = all-core np.sum bandwidth; "
-          "xbound = time / bandwidth bound; peak/X = (X + extra peak RSS of greedy) / X")
+    print(
+        f"{os.cpu_count()} cores; {args.steps} greedy steps per case; "
+        "GB/s = (N·d·4 + 12·N) bytes per step / time; read = all-core np.sum bandwidth; "
+        "xbound = time / bandwidth bound; peak/X = (X + extra peak RSS of greedy) / X"
+    )
     print(HEADER)
     for name in args.backends.split(","):
         if name != "cpu" and not resolve_backend("auto").is_gpu:
@@ -147,8 +147,18 @@ def main() -> None:
             continue
         for n in (int(float(v)) for v in args.sizes.split(",")):
             for d in (int(v) for v in args.dims.split(",")):
-                cmd = [sys.executable, __file__, "--case", str(n), str(d), name,
-                       "--steps", str(args.steps), "--ref-steps", str(args.ref_steps)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--case",
+                    str(n),
+                    str(d),
+                    name,
+                    "--steps",
+                    str(args.steps),
+                    "--ref-steps",
+                    str(args.ref_steps),
+                ]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                 print(format_row(json.loads(out.splitlines()[-1])), flush=True)
 

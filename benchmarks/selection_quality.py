@@ -46,8 +46,24 @@ from tasks.selection.methods import coreset, random_subset, typical_coreset  # n
 from tasks.selection.typicality import typicality  # noqa: E402
 
 BUDGETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "brick", "grass", "gravel", "coins", "retina",
-          "hubble_deep_field", "horse", "moon", "page", "text", "immunohistochemistry")
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "camera",
+    "brick",
+    "grass",
+    "gravel",
+    "coins",
+    "retina",
+    "hubble_deep_field",
+    "horse",
+    "moon",
+    "page",
+    "text",
+    "immunohistochemistry",
+)
 
 
 # --------------------------------------------------------------------------- the sets
@@ -57,16 +73,19 @@ def digits(rng: np.random.Generator) -> tuple[list[Image.Image], np.ndarray]:
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    images = [Image.fromarray((a / 16 * 255).astype(np.uint8)).resize((64, 64), Image.Resampling.BILINEAR)
-              for a in data.images]
+    images = [
+        Image.fromarray((a / 16 * 255).astype(np.uint8)).resize((64, 64), Image.Resampling.BILINEAR)
+        for a in data.images
+    ]
     return [im.convert("RGB") for im in images], data.target
 
 
 def glyphs(rng: np.random.Generator, n: int = 3000, letters: str = "ABCDEFGHJK") -> tuple[list, np.ndarray]:
     import matplotlib
 
-    fonts = sorted(str(p) for p in (Path(matplotlib.get_data_path()) / "fonts" / "ttf").glob("*.ttf")
-                   if "Display" not in p.name)
+    fonts = sorted(
+        str(p) for p in (Path(matplotlib.get_data_path()) / "fonts" / "ttf").glob("*.ttf") if "Display" not in p.name
+    )
     labels = rng.choice(len(letters), size=n, p=_long_tail(len(letters), 0.75))
     images = []
     for label in labels:
@@ -74,8 +93,9 @@ def glyphs(rng: np.random.Generator, n: int = 3000, letters: str = "ABCDEFGHJK")
         image = Image.new("RGB", (96, 96), background)
         font = ImageFont.truetype(fonts[rng.integers(len(fonts))], int(rng.integers(40, 80)))
         where = (48 + int(rng.integers(-12, 13)), 48 + int(rng.integers(-12, 13)))
-        ImageDraw.Draw(image).text(where, letters[label], fill=tuple(255 - v for v in background), font=font,
-                                   anchor="mm")
+        ImageDraw.Draw(image).text(
+            where, letters[label], fill=tuple(255 - v for v in background), font=font, anchor="mm"
+        )
         image = image.rotate(float(rng.uniform(-30, 30)), fillcolor=background)
         noisy = np.asarray(image, np.float32) + rng.normal(0, rng.uniform(0, 25), (96, 96, 3))
         images.append(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
@@ -104,8 +124,9 @@ def video(rng: np.random.Generator, clips: int = 40) -> tuple[list, np.ndarray]:
         label = int(rng.integers(len(sources)))
         scales, start, end = rng.uniform(0.2, 0.6, 2), rng.uniform(0, 1, 2), rng.uniform(0, 1, 2)
         path = np.linspace(0, 1, int(rng.integers(20, 150)))
-        frames = [_crop(sources[label], scales[0] + (scales[1] - scales[0]) * t, start + (end - start) * t)
-                  for t in path]
+        frames = [
+            _crop(sources[label], scales[0] + (scales[1] - scales[0]) * t, start + (end - start) * t) for t in path
+        ]
         buffer = io.BytesIO()
         with av.open(buffer, "w", format="mp4") as out:
             stream = out.add_stream("libx264", rate=25)
@@ -255,8 +276,10 @@ def print_set(name: str, x: np.ndarray, table: dict, seconds: float) -> None:
     from scipy.stats import spearmanr
 
     default = typicality(resolve_backend("cpu"), x)
-    print(f"\n== {name}: {len(x)} samples, {seconds:.0f} s; typicality against {min(len(x), 1000)} reference rows "
-          f"vs exact neighbours: Spearman {spearmanr(exact, default).statistic:.3f}")
+    print(
+        f"\n== {name}: {len(x)} samples, {seconds:.0f} s; typicality against {min(len(x), 1000)} reference rows "
+        f"vs exact neighbours: Spearman {spearmanr(exact, default).statistic:.3f}"
+    )
     header = " ".join(f"{b * 100:>11.1f}%" for b in BUDGETS)
     print(f"probe accuracy, mean ± std over seeds     {header}   gain vs random: mean / min (points)")
     base = np.array([row[0] for row in table["random"]])
@@ -291,8 +314,10 @@ def timing(sizes: list[int], d: int = 1280, share: float = 0.002) -> None:
         start = time.perf_counter()
         typical_coreset(x, k, None)
         typical = time.perf_counter() - start
-        print(f"N = {n:>9,}  k = {k:>5}: coreset {plain:7.1f} s, typical_coreset {typical:7.1f} s "
-              f"(typicality {weights:.1f} s): ratio {typical / plain:.2f}")
+        print(
+            f"N = {n:>9,}  k = {k:>5}: coreset {plain:7.1f} s, typical_coreset {typical:7.1f} s "
+            f"(typicality {weights:.1f} s): ratio {typical / plain:.2f}"
+        )
 
 
 def main() -> None:
@@ -300,8 +325,12 @@ def main() -> None:
     parser.add_argument("--sets", default=",".join(SETS), help="comma-separated, or 'none'")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/thresher-selection-quality"),
-                        help="where the embedded sets are kept between runs")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("/tmp/thresher-selection-quality"),
+        help="where the embedded sets are kept between runs",
+    )
     parser.add_argument("--timing", action="store_true", help="also time the methods at --sizes")
     parser.add_argument("--sizes", default="100000,1000000")
     args = parser.parse_args()

@@ -102,9 +102,19 @@ def main() -> int:
         write_images(root / "in", args.n)
         write_video(root / "in" / "long.mp4", frames(args.video_frames), gop=25)
         print(f"generated {args.n} images and a {args.video_frames}-frame video in {time.perf_counter() - start:.0f} s")
-        command = [sys.executable, "-m", "flows.cli", "run", f"input_dir={root / 'in'}", f"output_dir={root / 'out'}",
-                   f"shared_dir={root}", "run_directory=soak", "stopping_condition.n_samples=0.01",
-                   "lightly.collate.input_size=32", *args.overrides]
+        command = [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "run",
+            f"input_dir={root / 'in'}",
+            f"output_dir={root / 'out'}",
+            f"shared_dir={root}",
+            "run_directory=soak",
+            "stopping_condition.n_samples=0.01",
+            "lightly.collate.input_size=32",
+            *args.overrides,
+        ]
         code, samples = sample_rss(command, args.interval, root / "run.log")
         if code != 0:
             print((root / "run.log").read_text()[-3000:])
@@ -113,14 +123,21 @@ def main() -> int:
         counts = json.loads((root / "out" / "soak" / "report.json").read_text())["counts"]
         duration = samples[-1][0]
         n_samples = args.n + args.video_frames
-        print(f"run: {duration:.0f} s for {n_samples} samples ({n_samples / duration:.0f}/s), {len(samples)} RSS samples")
+        print(
+            f"run: {duration:.0f} s for {n_samples} samples ({n_samples / duration:.0f}/s), {len(samples)} RSS samples"
+        )
         print(f"counts: {counts}")
         print("peak RSS (MiB) by tenth of the run:")
         for name in ROLES:
-            print(f"  {name:<8}" + " ".join(f"{peak(samples, name, k / 10, (k + 1) / 10) / 2**20:6.0f}" for k in range(10)))
+            print(
+                f"  {name:<8}"
+                + " ".join(f"{peak(samples, name, k / 10, (k + 1) / 10) / 2**20:6.0f}" for k in range(10))
+            )
         first, last = peak(samples, "total", 0, 0.25), peak(samples, "total", 0.75, 1)
-        print(f"peak RSS of the whole run: first quarter {first / 2**20:.0f} MiB, last quarter {last / 2**20:.0f} MiB, "
-              f"ratio {last / first:.3f} (limit {FLATNESS_LIMIT})")
+        print(
+            f"peak RSS of the whole run: first quarter {first / 2**20:.0f} MiB, last quarter {last / 2**20:.0f} MiB, "
+            f"ratio {last / first:.3f} (limit {FLATNESS_LIMIT})"
+        )
         flat = last <= FLATNESS_LIMIT * first
         print("memory flat" if flat else "MEMORY GREW")
         return 0 if flat else 1

@@ -31,13 +31,21 @@ from tests.options import augmentations, train_options  # noqa: E402
 
 
 def make_images(root: Path, n: int) -> list[Path]:
-    return [save(picture(seed, (640, 480)), root / f"img_{seed:04d}.jpg", format="JPEG", quality=90) for seed in range(n)]
+    return [
+        save(picture(seed, (640, 480)), root / f"img_{seed:04d}.jpg", format="JPEG", quality=90) for seed in range(n)
+    ]
 
 
 def run_case(images: list[Path], model: str, size: int, device: str, args: argparse.Namespace) -> dict:
     steps: list[Step] = []
-    options = train_options(max_epochs=1, batch_size=args.batch_size, num_workers=args.workers,
-                            use_gpu=device == "cuda", precision=args.precision, augment=augmentations(input_size=size))
+    options = train_options(
+        max_epochs=1,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        use_gpu=device == "cuda",
+        precision=args.precision,
+        augment=augmentations(input_size=size),
+    )
     n = args.batch_size * (args.steps + 1)
     paths = (images * (n // len(images) + 1))[:n]
     with tempfile.TemporaryDirectory() as run_dir:
@@ -47,11 +55,16 @@ def run_case(images: list[Path], model: str, size: int, device: str, args: argpa
     timed = steps[1:]
     seconds = sum(s.seconds for s in timed)
     return {
-        "model": model, "input_size": size, "device": device, "batch_size": args.batch_size,
-        "workers": args.workers, "precision": args.precision if device == "cuda" else 32,
+        "model": model,
+        "input_size": size,
+        "device": device,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "precision": args.precision if device == "cuda" else 32,
         "images_per_s": round(sum(s.images for s in timed) / seconds, 1),
         "compute_efficiency": round(sum(s.compute_seconds for s in timed) / seconds, 3),
-        "ms_per_step": round(1000 * seconds / len(timed), 1), "wall_s": round(wall, 1),
+        "ms_per_step": round(1000 * seconds / len(timed), 1),
+        "wall_s": round(wall, 1),
     }
 
 

@@ -73,14 +73,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         paths, labels = write_digits(Path(root) / "digits", args.n, args.size)
         spec = ModelSpec(args.model, 32, None, 1)
-        print(json.dumps({"epoch": "-", "knn_accuracy": round(knn_accuracy(paths, labels, spec, args.size), 4)}), flush=True)
+        print(
+            json.dumps({"epoch": "-", "knn_accuracy": round(knn_accuracy(paths, labels, spec, args.size), 4)}),
+            flush=True,
+        )
         for epoch in range(args.epochs):
             start = time.perf_counter()
             checkpoint = train(paths, spec, options, Path(root) / "run")
             spec = ModelSpec(args.model, 32, checkpoint, 1)
             accuracy = knn_accuracy(paths, labels, spec, args.size)
-            print(json.dumps({"epoch": epoch, "knn_accuracy": round(accuracy, 4),
-                              "train_s": round(time.perf_counter() - start, 1)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "epoch": epoch,
+                        "knn_accuracy": round(accuracy, 4),
+                        "train_s": round(time.perf_counter() - start, 1),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

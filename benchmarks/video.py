@@ -77,9 +77,11 @@ def timed(fn, *args) -> tuple[int, float]:
 
 def peak_rss_mib(path: Path) -> float:
     """Peak RSS of a fresh process that streams every frame of `path` through the decode stage."""
-    code = ("import resource, sys; from pathlib import Path; from benchmarks.video import decode_shard, videos_table, "
-            "video_shards; p = Path(sys.argv[1]); [decode_shard(p.parent, s) for s in "
-            "video_shards(videos_table(p), 10**9, 1)]; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    code = (
+        "import resource, sys; from pathlib import Path; from benchmarks.video import decode_shard, videos_table, "
+        "video_shards; p = Path(sys.argv[1]); [decode_shard(p.parent, s) for s in "
+        "video_shards(videos_table(p), 10**9, 1)]; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
     out = subprocess.run([sys.executable, "-c", code, str(path)], check=True, capture_output=True, text=True)
     return int(out.stdout.split()[-1]) / 1024
 
@@ -100,8 +102,10 @@ def main() -> None:
         print(f"  ratio: {t_base / t_ours:.2f}x")
         short = write_1080p(Path(tmp) / "half.mp4", args.frames // 2)
         small, large = peak_rss_mib(short), peak_rss_mib(video)
-        print(f"peak RSS streaming {args.frames // 2} frames: {small:.0f} MiB; {args.frames} frames: {large:.0f} MiB; "
-              f"ratio {large / small:.2f} (2x length)")
+        print(
+            f"peak RSS streaming {args.frames // 2} frames: {small:.0f} MiB; {args.frames} frames: {large:.0f} MiB; "
+            f"ratio {large / small:.2f} (2x length)"
+        )
 
 
 if __name__ == "__main__":

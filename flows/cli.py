@@ -14,8 +14,8 @@ import argparse
 import os
 import sys
 import textwrap
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from flows.config import ConfigError, ThresherConfig
 from flows.overrides import all_keys, config_from_overrides, field_help
@@ -93,8 +93,10 @@ def sanity_check(config: ThresherConfig) -> None:
     with torch.inference_mode():
         size = config.lightly.collate.input_size
         dim = model(torch.from_numpy(np.zeros((1, 3, size, size), np.float32)).to(device)).shape[1]
-    print(f"Sanity check passed: {config.lightly.model.name} on {device} gives {dim}-d embeddings; "
-          f"input_dir and output_dir are usable.")
+    print(
+        f"Sanity check passed: {config.lightly.model.name} on {device} gives {dim}-d embeddings; "
+        f"input_dir and output_dir are usable."
+    )
 
 
 def quiet_console() -> None:

@@ -81,8 +81,13 @@ def cluster_plan(config: ThresherConfig) -> ClusterPlan:
             gpu = any("GPU" in w.get("resources", {}) for w in workers)
         return ClusterPlan({"address": config.dask.address}, slots, gpu, own_workers=False, threads=threads)
     local = issubclass(import_term(spec.get("cluster_class", "distributed.LocalCluster")), LocalCluster)
-    return ClusterPlan(spec, kwargs["n_workers"] * threads, "GPU" in kwargs.get("resources", {}),
-                       own_workers=local and kwargs.get("processes", True), threads=threads)
+    return ClusterPlan(
+        spec,
+        kwargs["n_workers"] * threads,
+        "GPU" in kwargs.get("resources", {}),
+        own_workers=local and kwargs.get("processes", True),
+        threads=threads,
+    )
 
 
 def replace_workers(client: Client, timeout: float = 300) -> None:

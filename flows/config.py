@@ -63,8 +63,10 @@ class CorruptnessCheck(_Section):
         description="Images that declare more pixels are rejected as decompression bombs before any pixel is decoded.",
     )
     decode_timeout: float = Field(
-        60.0, gt=0, description="Seconds one image, or one video frame, may take to decode; a slower image is listed as corrupt, "
-                    "as are a video's frames from the slow one on, so no file can stall a run.",
+        60.0,
+        gt=0,
+        description="Seconds one image, or one video frame, may take to decode; a slower image is listed as corrupt, "
+        "as are a video's frames from the slow one on, so no file can stall a run.",
     )
     allow_extension_mismatch: bool = Field(
         False,
@@ -75,7 +77,8 @@ class CorruptnessCheck(_Section):
 
 class Datapool(_Section):
     name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="Name of the datapool in shared_dir: selections grow it across runs.",
     )
     keep_history: bool = Field(True, description="Keep a backup of every previous datapool state.")
@@ -97,8 +100,12 @@ class ScorerConfig(_Section):
 class Loader(_Section):
     batch_size: int = Field(16, gt=0, description="Images per batch for embedding (and training).")
     shuffle: bool = Field(True, description="Shuffle training batches (embedding keeps input order).")
-    num_workers: int = Field(-1, ge=-1, description="Decoding threads per embedding task, and data-loading processes "
-                                                    "when training; -1 means one per CPU core.")
+    num_workers: int = Field(
+        -1,
+        ge=-1,
+        description="Decoding threads per embedding task, and data-loading processes "
+        "when training; -1 means one per CPU core.",
+    )
     drop_last: bool = Field(True, description="Drop the last incomplete training batch.")
 
 
@@ -116,7 +123,9 @@ class Model(_Section):
 class Trainer(_Section):
     gpus: int = Field(1, ge=0, description="GPUs used when present.")
     max_epochs: int = Field(100, ge=0, description="Training epochs.")
-    precision: Literal[16, 32] = Field(32, description="16 runs the model in mixed precision (bf16 on CPU, fp16 on GPU).")
+    precision: Literal[16, 32] = Field(
+        32, description="16 runs the model in mixed precision (bf16 on CPU, fp16 on GPU)."
+    )
 
 
 class Criterion(_Section):
@@ -159,7 +168,9 @@ class Lightly(_Section):
 
 
 class Dask(_Section):
-    address: str = Field("", description="Scheduler of an existing Dask cluster (tcp://host:8786); empty starts a local one.")
+    address: str = Field(
+        "", description="Scheduler of an existing Dask cluster (tcp://host:8786); empty starts a local one."
+    )
     cluster: str = Field(
         "local", description="Local cluster spec: a name in flows/clusters/ (local, local-threads) or a YAML file path."
     )
@@ -167,22 +178,33 @@ class Dask(_Section):
     threads_per_worker: int = Field(
         0, ge=0, description="Threads per local worker (also torch's intra-op threads); 0 takes the spec's."
     )
-    shard_size: int = Field(256, gt=0, description="Files per mapped task; smaller shards spread small inputs over all workers.")
+    shard_size: int = Field(
+        256, gt=0, description="Files per mapped task; smaller shards spread small inputs over all workers."
+    )
     retries: int = Field(2, ge=0, description="Times a failed shard task is retried (e.g. after a worker died).")
 
 
 class Selection(_Section):
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where selection runs; auto uses a GPU when present.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where selection runs; auto uses a GPU when present."
+    )
 
 
 class ReportOptions(_Section):
-    labeling_cost_per_image: float = Field(0.05, ge=0, description="Labelling cost of one image in USD, for the report's savings.")
+    labeling_cost_per_image: float = Field(
+        0.05, ge=0, description="Labelling cost of one image in USD, for the report's savings."
+    )
     training_gpu_seconds_per_image: float = Field(
-        0.1, ge=0, description="GPU seconds a training run spends on one image over all its epochs, for the report's compute savings."
+        0.1,
+        ge=0,
+        description="GPU seconds a training run spends on one image over all its epochs, for the report's "
+        "compute savings.",
     )
     gpu_power_watts: float = Field(400, ge=0, description="Power draw of that GPU, for the report's energy savings.")
     grid_co2_kg_per_kwh: float = Field(
-        0.4, ge=0, description="kg of CO2 per kWh of electricity (about 0.4 is the world average), for the report's CO2 savings."
+        0.4,
+        ge=0,
+        description="kg of CO2 per kWh of electricity (about 0.4 is the world average), for the report's CO2 savings.",
     )
 
 
@@ -193,31 +215,42 @@ class ThresherConfig(_Section):
     )
     output_dir: str = Field(description="Folder or bucket URL where run directories are written.")
     shared_dir: str = Field(
-        "", description="Folder or bucket URL that checkpoint, embeddings, relevant_filenames_file and datapools are "
-        "relative to; empty means the current directory."
+        "",
+        description="Folder or bucket URL that checkpoint, embeddings, relevant_filenames_file and datapools are "
+        "relative to; empty means the current directory.",
     )
     storage_options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
-        description="fsspec options per protocol or URL prefix, e.g. storage_options.s3.endpoint_url=http://minio:9000; "
-        "credentials only as ${ENV_VAR} or prefect-secret:NAME (never written out).",
+        description="fsspec options per protocol or URL prefix, e.g. "
+        "storage_options.s3.endpoint_url=http://minio:9000; credentials only as ${ENV_VAR} or "
+        "prefect-secret:NAME (never written out).",
     )
     run_directory: str | None = Field(None, description="Run folder name inside output_dir; default is a timestamp.")
     cache_dir: str = Field(
-        "", description="Folder or bucket URL where shard results and the report's numbers, projections and plots are "
-        "cached across runs; empty means .thresher-cache in shared_dir."
+        "",
+        description="Folder or bucket URL where shard results and the report's numbers, projections and plots are "
+        "cached across runs; empty means .thresher-cache in shared_dir.",
     )
 
     token: SecretStr = Field(SecretStr(""), description="Lightly Platform token; not applicable (never written out).")
     worker_id: str = Field("", description="Lightly Platform worker id; not applicable.")
-    sanity_check: bool = Field(False, description="Check the installation (model, cluster, flow) on a few files and stop.")
-    relevant_filenames_file: str = Field(
-        "", description="File (relative to shared_dir) listing the input files to use, one per line, relative to input_dir."
+    sanity_check: bool = Field(
+        False, description="Check the installation (model, cluster, flow) on a few files and stop."
     )
-    enable_corruptness_check: bool = Field(True, description="Fully decode every image and list broken ones as corrupt.")
+    relevant_filenames_file: str = Field(
+        "",
+        description="File (relative to shared_dir) listing the input files to use, one per line, relative to "
+        "input_dir.",
+    )
+    enable_corruptness_check: bool = Field(
+        True, description="Fully decode every image and list broken ones as corrupt."
+    )
     corruptness_check: CorruptnessCheck = Field(default_factory=CorruptnessCheck)
     remove_exact_duplicates: bool = Field(True, description="Remove files whose bytes equal an earlier file's.")
     checkpoint: str = Field("", description="Backbone checkpoint relative to shared_dir.")
-    embeddings: str = Field("", description="Embeddings CSV relative to shared_dir; skips embedding and selects from it.")
+    embeddings: str = Field(
+        "", description="Embeddings CSV relative to shared_dir; skips embedding and selects from it."
+    )
     enable_training: bool = Field(False, description="Train a self-supervised model before embedding.")
     dump_dataset: bool = Field(False, description="Copy the selected images to data/sampled/.")
     dump_sampled_embeddings: bool = Field(True, description="Write data/selected_embeddings.csv.")
@@ -242,12 +275,16 @@ class ThresherConfig(_Section):
         "or random.",
     )
     stopping_condition: StoppingCondition = Field(default_factory=StoppingCondition)
-    selected_sequence_length: int = Field(1, ge=1, description="Select whole sequences of this many consecutive frames.")
+    selected_sequence_length: int = Field(
+        1, ge=1, description="Select whole sequences of this many consecutive frames."
+    )
     datapool: Datapool = Field(default_factory=Datapool)
     datasource: Datasource = Field(default_factory=Datasource)
     n_example_images: int = Field(6, ge=0, description="Retained/removed image pairs shown in the report.")
     memory_requirement_in_GB: float = Field(2, gt=0, description="Memory cap for the report's distance statistics.")
-    show_video_sampling_timeline: bool = Field(True, description="Show selected frame timestamps per video in the report.")
+    show_video_sampling_timeline: bool = Field(
+        True, description="Show selected frame timestamps per video in the report."
+    )
     lightly: Lightly = Field(default_factory=Lightly)
     dask: Dask = Field(default_factory=Dask)
     selection: Selection = Field(default_factory=Selection)
@@ -307,10 +344,14 @@ class ThresherConfig(_Section):
             path = base / normal
             inside = not (normal == ".." or normal.startswith(("../", "/")) or "://" in relative)
         if not inside:
-            raise ConfigError(f"{key}={relative!r} points outside shared_dir ({describe(base)}); give a path inside it.")
+            raise ConfigError(
+                f"{key}={relative!r} points outside shared_dir ({describe(base)}); give a path inside it."
+            )
         if not path.exists():
-            raise ConfigError(f"{key}={relative!r}: {describe(path)} does not exist "
-                              f"(paths are relative to shared_dir={describe(base)}).")
+            raise ConfigError(
+                f"{key}={relative!r}: {describe(path)} does not exist "
+                f"(paths are relative to shared_dir={describe(base)})."
+            )
         return path
 
 
@@ -356,8 +397,10 @@ def check_consistency(config: ThresherConfig) -> None:
     if config.enable_training and config.lightly.trainer.max_epochs == 0:
         raise ConfigError("enable_training=True needs lightly.trainer.max_epochs >= 1 (or enable_training=False).")
     if config.selected_sequence_length > 1 and config.datapool.name:
-        raise ConfigError("selected_sequence_length > 1 cannot be combined with datapool.name yet; "
-                          "select sequences without a datapool, or frames (selected_sequence_length=1) with one.")
+        raise ConfigError(
+            "selected_sequence_length > 1 cannot be combined with datapool.name yet; "
+            "select sequences without a datapool, or frames (selected_sequence_length=1) with one."
+        )
     stop = config.stopping_condition
     if stop.samples is None and stop.radius is None:
         raise ConfigError(
@@ -366,7 +409,9 @@ def check_consistency(config: ThresherConfig) -> None:
         )
     n = stop.n_samples
     if isinstance(n, float) and not 0 < n <= 1:
-        raise ConfigError(f"stopping_condition.n_samples={n}: a float must be a fraction in (0, 1]; use an int for a count.")
+        raise ConfigError(
+            f"stopping_condition.n_samples={n}: a float must be a fraction in (0, 1]; use an int for a count."
+        )
     if isinstance(n, int) and n < 0 and n != -1:
         raise ConfigError(f"stopping_condition.n_samples={n}: use a count >= 0, a fraction in (0, 1], or -1.")
     if stop.radius is not None and not (math.isfinite(stop.radius) and stop.radius >= 0):
@@ -377,14 +422,17 @@ def check_consistency(config: ThresherConfig) -> None:
             "so nothing past the first sample could be selected; use a value in [0, 2]."
         )
     if config.method == "random" and stop.radius is not None:
-        raise ConfigError("stopping_condition.min_distance needs method=coreset or typical_coreset; random selection ignores "
-                          "distances.")
+        raise ConfigError(
+            "stopping_condition.min_distance needs method=coreset or typical_coreset; random selection ignores "
+            "distances."
+        )
     if config.enable_training and config.embeddings:
         raise ConfigError("enable_training=True needs images to train on; it cannot be combined with embeddings=.")
     length = config.selected_sequence_length
     if length > 1 and isinstance(n, int) and n != -1 and n % length:
         raise ConfigError(
-            f"stopping_condition.n_samples={n} counts frames and must be a multiple of selected_sequence_length={length}, "
+            f"stopping_condition.n_samples={n} counts frames and must be a multiple of "
+            f"selected_sequence_length={length}, "
             f"e.g. {max(length, n - n % length)}."
         )
 
@@ -397,7 +445,9 @@ def flow_signature() -> inspect.Signature:
     of them to keep in step."""
     parameters = [
         inspect.Parameter(
-            name, inspect.Parameter.KEYWORD_ONLY, annotation=field.annotation,
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=field.annotation,
             default=inspect.Parameter.empty if field.is_required() else field.get_default(call_default_factory=True),
         )
         for name, field in ThresherConfig.model_fields.items()

@@ -18,7 +18,7 @@ import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -30,8 +30,24 @@ from flows.config import ThresherConfig, flow_signature, validate_config
 from flows.options import model_spec
 from flows.run import RunLog, start_run
 from flows.stages import (
-    check, datapool_centers, deduplicate, dump, embed, embedding_model, free_workers, gather, list_files, probe,
-    read_embeddings, report, sample_identities, select, start_report_views, train, update_pool, write,
+    check,
+    datapool_centers,
+    deduplicate,
+    dump,
+    embed,
+    embedding_model,
+    free_workers,
+    gather,
+    list_files,
+    probe,
+    read_embeddings,
+    report,
+    sample_identities,
+    select,
+    start_report_views,
+    train,
+    update_pool,
+    write,
 )
 from tasks.datapool import PoolLock, check_compatible, read_pool
 from tasks.storage import describe
@@ -41,7 +57,7 @@ from tasks.storage import describe
 def pipeline(config: ThresherConfig, plan: ClusterPlan) -> dict:
     """Curate `config.input_dir` into `<output_dir>/<run_directory>/` on the cluster of `plan`;
     returns the counts."""
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     run, log = start_run(config, plan, started), RunLog()
     with PoolLock(run.pool_dir) if run.pool_dir else nullcontext() as lock:
         model = embedding_model(config)
@@ -74,8 +90,12 @@ def pipeline(config: ThresherConfig, plan: ClusterPlan) -> dict:
     counts = log.counts
     get_run_logger().info(
         "Done: %d files -> %d sampled, %d removed, %d duplicate, %d corrupt. Results in %s",
-        counts["n_input_files"], counts["n_sampled"], counts["n_removed"], counts["n_duplicate"],
-        counts["n_corrupt"], describe(run.run_dir),
+        counts["n_input_files"],
+        counts["n_sampled"],
+        counts["n_removed"],
+        counts["n_duplicate"],
+        counts["n_corrupt"],
+        describe(run.run_dir),
     )
     return {**counts, "run_directory": describe(run.run_dir)}
 

@@ -56,12 +56,18 @@ def train_options(config: ThresherConfig) -> TrainOptions:
 
     lightly = config.lightly
     return TrainOptions(
-        max_epochs=lightly.trainer.max_epochs, batch_size=lightly.loader.batch_size,
-        shuffle=lightly.loader.shuffle, drop_last=lightly.loader.drop_last,
-        num_workers=lightly.loader.num_workers, use_gpu=lightly.trainer.gpus > 0,
-        precision=lightly.trainer.precision, lr=lightly.optimizer.lr,
-        weight_decay=lightly.optimizer.weight_decay, temperature=lightly.criterion.temperature,
-        memory_bank_size=lightly.criterion.memory_bank_size, out_dim=lightly.model.out_dim,
+        max_epochs=lightly.trainer.max_epochs,
+        batch_size=lightly.loader.batch_size,
+        shuffle=lightly.loader.shuffle,
+        drop_last=lightly.loader.drop_last,
+        num_workers=lightly.loader.num_workers,
+        use_gpu=lightly.trainer.gpus > 0,
+        precision=lightly.trainer.precision,
+        lr=lightly.optimizer.lr,
+        weight_decay=lightly.optimizer.weight_decay,
+        temperature=lightly.criterion.temperature,
+        memory_bank_size=lightly.criterion.memory_bank_size,
+        out_dim=lightly.model.out_dim,
         max_pixels=config.corruptness_check.max_pixels,
         # lightly's own transform ignores kernel_size (it blurs with Pillow by sigmas)
         augment=Augmentations(**lightly.collate.model_dump(exclude={"kernel_size"})),
@@ -84,9 +90,14 @@ def select_options(config: ThresherConfig) -> SelectOptions:
 def report_settings(config: ThresherConfig) -> ReportSettings:
     # ReportSettings names its last fields as the report.* keys.
     return ReportSettings(
-        input_dir=config.input_dir, storage_options=config.storage_options, normalize=config.normalize_embeddings,
-        memory_gb=config.memory_requirement_in_GB, n_example_images=config.n_example_images,
-        max_pixels=config.corruptness_check.max_pixels, seed=config.lightly.seed, **config.report.model_dump(),
+        input_dir=config.input_dir,
+        storage_options=config.storage_options,
+        normalize=config.normalize_embeddings,
+        memory_gb=config.memory_requirement_in_GB,
+        n_example_images=config.n_example_images,
+        max_pixels=config.corruptness_check.max_pixels,
+        seed=config.lightly.seed,
+        **config.report.model_dump(),
         selection=select_options(config),
     )
 

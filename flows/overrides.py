@@ -38,6 +38,7 @@ NOT_APPLICABLE = {
     "datasource.dataset_id": "the datasource is input_dir, not a Lightly Platform dataset",
 }
 
+
 def all_keys(model: type[BaseModel] = ThresherConfig, prefix: str = "") -> list[str]:
     """Every dotted key the configuration accepts, e.g. 'stopping_condition.n_samples'."""
     keys = []
@@ -107,5 +108,7 @@ def explain_not_applicable(overrides: list[str]) -> None:
 def overrides_of(config: ThresherConfig) -> list[str]:
     """The `key=value` overrides that rebuild this config from the defaults (secrets left out)."""
     data = config.model_dump(mode="json", exclude_defaults=True, exclude={"token"})
-    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for key, value in flatten(data)]
+    return [
+        f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for key, value in flatten(data)
+    ]

@@ -73,7 +73,8 @@ def start_run(config: ThresherConfig, plan: ClusterPlan, started: datetime) -> R
     logger.info("Run directory: %s", describe(run_dir))
     run = Run(config, plan, run_dir, config.location(config.input_dir), config.cache_path(), config.pool_dir())
     swept = remove_partial_files(run_dir, recursive=True) + sum(
-        remove_partial_files(folder) for folder in (run.cache / "check", run.cache / "embed", run.pool_dir) if folder)
+        remove_partial_files(folder) for folder in (run.cache / "check", run.cache / "embed", run.pool_dir) if folder
+    )
     if swept:
         logger.info("Removed %d partial files that killed runs had left.", swept)
     return run
@@ -88,8 +89,11 @@ class RunLog:
 
     def timed(self, stage: str, items: int, start: float) -> None:
         seconds = time.perf_counter() - start
-        self.timings[stage] = {"seconds": round(seconds, 3), "items": items,
-                               "items_per_second": round(items / seconds, 2) if seconds > 0 else None}
+        self.timings[stage] = {
+            "seconds": round(seconds, 3),
+            "items": items,
+            "items_per_second": round(items / seconds, 2) if seconds > 0 else None,
+        }
 
 
 # The UI's progress bars are updated at most this often: an update is a call to the API, and a
@@ -144,10 +148,16 @@ def pieces(run: Run, stage: str, params: Any, shards: list[list[Source]]) -> tup
     One listing of the cache folder tells what is there."""
     slots = run.plan.slots
     plan = plan_pieces(stage, run.source, params, shards, existing_names(run.cache / stage) if shards else set(), slots)
-    all_pieces = [(shard[piece.start : piece.stop], cache_path(run.cache, stage, piece.key), piece.cached)
-                  for shard, shard_plan in zip(shards, plan) for piece in shard_plan]
+    all_pieces = [
+        (shard[piece.start : piece.stop], cache_path(run.cache, stage, piece.key), piece.cached)
+        for shard, shard_plan in zip(shards, plan)
+        for piece in shard_plan
+    ]
     todo = [(items, path) for items, path, cached in all_pieces if not cached]
     groups = pack_pieces([count_samples(items) for items, _ in todo], slots, run.config.dask.shard_size)
-    batches = Batches([[todo[i][0] for i in group] for group in groups],
-                      [[todo[i][1] for i in group] for group in groups], cached=len(all_pieces) - len(todo))
+    batches = Batches(
+        [[todo[i][0] for i in group] for group in groups],
+        [[todo[i][1] for i in group] for group in groups],
+        cached=len(all_pieces) - len(todo),
+    )
     return [path for _, path, _ in all_pieces], batches

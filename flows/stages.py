@@ -14,7 +14,7 @@ import time
 from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 import dask
@@ -27,7 +27,13 @@ from upath import UPath
 from flows.cluster import ClusterExecutor, start_replacing_workers
 from flows.config import ThresherConfig
 from flows.options import (
-    check_options, embed_options, model_spec, report_config, report_settings, select_options, train_options,
+    check_options,
+    embed_options,
+    model_spec,
+    report_config,
+    report_settings,
+    select_options,
+    train_options,
 )
 from flows.run import Run, RunLog, pieces, track
 from tasks.datapool import PoolLock, commit, history, merge, processed_keys, run_rows, sampled_embeddings
@@ -92,8 +98,9 @@ def list_files(run: Run, log: RunLog, pool: pa.Table | None) -> list[InputFile]:
         done = processed_keys(pool, run.source)
         new = [f for f in files if (f.filename, f.size, f.version) not in done]
         log.counts["n_skipped_processed"] = len(files) - len(new)
-        get_run_logger().info("Datapool: %d files are new, %d were processed by earlier runs.",
-                              len(new), len(files) - len(new))
+        get_run_logger().info(
+            "Datapool: %d files are new, %d were processed by earlier runs.", len(new), len(files) - len(new)
+        )
         files = new
     log.counts["n_input_files"] = len(files)
     log.timed("list", len(files), start)
@@ -106,7 +113,9 @@ def probe(run: Run, log: RunLog, files: list[InputFile]) -> pa.Table:
     videos = [f for f in files if is_video(f.filename)]
     groups = stable_shards(videos, lambda f: f.filename, config.dask.shard_size, run.plan.slots)
     futures = probe_videos.with_options(retries=config.dask.retries).map(
-        unmapped(run.input), groups, unmapped(config.datasource.use_frame_count_metadata),
+        unmapped(run.input),
+        groups,
+        unmapped(config.datasource.use_frame_count_metadata),
         unmapped(config.corruptness_check.decode_timeout),
         [run.work / "probe" / f"shard-{i:05d}.parquet" for i in range(len(groups))],
     )
@@ -134,7 +143,8 @@ def check(run: Run, log: RunLog, files: list[InputFile], probed: pa.Table) -> li
     shards += video_shards(probed, config.dask.shard_size, run.plan.slots)
     paths, batches = pieces(run, "check", options, shards)
     futures = check_pieces.with_options(retries=config.dask.retries).map(
-        unmapped(run.input), batches.pieces, unmapped(options), batches.paths)
+        unmapped(run.input), batches.pieces, unmapped(options), batches.paths
+    )
     track(futures, "check", batches.shards(), log)
     log.timings["check"]["cached_shards"] = batches.cached
     corrupt_videos = write_parquet(check_table(corrupt_video_rows(probed)), run.work / "check-videos.parquet")
@@ -162,8 +172,11 @@ def deduplicate(run: Run, log: RunLog, checked: list[UPath], probed: pa.Table, i
     names = set(ok.column("filename").to_pylist())
     frame_shards = video_shards(probed, run.config.dask.shard_size, run.plan.slots, keep=names)
     frames = {name for group in frame_shards for rng in group for name in rng.names()}
-    images = [InputFile(n, label, *identities[n][1:])
-              for n, label in zip(ok.column("filename").to_pylist(), ok.column("label").to_pylist()) if n not in frames]
+    images = [
+        InputFile(n, label, *identities[n][1:])
+        for n, label in zip(ok.column("filename").to_pylist(), ok.column("label").to_pylist())
+        if n not in frames
+    ]
     return Usable(images, frame_shards)
 
 
@@ -176,8 +189,9 @@ def train(run: Run, log: RunLog, usable: Usable, spec: ModelSpec) -> ModelSpec:
 
     start = time.perf_counter()
     ranges = [rng for group in usable.frames for rng in group]
-    checkpoint = train_model(run.input, [f.filename for f in usable.images], spec, train_options(run.config),
-                             run.run_dir, frames=ranges)
+    checkpoint = train_model(
+        run.input, [f.filename for f in usable.images], spec, train_options(run.config), run.run_dir, frames=ranges
+    )
     log.timed("train", usable.count(), start)
     return dataclasses.replace(spec, checkpoint=checkpoint)
 
@@ -198,7 +212,8 @@ def embed(run: Run, log: RunLog, usable: Usable, spec: ModelSpec) -> Embedded:
     # On a cluster with GPU workers, embedding runs only there (one task per GPU at a time).
     with dask.annotate(resources={"GPU": 1}) if run.plan.gpu else nullcontext():
         futures = embed_pieces.with_options(retries=config.dask.retries).map(
-            unmapped(run.input), batches.pieces, unmapped(spec), unmapped(options), batches.paths)
+            unmapped(run.input), batches.pieces, unmapped(spec), unmapped(options), batches.paths
+        )
     embedded = track(futures, "embed", batches.shards(), log)
     del futures  # their keys are released: the workers replaced after embedding hold nothing the flow still wants
     compute = sum(e["compute_seconds"] for e in embedded)
@@ -273,8 +288,14 @@ def write(run: Run, log: RunLog) -> dict[str, list[float]]:
     """The filename lists, CSVs and video outputs; returns the selected frames' timelines per video."""
     config = run.config
     start = time.perf_counter()
-    lists = write_outputs(run.run_dir, run.samples_path, run.embeddings_path, run.selection_path,
-                          config.normalize_embeddings, config.dump_sampled_embeddings)
+    lists = write_outputs(
+        run.run_dir,
+        run.samples_path,
+        run.embeddings_path,
+        run.selection_path,
+        config.normalize_embeddings,
+        config.dump_sampled_embeddings,
+    )
     log.counts.update({f"n_{name}": value for name, value in lists.items()})
     timelines = write_video_outputs(run.run_dir, run.videos_path, run.selection_path, config.selected_sequence_length)
     log.timed("write", log.counts["n_input_files"], start)
@@ -291,26 +312,41 @@ def dump(run: Run, log: RunLog, identities: Identities, replacing: Future | None
     samples = read_parquet([run.samples_path])
     labels = dict(zip(samples.column("filename").to_pylist(), samples.column("label").to_pylist()))
     # Without a listing (embeddings from a file) an image's size and version are not known; dumping needs neither.
-    images = [InputFile(name, labels[name], *identities.get(name, (name, 0, ""))[1:])
-              for name in sorted(set(selected) - frames)]
+    images = [
+        InputFile(name, labels[name], *identities.get(name, (name, 0, ""))[1:])
+        for name in sorted(set(selected) - frames)
+    ]
     groups = [*stable_shards(images, lambda f: f.filename, config.dask.shard_size, run.plan.slots), *frame_groups]
     outputs = dump_names(selected, config.output_image_format)
     futures = dump_shard.with_options(retries=config.dask.retries).map(
-        unmapped(run.input), groups, [{n: outputs[n] for s in group for n in s.names()} for group in groups],
+        unmapped(run.input),
+        groups,
+        [{n: outputs[n] for s in group for n in s.names()} for group in groups],
         unmapped(run.run_dir / "data" / "sampled"),
-        unmapped(config.output_image_size), unmapped(config.output_image_format),
+        unmapped(config.output_image_size),
+        unmapped(config.output_image_format),
         unmapped(config.corruptness_check.max_pixels),
     )
     failed = {name: reason for shard in track(futures, "dump", groups, log) for name, reason in shard.items()}
     log.counts["n_dump_failed"] = len(failed)
     if failed:
         shown = "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items())[:5])
-        get_run_logger().warning("%d selected files could not be dumped to data/sampled (changed or deleted since "
-                                 "they were checked): %s", len(failed), shown)
+        get_run_logger().warning(
+            "%d selected files could not be dumped to data/sampled (changed or deleted since they were checked): %s",
+            len(failed),
+            shown,
+        )
 
 
-def update_pool(run: Run, log: RunLog, lock: PoolLock, pool: pa.Table | None, checked: list[UPath],
-                identities: Identities, model: EmbeddingModel) -> None:
+def update_pool(
+    run: Run,
+    log: RunLog,
+    lock: PoolLock,
+    pool: pa.Table | None,
+    checked: list[UPath],
+    identities: Identities,
+    model: EmbeddingModel,
+) -> None:
     """Merge this run's files and selection into the datapool and commit it."""
     start = time.perf_counter()
     samples = read_parquet([run.samples_path])
@@ -327,17 +363,39 @@ def update_pool(run: Run, log: RunLog, lock: PoolLock, pool: pa.Table | None, ch
     log.timed("datapool", len(rows), start)
 
 
-def report(run: Run, log: RunLog, started: datetime, selection: dict, timelines: dict[str, list[float]],
-           centers: UPath | None, views: StartedViews | None, replacing: Future | None) -> None:
+def report(
+    run: Run,
+    log: RunLog,
+    started: datetime,
+    selection: dict,
+    timelines: dict[str, list[float]],
+    centers: UPath | None,
+    views: StartedViews | None,
+    replacing: Future | None,
+) -> None:
     config = run.config
     workers_ready(replacing)
-    finished = datetime.now(timezone.utc)
-    job = {"started": started.isoformat(), "finished": finished.isoformat(),
-           "duration_seconds": round((finished - started).total_seconds(), 3), "run_directory": describe(run.run_dir)}
+    finished = datetime.now(UTC)
+    job = {
+        "started": started.isoformat(),
+        "finished": finished.isoformat(),
+        "duration_seconds": round((finished - started).total_seconds(), 3),
+        "run_directory": describe(run.run_dir),
+    }
     inputs = ReportInputs(
-        run.run_dir, run.samples_path, run.embeddings_path, run.selection_path, job, log.counts, log.timings,
-        selection, report_config(config), report_settings(config),
+        run.run_dir,
+        run.samples_path,
+        run.embeddings_path,
+        run.selection_path,
+        job,
+        log.counts,
+        log.timings,
+        selection,
+        report_config(config),
+        report_settings(config),
         timelines if config.show_video_sampling_timeline and timelines else None,
-        history(run.pool_dir) if run.pool_dir else None, centers, run.cache,
+        history(run.pool_dir) if run.pool_dir else None,
+        centers,
+        run.cache,
     )
     write_report(inputs, cluster_executor(), views)

@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -38,8 +38,18 @@ from upath import UPath
 from tasks.embeddings_csv import write_embeddings_csv
 from tasks.gathering import embedding_matrix
 from tasks.storage import (
-    ROW_GROUP_ROWS, atomic_target, create_exclusive, describe, is_local, local_version, parquet_options, process_exists,
-    StorageError, read_bytes, read_table, write_text,
+    ROW_GROUP_ROWS,
+    StorageError,
+    atomic_target,
+    create_exclusive,
+    describe,
+    is_local,
+    local_version,
+    parquet_options,
+    process_exists,
+    read_bytes,
+    read_table,
+    write_text,
 )
 
 POOL_FILE = "datapool.parquet"
@@ -77,8 +87,11 @@ def pool_schema(dim: int, model: str) -> pa.Schema:
             ("run", pa.string()),
             ("embedding", pa.large_list(pa.float32())),  # null unless sampled; `dim` values when sampled
         ],
-        metadata={"thresher.embedding_dim": str(dim), "thresher.model": model,
-                  "thresher.schema_version": SCHEMA_VERSION},
+        metadata={
+            "thresher.embedding_dim": str(dim),
+            "thresher.model": model,
+            "thresher.schema_version": SCHEMA_VERSION,
+        },
     )
 
 
@@ -89,8 +102,10 @@ def read_pool(pool_dir: UPath) -> pa.Table | None:
     try:
         table = read_table(path)
     except Exception as error:  # a pool is never half-written by us; say what to restore from
-        raise DatapoolError(f"datapool {describe(path)} cannot be read ({error}); "
-                            f"restore a state from {describe(pool_dir / HISTORY_DIR)}.") from None
+        raise DatapoolError(
+            f"datapool {describe(path)} cannot be read ({error}); "
+            f"restore a state from {describe(pool_dir / HISTORY_DIR)}."
+        ) from None
     return upgrade(table)
 
 
@@ -103,8 +118,9 @@ def upgrade(table: pa.Table) -> pa.Table:
         return table
     dim, model = pool_identity(table)
     if version == b"1":
-        versions = pa.array([None if t is None else local_version(t) for t in table.column("mtime").to_pylist()],
-                            pa.string())
+        versions = pa.array(
+            [None if t is None else local_version(t) for t in table.column("mtime").to_pylist()], pa.string()
+        )
         table = table.set_column(table.schema.get_field_index("mtime"), "version", versions)
     return table.cast(pool_schema(dim, model))
 
@@ -121,13 +137,15 @@ def check_compatible(table: pa.Table | None, dim: int, model: str, path: UPath) 
     pool_dim, pool_model = pool_identity(table)
     if pool_dim != dim:
         raise DatapoolError(
-            f"datapool {describe(path)} holds {pool_dim}-dimensional embeddings but this run makes {dim}-dimensional ones; "
-            "the dimension of a datapool cannot change: use the same lightly.model settings or a new datapool.name."
+            f"datapool {describe(path)} holds {pool_dim}-dimensional embeddings but this run makes "
+            f"{dim}-dimensional ones; the dimension of a datapool cannot change: "
+            "use the same lightly.model settings or a new datapool.name."
         )
     if pool_model != model:
         raise DatapoolError(
             f"datapool {describe(path)} was built with model {pool_model!r} but this run uses {model!r}; embeddings of "
-            "different models are not comparable: use the same model, checkpoint and input size, or a new datapool.name."
+            "different models are not comparable: use the same model, checkpoint and input size, or a new "
+            "datapool.name."
         )
 
 
@@ -138,7 +156,9 @@ def processed_keys(table: pa.Table | None, source: str) -> set[tuple[str, int, s
     # The identity columns alone are filtered: filtering the table would copy every embedding.
     rows = table.select(["source", "file", "size", "version"])
     rows = rows.filter(pc.equal(rows.column("source"), source))
-    return set(zip(rows.column("file").to_pylist(), rows.column("size").to_pylist(), rows.column("version").to_pylist()))
+    return set(
+        zip(rows.column("file").to_pylist(), rows.column("size").to_pylist(), rows.column("version").to_pylist())
+    )
 
 
 def sampled_rows(table: pa.Table | None) -> pa.Table | None:
@@ -154,13 +174,24 @@ def sampled_embeddings(table: pa.Table) -> pa.Table:
     sampled = sampled_rows(table)
     chunks = [pc.list_flatten(chunk).to_numpy(zero_copy_only=False) for chunk in sampled.column("embedding").chunks]
     flat = np.concatenate(chunks) if chunks else np.empty(0, np.float32)
-    return pa.table({"filename": sampled.column("filename"), "label": sampled.column("label"),
-                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim)})
+    return pa.table(
+        {
+            "filename": sampled.column("filename"),
+            "label": sampled.column("label"),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim),
+        }
+    )
 
 
 def run_rows(
-    source: str, samples: pa.Table, files: dict[str, tuple[str, int, str]], hashes: dict[str, str],
-    sampled: dict[str, np.ndarray], run: str, dim: int, model: str,
+    source: str,
+    samples: pa.Table,
+    files: dict[str, tuple[str, int, str]],
+    hashes: dict[str, str],
+    sampled: dict[str, np.ndarray],
+    run: str,
+    dim: int,
+    model: str,
 ) -> pa.Table:
     """This run's pool rows: one per sample, with its status and, if sampled, its embedding.
 
@@ -172,11 +203,18 @@ def run_rows(
     vectors = np.asarray([sampled[n] for n in names if n in sampled], np.float32).reshape(-1, dim)
     embedding = embedding_column(chosen, vectors)
     return pa.Table.from_arrays(
-        [pa.array([source] * len(names), pa.string()), pa.array(names, pa.string()),
-         pa.array([files[n][0] for n in names], pa.string()), samples.column("label"),
-         pa.array([files[n][1] for n in names], pa.int64()), pa.array([files[n][2] for n in names], pa.string()),
-         pa.array([hashes.get(n) for n in names], pa.string()), pa.array(status, pa.string()),
-         pa.array([run] * len(names), pa.string()), embedding],
+        [
+            pa.array([source] * len(names), pa.string()),
+            pa.array(names, pa.string()),
+            pa.array([files[n][0] for n in names], pa.string()),
+            samples.column("label"),
+            pa.array([files[n][1] for n in names], pa.int64()),
+            pa.array([files[n][2] for n in names], pa.string()),
+            pa.array([hashes.get(n) for n in names], pa.string()),
+            pa.array(status, pa.string()),
+            pa.array([run] * len(names), pa.string()),
+            embedding,
+        ],
         schema=pool_schema(dim, model),
     )
 
@@ -208,7 +246,7 @@ def commit(pool_dir: UPath, table: pa.Table, keep_history: bool) -> None:
     object upload)."""
     current = pool_dir / POOL_FILE
     if current.exists() and keep_history:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H-%M-%S.%fZ")
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H-%M-%S.%fZ")
         archive = pool_dir / HISTORY_DIR / f"datapool_{stamp}.parquet"
         if is_local(pool_dir):
             archive.parent.mkdir(parents=True, exist_ok=True)
@@ -225,8 +263,12 @@ def commit(pool_dir: UPath, table: pa.Table, keep_history: bool) -> None:
 def write_latest_csv(pool_dir: UPath, table: pa.Table) -> None:
     """datapool_latest.csv (lightly's format), derived from the state, so it can always be rebuilt."""
     sampled = sampled_embeddings(table)
-    write_embeddings_csv(pool_dir / CSV_FILE, sampled.column("filename").to_pylist(), embedding_matrix(sampled),
-                         sampled.column("label").to_pylist())
+    write_embeddings_csv(
+        pool_dir / CSV_FILE,
+        sampled.column("filename").to_pylist(),
+        embedding_matrix(sampled),
+        sampled.column("label").to_pylist(),
+    )
 
 
 def history(pool_dir: UPath) -> list[dict]:
@@ -266,7 +308,7 @@ class PoolLock:
         return self.pool_dir / LOCK_FILE
 
     def __enter__(self) -> PoolLock:
-        self.since = datetime.now(timezone.utc).isoformat()
+        self.since = datetime.now(UTC).isoformat()
         for _ in range(2):
             if create_exclusive(self.path, self._record()):
                 self._refresher = threading.Thread(target=self._keep_fresh, name="datapool-lock", daemon=True)
@@ -300,12 +342,20 @@ class PoolLock:
             raise DatapoolError(
                 f"datapool {describe(self.pool_dir)}: this run no longer holds its lock ({describe(self.path)} {now}); "
                 f"a lock not refreshed for {self.stale_after:.0f} s is taken over (was this machine suspended?). The "
-                "pool was not updated; this run's own outputs are complete, and the next run adds its files to the pool."
+                "pool was not updated; this run's own outputs are complete, and the next run adds its files to "
+                "the pool."
             )
 
     def _record(self) -> str:
-        return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": self.token, "since": self.since,
-                           "refreshed": datetime.now(timezone.utc).isoformat()})
+        return json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "token": self.token,
+                "since": self.since,
+                "refreshed": datetime.now(UTC).isoformat(),
+            }
+        )
 
     def _keep_fresh(self) -> None:
         while not self._stop.wait(self.refresh):

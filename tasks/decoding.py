@@ -128,12 +128,26 @@ def open_image(data: bytes, max_pixels: int, extension: str | None = None, timeo
         raise CorruptImage(f"decoding failed: {error}") from None
 
 
-def check_row(file: InputFile, name: str, content_hash: str | None = None, width: int | None = None,
-              height: int | None = None, error: str | None = None) -> dict:
+def check_row(
+    file: InputFile,
+    name: str,
+    content_hash: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    error: str | None = None,
+) -> dict:
     """One CHECK_SCHEMA row: sample `name` of the input `file` (the image itself, a frame of the
     video, or the video that cannot be used) and what the check found."""
-    return {"filename": name, "label": file.label, "size": file.size, "version": file.version,
-            "content_hash": content_hash, "width": width, "height": height, "error": error}
+    return {
+        "filename": name,
+        "label": file.label,
+        "size": file.size,
+        "version": file.version,
+        "content_hash": content_hash,
+        "width": width,
+        "height": height,
+        "error": error,
+    }
 
 
 def check_image(data: bytes, extension: str | None, options: CheckOptions) -> dict:
@@ -157,11 +171,17 @@ def check_files(input_dir: UPath, sources: list[Source], options: CheckOptions) 
     rows = []
     for source in sources:
         extension = None if options.allow_extension_mismatch else Path(source.origin.filename).suffix
-        found = source.read(input_dir, functools.partial(check_image, extension=extension, options=options),
-                            functools.partial(check_frame, threshold=threshold), options.decode_timeout)
+        found = source.read(
+            input_dir,
+            functools.partial(check_image, extension=extension, options=options),
+            functools.partial(check_frame, threshold=threshold),
+            options.decode_timeout,
+        )
         # A sample that cannot be read comes as its reason.
-        rows += [check_row(source.origin, name, **({"error": fields} if isinstance(fields, str) else fields))
-                 for name, fields in found]
+        rows += [
+            check_row(source.origin, name, **({"error": fields} if isinstance(fields, str) else fields))
+            for name, fields in found
+        ]
     return check_table(rows)
 
 
@@ -170,7 +190,8 @@ def check_table(rows: list[dict]) -> pa.Table:
 
 
 @task(name="decode-check", retries=2, retry_delay_seconds=1)
-def check_pieces(input_dir: UPath, pieces: list[list[Source]], options: CheckOptions,
-                 out_paths: list[UPath]) -> list[UPath]:
+def check_pieces(
+    input_dir: UPath, pieces: list[list[Source]], options: CheckOptions, out_paths: list[UPath]
+) -> list[UPath]:
     """Check each piece of sources into its own Parquet file (see tasks/sharding.py)."""
     return [write_parquet(check_files(input_dir, files, options), out) for files, out in zip(pieces, out_paths)]

@@ -67,8 +67,13 @@ def save_image(image: Image.Image, target: UPath, spec: int | tuple[int, int], f
 
 @task(name="dump-shard", retries=2, retry_delay_seconds=1)
 def dump_shard(
-    input_dir: UPath, sources: list[Source], outputs: dict[str, str], out_dir: UPath, spec: int | tuple[int, int],
-    fmt: str, max_pixels: int,
+    input_dir: UPath,
+    sources: list[Source],
+    outputs: dict[str, str],
+    out_dir: UPath,
+    spec: int | tuple[int, int],
+    fmt: str,
+    max_pixels: int,
 ) -> dict[str, str]:
     """Dump one shard, each sample to out_dir / outputs[its name] (see dump_names); returns
     {sample: reason} for selected samples that cannot be read now (deleted or changed since they

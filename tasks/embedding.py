@@ -171,8 +171,12 @@ def embed_sources(
     decoding failed), the errors, and the seconds spent in the model (for compute efficiency)."""
 
     def read(source: Source) -> Iterable[tuple[str, np.ndarray | str]]:
-        return source.read(input_dir, functools.partial(_image_input, options=options),
-                           functools.partial(embedder_input, input_size=options.input_size), options.decode_timeout)
+        return source.read(
+            input_dir,
+            functools.partial(_image_input, options=options),
+            functools.partial(embedder_input, input_size=options.input_size),
+            options.decode_timeout,
+        )
 
     # An image is read and decoded when its read is called, here in the pool's threads: Pillow
     # releases the GIL while decoding and resizing, so threads overlap I/O and decode. A range's
@@ -228,7 +232,9 @@ def _probe_dim(model: torch.nn.Module, options: EmbedOptions, device: str) -> in
     return _forward(model, blank, options, device).shape[1]
 
 
-def embeddings_table(filenames: list[str], labels: list[int], vectors: np.ndarray, errors: list[str | None]) -> pa.Table:
+def embeddings_table(
+    filenames: list[str], labels: list[int], vectors: np.ndarray, errors: list[str | None]
+) -> pa.Table:
     dim = vectors.shape[1]
     flat = pa.array(vectors.reshape(-1), type=pa.float32())
     mask = pa.array([e is not None for e in errors], pa.bool_())
@@ -262,7 +268,11 @@ class ModelSpec:
 
 @task(name="embed-shard", retries=2, retry_delay_seconds=1)
 def embed_pieces(
-    input_dir: UPath, pieces: list[list[Source]], spec: ModelSpec, options: EmbedOptions, out_paths: list[UPath],
+    input_dir: UPath,
+    pieces: list[list[Source]],
+    spec: ModelSpec,
+    options: EmbedOptions,
+    out_paths: list[UPath],
 ) -> dict:
     """Embed each piece (image files, or video frame ranges) into its own Parquet file (see
     tasks/sharding.py); returns the samples embedded and the timings."""

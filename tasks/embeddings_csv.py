@@ -29,12 +29,15 @@ CSV_ROWS = 1024
 Block = tuple[list[str], list[int], np.ndarray]  # filenames, labels and their (n, d) embeddings
 
 
-def write_embeddings_csv(path: UPath, filenames: list[str], vectors: np.ndarray, labels: list[int],
-                         rows: np.ndarray | None = None) -> UPath:
+def write_embeddings_csv(
+    path: UPath, filenames: list[str], vectors: np.ndarray, labels: list[int], rows: np.ndarray | None = None
+) -> UPath:
     """The CSV of `rows` (all by default) of the samples."""
     rows = np.arange(len(filenames)) if rows is None else rows
-    blocks = (([filenames[i] for i in part], [labels[i] for i in part], vectors[part])
-              for part in (rows[start : start + CSV_ROWS] for start in range(0, len(rows), CSV_ROWS)))
+    blocks = (
+        ([filenames[i] for i in part], [labels[i] for i in part], vectors[part])
+        for part in (rows[start : start + CSV_ROWS] for start in range(0, len(rows), CSV_ROWS))
+    )
     return write_embeddings_csv_blocks(path, vectors.shape[1], blocks)
 
 
@@ -67,9 +70,11 @@ def csv_lines(path: UPath, filenames: list[str], labels: list[int], vectors: np.
         name = filenames[int(np.argmin(finite))]
         raise ValueError(f"embeddings file {path}: row for {name!r} has NaN or infinite values.")
     vectors = np.ascontiguousarray(vectors)  # orjson takes C-ordered rows only
-    return b"".join(b'"%s",%s,%d\n' % (name.replace('"', '""').encode(),
-                                        orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1], label)
-                    for name, label, row in zip(filenames, labels, vectors))
+    return b"".join(
+        b'"%s",%s,%d\n'
+        % (name.replace('"', '""').encode(), orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1], label)
+        for name, label, row in zip(filenames, labels, vectors)
+    )
 
 
 def column_names(dim: int) -> list[str]:

@@ -71,8 +71,9 @@ def from_embeddings_csv(path: UPath) -> tuple[pa.Table, pa.Table]:
     names = pa.array(filenames, pa.string())
     label_array = pa.array(labels, pa.int32())
     nulls = pa.nulls(n, pa.string())
-    samples = pa.Table.from_arrays([names, label_array, pa.array(["ok"] * n, pa.string()), nulls, nulls],
-                                   schema=SAMPLES_SCHEMA)
+    samples = pa.Table.from_arrays(
+        [names, label_array, pa.array(["ok"] * n, pa.string()), nulls, nulls], schema=SAMPLES_SCHEMA
+    )
     column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
     return samples, pa.table({"filename": names, "label": label_array, "embedding": column})
 

@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpeg", ".mpg", ".m4v"})
 # Pillow's readable formats, read once: registered_extensions() initialises every plugin. Pillow
 # claims .mpg/.mpeg but only reads their header; those are videos.
-IMAGE_EXTENSIONS = frozenset(
-    ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
-) - VIDEO_EXTENSIONS
+IMAGE_EXTENSIONS = (
+    frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN) - VIDEO_EXTENSIONS
+)
 INPUT_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 
 
@@ -62,8 +62,9 @@ class InputFile:
     def names(self) -> list[str]:
         return [self.filename]
 
-    def read(self, input_dir: UPath, image: Callable[[bytes], Any], frame: Callable[[Any], Any],
-             timeout: float | None = None) -> list[tuple[str, Any]]:
+    def read(
+        self, input_dir: UPath, image: Callable[[bytes], Any], frame: Callable[[Any], Any], timeout: float | None = None
+    ) -> list[tuple[str, Any]]:
         """[(filename, image(its bytes))], or [(filename, reason)] when it cannot be read. Read at
         once, not when iterated, so that threads can read files ahead (see tasks/embedding.py)."""
         try:
@@ -104,8 +105,11 @@ def _walk(root: Path) -> list[tuple[str, int, str]]:
                 folders.append(entry)
                 continue
             if not _is_utf8(entry.path):
-                log.warning("Skipping %s: its name is not valid UTF-8, which the output lists and CSVs need; "
-                            "rename the file (e.g. with convmv) to include it.", ascii(entry.path))
+                log.warning(
+                    "Skipping %s: its name is not valid UTF-8, which the output lists and CSVs need; "
+                    "rename the file (e.g. with convmv) to include it.",
+                    ascii(entry.path),
+                )
                 continue
             try:
                 stat = entry.stat()  # follows a symlink
@@ -136,8 +140,11 @@ def _find(root: UPath) -> list[tuple[str, int, str]]:
     if not infos and not root.fs.exists(root.path.split("/", 1)[0]):  # Azure lists a missing container as empty
         raise StorageError(f"cannot list input_dir={describe(root)}: the bucket or container does not exist.")
     prefix = root.path.rstrip("/") + "/"
-    return sorted((name.removeprefix(prefix), int(info.get("size") or 0), object_version(info))
-                  for name, info in infos.items() if info.get("type", "file") == "file" and name.startswith(prefix))
+    return sorted(
+        (name.removeprefix(prefix), int(info.get("size") or 0), object_version(info))
+        for name, info in infos.items()
+        if info.get("type", "file") == "file" and name.startswith(prefix)
+    )
 
 
 def _is_utf8(name: str) -> bool:
@@ -201,5 +208,7 @@ def list_images(root: UPath, relevant_filenames: list[str] | None = None) -> lis
 def list_datasource(input_dir: UPath, relevant_filenames: list[str] | None) -> list[InputFile]:
     files = list_images(input_dir, relevant_filenames)
     n_videos = sum(is_video(f.filename) for f in files)
-    get_run_logger().info("Found %d image and %d video files in %s", len(files) - n_videos, n_videos, describe(input_dir))
+    get_run_logger().info(
+        "Found %d image and %d video files in %s", len(files) - n_videos, n_videos, describe(input_dir)
+    )
     return files

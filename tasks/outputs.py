@@ -41,12 +41,16 @@ def corruptness_information(samples: pa.Table) -> dict:
     corrupt = {
         filename: reason
         for filename, status, reason in zip(
-            samples.column("filename").to_pylist(), samples.column("status").to_pylist(), samples.column("reason").to_pylist()
+            samples.column("filename").to_pylist(),
+            samples.column("status").to_pylist(),
+            samples.column("reason").to_pylist(),
         )
         if status == "corrupt"
     }
-    return {"corrupt_samples": {name: reason for name, reason in corrupt.items() if not is_video(name)},
-            "corrupt_videos": {name: reason for name, reason in corrupt.items() if is_video(name)}}
+    return {
+        "corrupt_samples": {name: reason for name, reason in corrupt.items() if not is_video(name)},
+        "corrupt_videos": {name: reason for name, reason in corrupt.items() if is_video(name)},
+    }
 
 
 def list_line(filename: str) -> str:
@@ -69,8 +73,12 @@ def write_lists(run_dir: UPath, lists: dict[str, list[str]]) -> None:
 
 @task(name="write-outputs")
 def write_outputs(
-    run: UPath, samples_path: UPath, embeddings_path: UPath, selection_path: UPath,
-    normalize: bool, dump_sampled_embeddings: bool,
+    run: UPath,
+    samples_path: UPath,
+    embeddings_path: UPath,
+    selection_path: UPath,
+    normalize: bool,
+    dump_sampled_embeddings: bool,
 ) -> dict[str, int]:
     samples = read_parquet([samples_path])
     selected = selected_filenames(selection_path)
@@ -85,10 +93,18 @@ def write_outputs(
     write_embeddings_csv_blocks(run / "data" / "embeddings.csv", dim, embedding_blocks(embeddings_path))
     if dump_sampled_embeddings:
         chosen = set(selected)
-        write_embeddings_csv_blocks(run / "data" / "selected_embeddings.csv", dim,
-                                    (rows_of(block, chosen) for block in embedding_blocks(embeddings_path)))
+        write_embeddings_csv_blocks(
+            run / "data" / "selected_embeddings.csv",
+            dim,
+            (rows_of(block, chosen) for block in embedding_blocks(embeddings_path)),
+        )
     if normalize:
-        write_embeddings_csv_blocks(run / "data" / "normalized_embeddings.csv", dim,
-                                    ((names, labels, normalize_rows(vectors.copy()))
-                                     for names, labels, vectors in embedding_blocks(embeddings_path)))
+        write_embeddings_csv_blocks(
+            run / "data" / "normalized_embeddings.csv",
+            dim,
+            (
+                (names, labels, normalize_rows(vectors.copy()))
+                for names, labels, vectors in embedding_blocks(embeddings_path)
+            ),
+        )
     return {name: len(items) for name, items in lists.items()}

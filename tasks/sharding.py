@@ -71,8 +71,13 @@ class Source(Protocol):
     def names(self) -> list[str]:
         """Its samples' names, in order."""
 
-    def read(self, input_dir: UPath, image: Callable[[bytes], T], frame: Callable[[av.VideoFrame], T],
-             timeout: float | None = None) -> Iterable[tuple[str, T | str]]:
+    def read(
+        self,
+        input_dir: UPath,
+        image: Callable[[bytes], T],
+        frame: Callable[[av.VideoFrame], T],
+        timeout: float | None = None,
+    ) -> Iterable[tuple[str, T | str]]:
         """(name, converted sample) for each of names(), in order, or (name, reason) for a sample that
         cannot be read: an image's bytes go through `image`, a decoded frame through `frame`. An image
         is read when read is called; a range's frames are decoded as they are iterated, each within
@@ -149,7 +154,9 @@ def group_ranges(ranges: list[FrameRange], size: int) -> list[list[FrameRange]]:
     return shards
 
 
-def video_shards(videos: pa.Table, shard_size: int, n_workers: int, keep: set[str] | None = None) -> list[list[FrameRange]]:
+def video_shards(
+    videos: pa.Table, shard_size: int, n_workers: int, keep: set[str] | None = None
+) -> list[list[FrameRange]]:
     """Shards for a mapped stage: at most shard_size frames each (fewer when that leaves a worker idle)."""
     total = len(keep) if keep is not None else sum(len(p) for p in videos.column("pts").to_pylist() if p)
     size = max(1, min(shard_size, math.ceil(total / max(n_workers, 1))))
@@ -166,8 +173,9 @@ class Piece:
     cached: bool
 
 
-def _longest_cached(stage: str, source: str, params: Any, items: list[Any], start: int,
-                    present: set[str]) -> Piece | None:
+def _longest_cached(
+    stage: str, source: str, params: Any, items: list[Any], start: int, present: set[str]
+) -> Piece | None:
     """The longest run of items from `start` whose result is in `present` (file names), if any."""
     found = None
     for stop, key in enumerate(prefix_keys(stage, source, params, items[start:]), start=start + 1):
@@ -176,8 +184,9 @@ def _longest_cached(stage: str, source: str, params: Any, items: list[Any], star
     return found
 
 
-def plan_pieces(stage: str, source: str, params: Any, shards: list[list[Source]], present: set[str],
-                slots: int) -> list[list[Piece]]:
+def plan_pieces(
+    stage: str, source: str, params: Any, shards: list[list[Source]], present: set[str], slots: int
+) -> list[list[Piece]]:
     """Each shard as pieces, in order: a shard whose result is cached is one piece; otherwise the
     longest runs of its items from its start with a cached result, one after another, and the
     items left are new pieces. Each shard's new items are cut into the fewest pieces of equal size
@@ -193,8 +202,11 @@ def plan_pieces(stage: str, source: str, params: Any, shards: list[list[Source]]
             continue
         pieces: list[Piece] = []
         # An empty cache (a first run) has no runs to find: no hash per file.
-        while present and (start := pieces[-1].stop if pieces else 0) < len(shard) and (
-                piece := _longest_cached(stage, source, params, shard, start, present)):
+        while (
+            present
+            and (start := pieces[-1].stop if pieces else 0) < len(shard)
+            and (piece := _longest_cached(stage, source, params, shard, start, present))
+        ):
             pieces.append(piece)
         reused.append(pieces)
     rest = [len(shard) - (pieces[-1].stop if pieces else 0) for shard, pieces in zip(keyed, reused)]

@@ -172,7 +172,8 @@ def build_simclr(spec: ModelSpec, out_dim: int) -> tuple[SimCLR, int]:
         head.load_state_dict(payload["projection_head"])
     except RuntimeError:
         raise ValueError(
-            f"checkpoint={describe(spec.checkpoint)} has a projection head of another size than lightly.model.out_dim={out_dim}; "
+            f"checkpoint={describe(spec.checkpoint)} has a projection head of another size than "
+            f"lightly.model.out_dim={out_dim}; "
             f"use the out_dim it was trained with ({payload.get('out_dim')})."
         ) from None
     return SimCLR(backbone, head), int(payload["epoch"]) + 1
@@ -225,7 +226,9 @@ def loader_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def training_loader(paths: list[UPath], options: TrainOptions, seed: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+def training_loader(
+    paths: list[UPath], options: TrainOptions, seed: int, pin_memory: bool
+) -> torch.utils.data.DataLoader:
     if len(paths) < 2:
         raise ValueError(f"enable_training=True needs at least 2 images to contrast; the input has {len(paths)}.")
     dataset = TrainingImages(paths, SimCLRTransform(**dataclasses.asdict(options.augment)), options.max_pixels)
@@ -250,8 +253,12 @@ def mixed_precision(precision: int, device: str) -> bool:
 
 
 def train_step(
-    model: SimCLR, criterion: NTXentLoss, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-    views: list[torch.Tensor], precision: int,
+    model: SimCLR,
+    criterion: NTXentLoss,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    views: list[torch.Tensor],
+    precision: int,
 ) -> float:
     """One SGD step on a batch of two views; returns the loss."""
     device = next(model.parameters()).device.type
@@ -267,8 +274,13 @@ def train_step(
 
 
 def fit(
-    model: SimCLR, loader: torch.utils.data.DataLoader, spec: ModelSpec, options: TrainOptions, start_epoch: int,
-    run_dir: UPath, on_step: Callable[[Step], None] = lambda step: None,
+    model: SimCLR,
+    loader: torch.utils.data.DataLoader,
+    spec: ModelSpec,
+    options: TrainOptions,
+    start_epoch: int,
+    run_dir: UPath,
+    on_step: Callable[[Step], None] = lambda step: None,
 ) -> UPath:
     """Train for options.max_epochs epochs from start_epoch; returns the last epoch's checkpoint."""
     device = next(model.parameters()).device.type
@@ -299,7 +311,10 @@ def fit(
 
 
 def train(
-    paths: list[UPath], spec: ModelSpec, options: TrainOptions, run_dir: UPath,
+    paths: list[UPath],
+    spec: ModelSpec,
+    options: TrainOptions,
+    run_dir: UPath,
     on_step: Callable[[Step], None] = lambda step: None,
 ) -> UPath:
     """Fine-tune spec's backbone on the image files with SimCLR; returns the last checkpoint."""
@@ -347,19 +362,30 @@ class Progress:
         total = step.steps * self.max_epochs
         self.done_steps += 1
         self.bar.total = total
-        self.bar.set_postfix(epoch=step.epoch, loss=f"{step.loss:.3f}", img_s=f"{step.images / step.seconds:.1f}",
-                             efficiency=f"{step.compute_efficiency:.2f}", refresh=False)
+        self.bar.set_postfix(
+            epoch=step.epoch,
+            loss=f"{step.loss:.3f}",
+            img_s=f"{step.images / step.seconds:.1f}",
+            efficiency=f"{step.compute_efficiency:.2f}",
+            refresh=False,
+        )
         self.bar.update(1)
         if time.monotonic() - self.last_update > 2 or self.done_steps == total:  # spare the API server
-            update_progress_artifact(self.artifact, 100 * self.done_steps / total,
-                                     description=f"epoch {step.epoch}, loss {step.loss:.3f}")
+            update_progress_artifact(
+                self.artifact, 100 * self.done_steps / total, description=f"epoch {step.epoch}, loss {step.loss:.3f}"
+            )
             self.last_update = time.monotonic()
 
 
 @task(name="train-model")
 def train_model(
-    input_dir: UPath, files: list[str], spec: ModelSpec, options: TrainOptions, run_dir: UPath,
-    frames: list[FrameRange] | None = None, max_frames: int = 10_000,
+    input_dir: UPath,
+    files: list[str],
+    spec: ModelSpec,
+    options: TrainOptions,
+    run_dir: UPath,
+    frames: list[FrameRange] | None = None,
+    max_frames: int = 10_000,
 ) -> UPath:
     """Fine-tune the backbone on the image files and (every k-th of at most max_frames) video
     frames; returns the path of the checkpoint to embed with. Frames are decoded once into a

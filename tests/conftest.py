@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 
-import flows  # noqa: F401  (sets Prefect's environment before Prefect is imported)
 import pytest
+
+import flows  # noqa: F401  (sets Prefect's environment before Prefect is imported)
 
 # Object-store servers (S3, GCS, Azure) and their fresh-bucket fixtures.
 pytest_plugins = ["tests.objectstores"]
@@ -27,6 +28,7 @@ def dask_address(prefect_server):
     (importing torch) is paid once per session rather than once per flow run."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=logging.WARNING) as cluster:
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.WARNING
+    ) as cluster:
         yield cluster.scheduler_address

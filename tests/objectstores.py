@@ -88,8 +88,9 @@ class Store:
         """Copies every file under `folder` to `prefix` in the bucket; returns the prefix's path."""
         root = self.path(prefix) if prefix else self.path()
         files = sorted(p for p in folder.rglob("*") if p.is_file())
-        self.fs.put([str(p) for p in files], [f"{root.path.rstrip('/')}/{p.relative_to(folder).as_posix()}"
-                                              for p in files])
+        self.fs.put(
+            [str(p) for p in files], [f"{root.path.rstrip('/')}/{p.relative_to(folder).as_posix()}" for p in files]
+        )
         return root
 
 
@@ -106,14 +107,16 @@ def serve(command: Callable[[int], list[str]], log: Path, timeout: float = 30) -
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     with log.open("wb") as output:
-        process = subprocess.Popen(command(port), stdout=output, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            command(port), stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + timeout
         while not answers(endpoint):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{command(port)[:3]} did not start; its log ({log}):\n"
-                                   f"{log.read_text(errors='replace')[-3000:]}")
+                raise RuntimeError(
+                    f"{command(port)[:3]} did not start; its log ({log}):\n{log.read_text(errors='replace')[-3000:]}"
+                )
             time.sleep(0.05)
         yield endpoint
     finally:
@@ -144,8 +147,10 @@ def azurite_binary() -> str | None:
 
 
 def azurite_connection_string(endpoint: str, key: str = AZURITE_KEY) -> str:
-    return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={key};"
-            f"BlobEndpoint={endpoint}/{AZURITE_ACCOUNT};")
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={key};"
+        f"BlobEndpoint={endpoint}/{AZURITE_ACCOUNT};"
+    )
 
 
 def export_env(dask_address: str, env: dict[str, str]) -> None:
@@ -175,11 +180,14 @@ def fresh_bucket(protocol: str, endpoint_options: dict[str, Any], env: dict[str,
 
 # --- S3 -------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with environment(S3_ENV), serve(lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                                  "-p", str(port)], log) as endpoint:
+    with (
+        environment(S3_ENV),
+        serve(lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], log) as endpoint,
+    ):
         yield endpoint
 
 
@@ -190,12 +198,27 @@ def s3_store(s3_endpoint) -> Store:
 
 # --- GCS ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def gcs_endpoint(tmp_path_factory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("gcs") / "gcp-storage-emulator.log"
-    with environment(GCS_ENV), serve(lambda port: [sys.executable, "-m", "gcp_storage_emulator", "start",
-                                                   "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
-                                     log) as endpoint:
+    with (
+        environment(GCS_ENV),
+        serve(
+            lambda port: [
+                sys.executable,
+                "-m",
+                "gcp_storage_emulator",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--in-memory",
+            ],
+            log,
+        ) as endpoint,
+    ):
         yield endpoint
 
 
@@ -208,6 +231,7 @@ def gcs_store(gcs_endpoint) -> Store:
 
 # --- Azure Blob -----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def azurite_endpoint(tmp_path_factory) -> Iterator[str]:
     binary = azurite_binary()
@@ -217,8 +241,18 @@ def azurite_endpoint(tmp_path_factory) -> Iterator[str]:
 
     def command(port: int) -> list[str]:
         # --disableTelemetry: Azurite otherwise reports usage over the network.
-        return [binary, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence",
-                "--skipApiVersionCheck", "--loose", "--disableTelemetry", "--silent"]
+        return [
+            binary,
+            "--blobHost",
+            "127.0.0.1",
+            "--blobPort",
+            str(port),
+            "--inMemoryPersistence",
+            "--skipApiVersionCheck",
+            "--loose",
+            "--disableTelemetry",
+            "--silent",
+        ]
 
     with serve(command, log) as endpoint, environment(azure_env(endpoint)):
         yield endpoint
@@ -242,8 +276,7 @@ S3_ERRORS = {
     "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
 }
 # Headers about one connection, not the message (Expect: the proxy has already read the body).
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade",
-              "expect"}
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade", "expect"}
 
 
 class FaultProxy(ThreadingHTTPServer):
@@ -289,8 +322,10 @@ class ForwardOrFail(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
         elif fault:
             status, code, message = S3_ERRORS[fault]
-            payload = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-                       f"<Message>{message}</Message><RequestId>thresher-fault</RequestId></Error>").encode()
+            payload = (
+                f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+                f"<Message>{message}</Message><RequestId>thresher-fault</RequestId></Error>"
+            ).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(payload)))

@@ -33,9 +33,17 @@ def test_curation_writes_the_lightly_layout(tmp_path, dask_address):
     expected = dataset(tmp_path / "in")
     with Client(dask_address) as client:
         workers = client.run(os.getpid)
-    code = _run(dask_address, f"input_dir={tmp_path / 'in'}", f"output_dir={tmp_path / 'out'}", "run_directory=run",
-                "stopping_condition.n_samples=0.5", "dump_dataset=True", "output_image_size=32",
-                "output_image_format=jpg", "token=TOPSECRET")
+    code = _run(
+        dask_address,
+        f"input_dir={tmp_path / 'in'}",
+        f"output_dir={tmp_path / 'out'}",
+        "run_directory=run",
+        "stopping_condition.n_samples=0.5",
+        "dump_dataset=True",
+        "output_image_size=32",
+        "output_image_format=jpg",
+        "token=TOPSECRET",
+    )
     assert code == 0
     assert gc.get_freeze_count() == 0  # the run unfroze the objects it froze: the process collects them as before
     run = tmp_path / "out" / "run"
@@ -46,8 +54,10 @@ def test_curation_writes_the_lightly_layout(tmp_path, dask_address):
     assert config["stopping_condition"]["n_samples"] == 0.5 and config["token"] == "***"
     assert "- stopping_condition.n_samples=0.5" in _lines(run / "config" / "overrides.yaml")
 
-    lists = {name: _lines(run / "filenames" / f"{name}_filenames.txt")
-             for name in ("corrupt", "duplicate", "removed", "sampled")}
+    lists = {
+        name: _lines(run / "filenames" / f"{name}_filenames.txt")
+        for name in ("corrupt", "duplicate", "removed", "sampled")
+    }
     every = [f for files in lists.values() for f in files]
     assert sorted(every) == sorted(expected["good"] + expected["duplicate"] + expected["corrupt"])
     assert len(every) == len(set(every)), "a file is in two lists"
@@ -67,14 +77,23 @@ def test_curation_writes_the_lightly_layout(tmp_path, dask_address):
     _, _, selected_names = load_embeddings(str(run / "data" / "selected_embeddings.csv"))
     assert sorted(selected_names) == sorted(lists["sampled"])
 
-    dumped = sorted(p.relative_to(run / "data" / "sampled").as_posix() for p in (run / "data" / "sampled").rglob("*.jpg"))
+    dumped = sorted(
+        p.relative_to(run / "data" / "sampled").as_posix() for p in (run / "data" / "sampled").rglob("*.jpg")
+    )
     assert dumped == sorted(str(Path(f).with_suffix(".jpg")) for f in lists["sampled"])
     with Image.open(run / "data" / "sampled" / dumped[0]) as image:
         assert min(image.size) == 32 and image.format == "JPEG"
 
     report = json.loads((run / "report.json").read_text())
-    assert report["counts"] == {"n_input_files": 15, "n_corrupt": 2, "n_duplicate": 1, "n_removed": 6, "n_sampled": 6,
-                                "n_skipped_processed": 0, "n_dump_failed": 0}
+    assert report["counts"] == {
+        "n_input_files": 15,
+        "n_corrupt": 2,
+        "n_duplicate": 1,
+        "n_removed": 6,
+        "n_sampled": 6,
+        "n_skipped_processed": 0,
+        "n_dump_failed": 0,
+    }
     distances = report["distances"]
     assert distances["after"]["pairwise"]["min"] >= distances["before"]["pairwise"]["min"]
     stages = {row["stage"]: row for row in report["stages"]}
@@ -93,8 +112,15 @@ def test_selection_from_an_embeddings_file_honours_min_distance(tmp_path, dask_a
     header = "filenames," + ",".join(f"embedding_{j}" for j in range(8)) + ",labels"
     rows = [f"{n}," + ",".join(f"{v:.6f}" for v in p) + ",0" for n, p in zip(names, points)]
     (tmp_path / "emb.csv").write_text("\n".join([header, *rows]) + "\n")
-    code = _run(dask_address, f"input_dir={tmp_path}", f"output_dir={tmp_path / 'out'}", f"shared_dir={tmp_path}",
-                "embeddings=emb.csv", "run_directory=r", "stopping_condition.min_distance=0.5")
+    code = _run(
+        dask_address,
+        f"input_dir={tmp_path}",
+        f"output_dir={tmp_path / 'out'}",
+        f"shared_dir={tmp_path}",
+        "embeddings=emb.csv",
+        "run_directory=r",
+        "stopping_condition.min_distance=0.5",
+    )
     assert code == 0
     sampled = _lines(tmp_path / "out" / "r" / "filenames" / "sampled_filenames.txt")
     assert len(sampled) == 5  # one per tight cluster: the clusters are far apart, members within 0.5
@@ -105,8 +131,18 @@ def test_random_selection_is_seeded(tmp_path, dask_address):
     dataset(tmp_path / "in", per_label=4)
     results = []
     for run in ("a", "b"):
-        assert _run(dask_address, f"input_dir={tmp_path / 'in'}", f"output_dir={tmp_path / 'out'}", f"run_directory={run}",
-                    "method=random", "stopping_condition.n_samples=3", "enable_corruptness_check=False") == 0
+        assert (
+            _run(
+                dask_address,
+                f"input_dir={tmp_path / 'in'}",
+                f"output_dir={tmp_path / 'out'}",
+                f"run_directory={run}",
+                "method=random",
+                "stopping_condition.n_samples=3",
+                "enable_corruptness_check=False",
+            )
+            == 0
+        )
         results.append(_lines(tmp_path / "out" / run / "filenames" / "sampled_filenames.txt"))
     assert results[0] == results[1] and len(results[0]) == 3
     # without the full-decode check, broken files are still caught when embedding
@@ -118,8 +154,17 @@ def test_training_fine_tunes_the_model_the_run_then_embeds_with(tmp_path, dask_a
     dataset(tmp_path / "in", per_label=4)
     common = [f"input_dir={tmp_path / 'in'}", f"output_dir={tmp_path / 'out'}", "stopping_condition.n_samples=3"]
     assert _run(dask_address, *common, "run_directory=plain") == 0
-    assert _run(dask_address, *common, "run_directory=trained", "enable_training=True", "lightly.trainer.max_epochs=1",
-                "lightly.loader.num_workers=2") == 0
+    assert (
+        _run(
+            dask_address,
+            *common,
+            "run_directory=trained",
+            "enable_training=True",
+            "lightly.trainer.max_epochs=1",
+            "lightly.loader.num_workers=2",
+        )
+        == 0
+    )
     run = tmp_path / "out" / "trained"
     assert (run / "lightly_epoch_0.ckpt").is_file()
     assert "train" in [stage["stage"] for stage in json.loads((run / "report.json").read_text())["stages"]]
@@ -133,8 +178,10 @@ def test_training_fine_tunes_the_model_the_run_then_embeds_with(tmp_path, dask_a
 def test_bad_input_stops_with_a_clear_message(tmp_path, capsys):
     assert main(["run", "input_dir=x", "output_dir=y", "stopping_condition.n_sampels=3"]) == 2
     assert "Did you mean: stopping_condition.n_samples" in capsys.readouterr().err
-    assert main(["run", f"input_dir={tmp_path / 'missing'}", f"output_dir={tmp_path}",
-                 "stopping_condition.n_samples=3"]) == 1
+    assert (
+        main(["run", f"input_dir={tmp_path / 'missing'}", f"output_dir={tmp_path}", "stopping_condition.n_samples=3"])
+        == 1
+    )
     assert "is not a folder" in capsys.readouterr().err
 
 
@@ -145,9 +192,19 @@ def test_installed_command_runs_with_one_temporary_prefect_server(tmp_path):
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     thresher = Path(sys.executable).with_name("thresher")
     result = subprocess.run(
-        [str(thresher), "run", f"input_dir={tmp_path / 'in'}", f"output_dir={tmp_path / 'out'}", "run_directory=r",
-         "stopping_condition.n_samples=2", "dump_dataset=True"],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            str(thresher),
+            "run",
+            f"input_dir={tmp_path / 'in'}",
+            f"output_dir={tmp_path / 'out'}",
+            "run_directory=r",
+            "stopping_condition.n_samples=2",
+            "dump_dataset=True",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]

@@ -27,9 +27,17 @@ def _images(root: Path, seeds: range) -> None:
 
 
 def _run(dask_address: str, tmp_path: Path, run: str, *overrides: str) -> int:
-    return main(["run", f"dask.address={dask_address}", f"input_dir={tmp_path / 'in'}",
-                 f"output_dir={tmp_path / 'out'}", f"shared_dir={tmp_path / 'shared'}", f"run_directory={run}",
-                 *overrides])
+    return main(
+        [
+            "run",
+            f"dask.address={dask_address}",
+            f"input_dir={tmp_path / 'in'}",
+            f"output_dir={tmp_path / 'out'}",
+            f"shared_dir={tmp_path / 'shared'}",
+            f"run_directory={run}",
+            *overrides,
+        ]
+    )
 
 
 def _report(tmp_path: Path, run: str) -> dict:
@@ -145,13 +153,17 @@ def test_reruns_reuse_cached_shards_and_recompute_only_what_changed(tmp_path, da
     stages = {row["stage"]: row for row in _report(tmp_path, "same")["stages"]}
     assert stages["embed"]["cached_shards"] == sum(k.startswith("embed/") for k in first)
     assert _lines(tmp_path / "out" / "same" / "filenames" / "sampled_filenames.txt") == _lines(
-        tmp_path / "out" / "first" / "filenames" / "sampled_filenames.txt")
+        tmp_path / "out" / "first" / "filenames" / "sampled_filenames.txt"
+    )
 
     # input size changes the embeddings, not the check: only embedding is recomputed
-    assert _run(dask_address, tmp_path, "resized", "stopping_condition.n_samples=4", "lightly.collate.input_size=32") == 0
+    assert (
+        _run(dask_address, tmp_path, "resized", "stopping_condition.n_samples=4", "lightly.collate.input_size=32") == 0
+    )
     after = _cache_files(cache)
     assert {k: v for k, v in after.items() if k.startswith("check/")} == {
-        k: v for k, v in first.items() if k.startswith("check/")}
+        k: v for k, v in first.items() if k.startswith("check/")
+    }
     assert len([k for k in after if k.startswith("embed/")]) == 2 * len([k for k in first if k.startswith("embed/")])
 
 
@@ -159,9 +171,19 @@ def test_a_killed_run_leaves_the_pool_intact_and_the_next_run_completes(tmp_path
     (tmp_path / "shared").mkdir()
     _images(tmp_path / "in", range(70, 74))
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
-    command = [sys.executable, "-m", "flows.cli", "run", f"input_dir={tmp_path / 'in'}",
-               f"output_dir={tmp_path / 'out'}", f"shared_dir={tmp_path / 'shared'}", "datapool.name=pool",
-               "stopping_condition.n_samples=2", "dask.cluster=local-threads", "dask.shard_size=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        f"input_dir={tmp_path / 'in'}",
+        f"output_dir={tmp_path / 'out'}",
+        f"shared_dir={tmp_path / 'shared'}",
+        "datapool.name=pool",
+        "stopping_condition.n_samples=2",
+        "dask.cluster=local-threads",
+        "dask.shard_size=2",
+    ]
     assert subprocess.run([*command, "run_directory=one"], env=env, capture_output=True, timeout=600).returncode == 0
     pool_file = tmp_path / "shared" / "pool" / POOL_FILE
     before = pool_file.read_bytes()
@@ -169,8 +191,9 @@ def test_a_killed_run_leaves_the_pool_intact_and_the_next_run_completes(tmp_path
     _images(tmp_path / "in", range(74, 90))
     embed_dir = tmp_path / "shared" / ".thresher-cache" / "embed"
     done_before = len(list(embed_dir.glob("*.parquet")))
-    process = subprocess.Popen([*command, "run_directory=two"], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*command, "run_directory=two"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(list(embed_dir.glob("*.parquet"))) == done_before:
         time.sleep(0.1)  # kill in the middle of embedding: after its first shard

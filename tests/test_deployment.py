@@ -50,27 +50,66 @@ def service(tmp_path_factory):
     api = f"http://127.0.0.1:{api_port}/api"
     scheduler = f"tcp://127.0.0.1:{scheduler_port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(root / "prefect-home"), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_LOGGING_EXTRA_LOGGERS="tasks,flows", THRESHER_HOME=str(ROOT),
-               THRESHER_DASK_ADDRESS=scheduler)
+    env.update(
+        PREFECT_HOME=str(root / "prefect-home"),
+        PREFECT_API_URL=api,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_EXTRA_LOGGERS="tasks,flows",
+        THRESHER_HOME=str(ROOT),
+        THRESHER_DASK_ADDRESS=scheduler,
+    )
     logs = open(root / "services.log", "w")
     processes = [
-        subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(api_port)],
-                         env=env, stdout=logs, stderr=subprocess.STDOUT),
-        subprocess.Popen([BIN / "dask", "scheduler", "--host", "127.0.0.1", "--port", str(scheduler_port),
-                          "--dashboard-address", ":0"], env=env, stdout=logs, stderr=subprocess.STDOUT),
+        subprocess.Popen(
+            [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(api_port)],
+            env=env,
+            stdout=logs,
+            stderr=subprocess.STDOUT,
+        ),
+        subprocess.Popen(
+            [
+                BIN / "dask",
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(scheduler_port),
+                "--dashboard-address",
+                ":0",
+            ],
+            env=env,
+            stdout=logs,
+            stderr=subprocess.STDOUT,
+        ),
     ]
-    processes += [subprocess.Popen([BIN / "dask", "worker", scheduler, "--nthreads", "1", "--dashboard-address", ":0"],
-                                   env=env, stdout=logs, stderr=subprocess.STDOUT) for _ in range(2)]
+    processes += [
+        subprocess.Popen(
+            [BIN / "dask", "worker", scheduler, "--nthreads", "1", "--dashboard-address", ":0"],
+            env=env,
+            stdout=logs,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(2)
+    ]
     try:
         _wait(lambda: _healthy(f"{api}/health"), "prefect server")
-        for command in (["work-pool", "create", "thresher", "--type", "process"],
-                        ["--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "adhoc"]):
-            result = subprocess.run([BIN / "prefect", *command], env=env, cwd=ROOT, capture_output=True, text=True,
-                                    timeout=300)
+        for command in (
+            ["work-pool", "create", "thresher", "--type", "process"],
+            ["--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "adhoc"],
+        ):
+            result = subprocess.run(
+                [BIN / "prefect", *command], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+            )
             assert result.returncode == 0, result.stdout + result.stderr
-        processes.append(subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", "thresher"], env=env,
-                                          cwd=ROOT, stdout=logs, stderr=subprocess.STDOUT))
+        processes.append(
+            subprocess.Popen(
+                [BIN / "prefect", "worker", "start", "--pool", "thresher"],
+                env=env,
+                cwd=ROOT,
+                stdout=logs,
+                stderr=subprocess.STDOUT,
+            )
+        )
         yield {"env": env, "api": api, "root": root}
     finally:
         for process in processes:
@@ -104,16 +143,23 @@ def _deployment_run(service, *params: str) -> dict:
 def _wait_for_logs(service, check, what: str, query: dict | None = None) -> None:
     """Wait until the server's logs (filtered by `query`) satisfy `check`. A process ships its log
     lines in batches, so its last ones may reach the server after the run's final state."""
-    _wait(lambda: check(httpx.post(f"{service['api']}/logs/filter", timeout=10, json=query or {}).json()),
-          what, timeout=60)
+    _wait(
+        lambda: check(httpx.post(f"{service['api']}/logs/filter", timeout=10, json=query or {}).json()),
+        what,
+        timeout=60,
+    )
 
 
 def test_deployment_runs_with_parameters_artifacts_and_incremental_reruns(service):
     root = service["root"]
     for seed in range(8):
         save(picture(seed), root / "in" / f"img_{seed}.jpg", format="JPEG")
-    common = [f"input_dir={root / 'in'}", f"output_dir={root / 'out'}", f"shared_dir={root / 'shared'}",
-              'datapool={"name": "pool"}']
+    common = [
+        f"input_dir={root / 'in'}",
+        f"output_dir={root / 'out'}",
+        f"shared_dir={root / 'shared'}",
+        'datapool={"name": "pool"}',
+    ]
     (root / "shared").mkdir()
     state = _deployment_run(service, *common, "run_directory=first", 'stopping_condition={"n_samples": 3}')
     assert state["state_type"] == "COMPLETED", state.get("state", {}).get("message")
@@ -124,8 +170,11 @@ def test_deployment_runs_with_parameters_artifacts_and_incremental_reruns(servic
     kinds = {a["type"] for a in artifacts}
     assert {"progress", "markdown", "table"} <= kinds, kinds
     assert any(a["type"] == "progress" and a["data"] == 100.0 for a in artifacts)
-    _wait_for_logs(service, lambda logs: any(entry["task_run_id"] and entry["name"] == "prefect.task_runs"
-                                             for entry in logs), "task run logs from the Dask workers")
+    _wait_for_logs(
+        service,
+        lambda logs: any(entry["task_run_id"] and entry["name"] == "prefect.task_runs" for entry in logs),
+        "task run logs from the Dask workers",
+    )
 
     if shutil.which("chromium"):
         _check_flow_run_page(service, state)
@@ -138,9 +187,19 @@ def test_deployment_runs_with_parameters_artifacts_and_incremental_reruns(servic
     assert report["counts"]["n_skipped_processed"] == 8 and report["counts"]["n_input_files"] == 2
 
 
-CHROMIUM = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--window-size=1400,900", "--virtual-time-budget=20000"]
+CHROMIUM = [
+    "chromium",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,900",
+    "--virtual-time-budget=20000",
+]
 
 
 def _check_flow_run_page(service, state: dict) -> None:
@@ -148,24 +207,31 @@ def _check_flow_run_page(service, state: dict) -> None:
     screenshot is kept beside the test's files (docs/prefect-ui-flow-run.png is one)."""
     url = service["api"].removesuffix("/api") + f"/runs/flow-run/{state['id']}"
     profile = service["root"] / "chromium-profile"
-    dom = subprocess.run([*CHROMIUM, f"--user-data-dir={profile}", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=180)
+    dom = subprocess.run(
+        [*CHROMIUM, f"--user-data-dir={profile}", "--dump-dom", url], capture_output=True, text=True, timeout=180
+    )
     assert state["name"] in dom.stdout, dom.stderr[-2000:]
     shot = service["root"] / "flow-run.png"
-    subprocess.run([*CHROMIUM, f"--user-data-dir={profile}", f"--screenshot={shot}", url],
-                   capture_output=True, timeout=180)
+    subprocess.run(
+        [*CHROMIUM, f"--user-data-dir={profile}", f"--screenshot={shot}", url], capture_output=True, timeout=180
+    )
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_parameters_fail_with_the_config_message(service):
     root = service["root"]
-    state = _deployment_run(service, f"input_dir={root}", f"output_dir={root / 'out'}",
-                            'stopping_condition={"n_sampels": 3}')
+    state = _deployment_run(
+        service, f"input_dir={root}", f"output_dir={root / 'out'}", 'stopping_condition={"n_sampels": 3}'
+    )
     assert state["state_type"] == "FAILED"
 
     def names_the_key(logs: list[dict]) -> bool:
         text = " ".join(entry["message"] for entry in logs)
         return "stopping_condition.n_sampels" in text and "Extra inputs are not permitted" in text
 
-    _wait_for_logs(service, names_the_key, "the configuration error in the flow run's logs",
-                   {"logs": {"flow_run_id": {"any_": [state["id"]]}}})
+    _wait_for_logs(
+        service,
+        names_the_key,
+        "the configuration error in the flow run's logs",
+        {"logs": {"flow_run_id": {"any_": [state["id"]]}}},
+    )

@@ -14,8 +14,9 @@ ROOT = Path(__file__).parents[1]
 
 def test_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
-    result = subprocess.run([hadolint, "--failure-threshold", "info", str(ROOT / "images" / "Dockerfile")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [hadolint, "--failure-threshold", "info", str(ROOT / "images" / "Dockerfile")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -28,8 +29,15 @@ def test_dockerfile_is_multi_stage_non_root_and_locked():
 def test_compose_file_is_valid_and_has_the_topology():
     compose = PyOptions(apply_merge=True).from_yaml((ROOT / "infra" / "compose.yaml").read_text())
     compose.validate()
-    assert set(compose.service_names()) >= {"postgres", "prefect-server", "dask-scheduler", "dask-worker-cpu",
-                                            "dask-worker-gpu", "prefect-worker", "minio"}
+    assert set(compose.service_names()) >= {
+        "postgres",
+        "prefect-server",
+        "dask-scheduler",
+        "dask-worker-cpu",
+        "dask-worker-gpu",
+        "prefect-worker",
+        "minio",
+    }
     gpu = compose.get_service("dask-worker-gpu")
     assert "GPU=1" in gpu["command"] and gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
     server = yaml.safe_load((ROOT / "infra" / "compose.yaml").read_text())["services"]["prefect-server"]

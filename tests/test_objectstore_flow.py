@@ -19,8 +19,12 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 
 # Small and fast: one in-process cluster (it shares this process's environment, where the server
 # fixtures put the stores' credentials), a small model input.
-FAST = ["dask.cluster=local-threads", "lightly.model.name=resnet-18", "lightly.collate.input_size=32",
-        "n_example_images=2"]
+FAST = [
+    "dask.cluster=local-threads",
+    "lightly.model.name=resnet-18",
+    "lightly.collate.input_size=32",
+    "n_example_images=2",
+]
 
 
 def _dataset(root: Path) -> None:
@@ -55,20 +59,32 @@ def _flow_run_parameters() -> list[str]:
     return asyncio.run(read())
 
 
-def test_everything_in_s3_with_a_datapool_and_no_secret_in_any_output(s3_store, tmp_path, monkeypatch, capsys,
-                                                                       caplog):
+def test_everything_in_s3_with_a_datapool_and_no_secret_in_any_output(s3_store, tmp_path, monkeypatch, capsys, caplog):
     secret = f"s3cr3t-{uuid.uuid4().hex}"
     monkeypatch.setenv("THRESHER_TEST_S3_SECRET", secret)  # moto accepts any secret; it must reach no output
     _dataset(tmp_path / "data")
     s3_store.upload(tmp_path / "data", "in")
-    s3_store.fs.pipe(_at(s3_store, "shared/relevant.txt"),
-                     b"# everything but one image\n" + "\n".join(
-                         [f"cams/img_{i}.jpg" for i in range(5)] + ["cams/copy_of_0.jpg", "cams/cut.jpg", "empty.png",
-                                                                    "clips/walk.mp4"]).encode())
-    run = ["run", f"input_dir={s3_store.url}/in", f"output_dir={s3_store.url}/runs", f"shared_dir={s3_store.url}/shared",
-           f"storage_options.s3.endpoint_url={s3_store.storage_options['endpoint_url']}",
-           "storage_options.s3.secret=${THRESHER_TEST_S3_SECRET}", "storage_options.s3.key=${AWS_ACCESS_KEY_ID}",
-           "datapool.name=pool", "dump_dataset=True", "stopping_condition.n_samples=4", *FAST]
+    s3_store.fs.pipe(
+        _at(s3_store, "shared/relevant.txt"),
+        b"# everything but one image\n"
+        + "\n".join(
+            [f"cams/img_{i}.jpg" for i in range(5)]
+            + ["cams/copy_of_0.jpg", "cams/cut.jpg", "empty.png", "clips/walk.mp4"]
+        ).encode(),
+    )
+    run = [
+        "run",
+        f"input_dir={s3_store.url}/in",
+        f"output_dir={s3_store.url}/runs",
+        f"shared_dir={s3_store.url}/shared",
+        f"storage_options.s3.endpoint_url={s3_store.storage_options['endpoint_url']}",
+        "storage_options.s3.secret=${THRESHER_TEST_S3_SECRET}",
+        "storage_options.s3.key=${AWS_ACCESS_KEY_ID}",
+        "datapool.name=pool",
+        "dump_dataset=True",
+        "stopping_condition.n_samples=4",
+        *FAST,
+    ]
     assert main([*run, "run_directory=r1", "relevant_filenames_file=relevant.txt"]) == 0
 
     assert _lines(s3_store, "runs/r1/filenames/corrupt_filenames.txt") == ["cams/cut.jpg", "empty.png"]
@@ -76,8 +92,10 @@ def test_everything_in_s3_with_a_datapool_and_no_secret_in_any_output(s3_store, 
     sampled = _lines(s3_store, "runs/r1/filenames/sampled_filenames.txt")
     removed = _lines(s3_store, "runs/r1/filenames/removed_filenames.txt")
     assert len(sampled) == 4 and len(sampled) + len(removed) == 5 + 6  # 5 images and 6 frames are usable
-    dumped = sorted(p.removeprefix(_at(s3_store, "runs/r1/data/sampled/"))
-                    for p in s3_store.fs.find(_at(s3_store, "runs/r1/data/sampled")))
+    dumped = sorted(
+        p.removeprefix(_at(s3_store, "runs/r1/data/sampled/"))
+        for p in s3_store.fs.find(_at(s3_store, "runs/r1/data/sampled"))
+    )
     assert dumped == sorted(name.rsplit(".", 1)[0] + ".png" for name in sampled)
     csv = s3_store.fs.cat_file(_at(s3_store, "runs/r1/data/embeddings.csv"))
     (tmp_path / "embeddings.csv").write_bytes(csv)
@@ -98,8 +116,10 @@ def test_everything_in_s3_with_a_datapool_and_no_secret_in_any_output(s3_store, 
     counts = _json(s3_store, "runs/r2/report.json")["counts"]
     # img_5 was left out of r1 by relevant_filenames_file: it is new too.
     assert counts["n_input_files"] == 3 and counts["n_skipped_processed"] == 9
-    lists = {kind: _lines(s3_store, f"runs/r2/filenames/{kind}_filenames.txt")
-             for kind in ("sampled", "removed", "duplicate", "corrupt")}
+    lists = {
+        kind: _lines(s3_store, f"runs/r2/filenames/{kind}_filenames.txt")
+        for kind in ("sampled", "removed", "duplicate", "corrupt")
+    }
     assert set(lists["sampled"]) == {"cams/img_40.jpg", "cams/img_41.jpg", "cams/img_5.jpg"}, lists
 
     config = s3_store.fs.cat_file(_at(s3_store, "runs/r2/config/config.yaml")).decode()
@@ -112,8 +132,18 @@ def test_everything_in_s3_with_a_datapool_and_no_secret_in_any_output(s3_store, 
 
 
 def test_a_literal_secret_in_storage_options_is_refused_before_any_work(s3_store, capsys):
-    assert main(["run", f"input_dir={s3_store.url}/in", "output_dir=out", "stopping_condition.n_samples=2",
-                 "storage_options.s3.secret=plain-text-secret"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                f"input_dir={s3_store.url}/in",
+                "output_dir=out",
+                "stopping_condition.n_samples=2",
+                "storage_options.s3.secret=plain-text-secret",
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err
     assert "storage_options.s3.secret" in error and "${ENV_VAR}" in error and "plain-text-secret" not in error
 
@@ -121,17 +151,43 @@ def test_a_literal_secret_in_storage_options_is_refused_before_any_work(s3_store
 def test_gcs_input_with_local_outputs(gcs_store, tmp_path):
     _dataset(tmp_path / "data")
     gcs_store.upload(tmp_path / "data", "in")
-    assert main(["run", f"input_dir={gcs_store.url}/in", f"output_dir={tmp_path / 'out'}", f"shared_dir={tmp_path}",
-                 "run_directory=r", f"storage_options.gs.endpoint_url={gcs_store.storage_options['endpoint_url']}",
-                 "storage_options.gs.token=anon", "stopping_condition.n_samples=3", *FAST]) == 0
+    assert (
+        main(
+            [
+                "run",
+                f"input_dir={gcs_store.url}/in",
+                f"output_dir={tmp_path / 'out'}",
+                f"shared_dir={tmp_path}",
+                "run_directory=r",
+                f"storage_options.gs.endpoint_url={gcs_store.storage_options['endpoint_url']}",
+                "storage_options.gs.token=anon",
+                "stopping_condition.n_samples=3",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     run = tmp_path / "out" / "r"
     assert (run / "filenames" / "corrupt_filenames.txt").read_text().splitlines() == ["cams/cut.jpg", "empty.png"]
     assert len((run / "filenames" / "sampled_filenames.txt").read_text().splitlines()) == 3
     assert json.loads((run / "report.json").read_text())["counts"]["n_input_files"] == 10
     # Its cache keys use the objects' generations: an unchanged rerun embeds nothing again.
-    assert main(["run", f"input_dir={gcs_store.url}/in", f"output_dir={tmp_path / 'out'}", f"shared_dir={tmp_path}",
-                 "run_directory=again", f"storage_options.gs.endpoint_url={gcs_store.storage_options['endpoint_url']}",
-                 "storage_options.gs.token=anon", "stopping_condition.n_samples=3", *FAST]) == 0
+    assert (
+        main(
+            [
+                "run",
+                f"input_dir={gcs_store.url}/in",
+                f"output_dir={tmp_path / 'out'}",
+                f"shared_dir={tmp_path}",
+                "run_directory=again",
+                f"storage_options.gs.endpoint_url={gcs_store.storage_options['endpoint_url']}",
+                "storage_options.gs.token=anon",
+                "stopping_condition.n_samples=3",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     stages = {s["stage"]: s for s in json.loads((tmp_path / "out" / "again" / "report.json").read_text())["stages"]}
     assert "embed" not in stages or stages["embed"]["items"] == 0
 
@@ -139,9 +195,21 @@ def test_gcs_input_with_local_outputs(gcs_store, tmp_path):
 def test_azure_input_and_outputs_with_a_local_shared_folder(azure_store, tmp_path):
     _dataset(tmp_path / "data")
     azure_store.upload(tmp_path / "data", "in")
-    assert main(["run", f"input_dir={azure_store.url}/in", f"output_dir={azure_store.url}/runs",
-                 f"shared_dir={tmp_path}", "run_directory=r", "stopping_condition.n_samples=3", "dump_dataset=True",
-                 *FAST]) == 0
+    assert (
+        main(
+            [
+                "run",
+                f"input_dir={azure_store.url}/in",
+                f"output_dir={azure_store.url}/runs",
+                f"shared_dir={tmp_path}",
+                "run_directory=r",
+                "stopping_condition.n_samples=3",
+                "dump_dataset=True",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     assert _lines(azure_store, "runs/r/filenames/corrupt_filenames.txt") == ["cams/cut.jpg", "empty.png"]
     assert len(_lines(azure_store, "runs/r/filenames/sampled_filenames.txt")) == 3
     assert len(azure_store.fs.find(_at(azure_store, "runs/r/data/sampled"))) == 3
@@ -150,37 +218,84 @@ def test_azure_input_and_outputs_with_a_local_shared_folder(azure_store, tmp_pat
 
 def test_a_missing_bucket_and_denied_access_stop_with_the_url(s3_store, azure_store, tmp_path, monkeypatch, capsys):
     endpoint = f"storage_options.s3.endpoint_url={s3_store.storage_options['endpoint_url']}"
-    assert main(["run", "input_dir=s3://no-such-bucket-here/in", f"output_dir={tmp_path / 'out'}", endpoint,
-                 "stopping_condition.n_samples=2", *FAST]) == 1
+    assert (
+        main(
+            [
+                "run",
+                "input_dir=s3://no-such-bucket-here/in",
+                f"output_dir={tmp_path / 'out'}",
+                endpoint,
+                "stopping_condition.n_samples=2",
+                *FAST,
+            ]
+        )
+        == 1
+    )
     assert "s3://no-such-bucket-here/in" in capsys.readouterr().err
 
     save(picture(1), tmp_path / "in" / "a.jpg")
-    assert main(["run", f"input_dir={tmp_path / 'in'}", "output_dir=s3://no-such-bucket-here/runs", endpoint,
-                 "stopping_condition.n_samples=1", *FAST]) == 1
+    assert (
+        main(
+            [
+                "run",
+                f"input_dir={tmp_path / 'in'}",
+                "output_dir=s3://no-such-bucket-here/runs",
+                endpoint,
+                "stopping_condition.n_samples=1",
+                *FAST,
+            ]
+        )
+        == 1
+    )
     error = capsys.readouterr().err
     assert "cannot write s3://no-such-bucket-here/runs/" in error and "does not exist" in error
 
     azure_store.upload(tmp_path / "in", "in")
     wrong = azure_store.env["AZURE_STORAGE_CONNECTION_STRING"].replace("AccountKey=", "AccountKey=AAAA")
     monkeypatch.setenv("THRESHER_TEST_WRONG_CONNECTION", wrong)
-    assert main(["run", f"input_dir={azure_store.url}/in", f"output_dir={tmp_path / 'out'}",
-                 "storage_options.az.connection_string=${THRESHER_TEST_WRONG_CONNECTION}",
-                 "stopping_condition.n_samples=1", *FAST]) == 1
+    assert (
+        main(
+            [
+                "run",
+                f"input_dir={azure_store.url}/in",
+                f"output_dir={tmp_path / 'out'}",
+                "storage_options.az.connection_string=${THRESHER_TEST_WRONG_CONNECTION}",
+                "stopping_condition.n_samples=1",
+                *FAST,
+            ]
+        )
+        == 1
+    )
     error = capsys.readouterr().err
     assert f"cannot list input_dir={azure_store.url}/in" in error and "access denied" in error
 
 
 def test_throttling_errors_and_dropped_connections_are_retried_to_the_same_result(
-        s3_store, flaky_s3_store, s3_fault_proxy, tmp_path):
+    s3_store, flaky_s3_store, s3_fault_proxy, tmp_path
+):
     _dataset(tmp_path / "data")
     s3_store.upload(tmp_path / "data", "in")
 
     def run(store: Store, name: str) -> list[str]:
-        assert main(["run", f"input_dir={store.url}/in", f"output_dir={store.url}/runs", f"run_directory={name}",
-                     f"shared_dir={store.url}/shared-{name}", "stopping_condition.n_samples=4",
-                     f"storage_options.s3.endpoint_url={store.storage_options['endpoint_url']}", *FAST]) == 0
-        return [_lines(s3_store, f"runs/{name}/filenames/{kind}_filenames.txt")
-                for kind in ("sampled", "removed", "duplicate", "corrupt")]
+        assert (
+            main(
+                [
+                    "run",
+                    f"input_dir={store.url}/in",
+                    f"output_dir={store.url}/runs",
+                    f"run_directory={name}",
+                    f"shared_dir={store.url}/shared-{name}",
+                    "stopping_condition.n_samples=4",
+                    f"storage_options.s3.endpoint_url={store.storage_options['endpoint_url']}",
+                    *FAST,
+                ]
+            )
+            == 0
+        )
+        return [
+            _lines(s3_store, f"runs/{name}/filenames/{kind}_filenames.txt")
+            for kind in ("sampled", "removed", "duplicate", "corrupt")
+        ]
 
     clean = run(s3_store, "clean")
     assert run(flaky_s3_store, "flaky") == clean

@@ -42,8 +42,9 @@ def test_uploaded_folder_lists_in_one_call_and_reads_back_whole_and_ranged(store
 
     listing = store.fs.find(root.path, detail=True)
     prefix = root.path.rstrip("/") + "/"
-    assert {name.removeprefix(prefix): info["size"] for name, info in listing.items()} == \
-        {name: len(data) for name, data in files.items()}
+    assert {name.removeprefix(prefix): info["size"] for name, info in listing.items()} == {
+        name: len(data) for name, data in files.items()
+    }
     assert all(info["type"] == "file" for info in listing.values())
     for name, data in files.items():
         assert (root / name).read_bytes() == data
@@ -109,8 +110,9 @@ def test_a_missing_prefix_lists_as_empty(store):
 def test_azurite_rejects_a_wrong_account_key(azure_store, azurite_endpoint):
     azure_store.path("a.txt").write_text("x")
     wrong_key = AZURITE_KEY[:-8] + "AAAAAAA="
-    wrong = fsspec.filesystem("az", connection_string=azurite_connection_string(azurite_endpoint, wrong_key),
-                              skip_instance_cache=True)
+    wrong = fsspec.filesystem(
+        "az", connection_string=azurite_connection_string(azurite_endpoint, wrong_key), skip_instance_cache=True
+    )
     with pytest.raises(HttpResponseError, match="AuthorizationFailure"):
         wrong.cat_file(azure_store.path("a.txt").path)
 
@@ -129,8 +131,9 @@ def test_storage_options_hold_no_secret_and_env_alone_authenticates_another_proc
     path = f"UPath({store.url!r}, **{store.storage_options!r}).joinpath('x.txt')"
     code = f"from upath import UPath; print({path}.read_text())"
     others = {k: v for k, v in os.environ.items() if k not in store.env}
-    with_env = subprocess.run([sys.executable, "-c", code], env=others | store.env, capture_output=True, text=True,
-                              timeout=120)
+    with_env = subprocess.run(
+        [sys.executable, "-c", code], env=others | store.env, capture_output=True, text=True, timeout=120
+    )
     assert with_env.stdout.strip() == "from the test", with_env.stderr
     if store.protocol in ("s3", "az"):  # the GCS emulator takes anonymous requests
         without = subprocess.run([sys.executable, "-c", code], env=others, capture_output=True, text=True, timeout=120)
@@ -153,10 +156,14 @@ def test_a_dask_worker_process_reads_a_pickled_upath_with_exported_credentials(s
         assert client.submit(lambda p: p.read_bytes(), pickle.loads(pickle.dumps(path))).result() == b"\x00\x01 worker"
 
 
-@pytest.mark.parametrize("options", [{}, {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}}}],
-                         ids=["default-retries", "standard-retries"])
-def test_s3fs_retries_absorb_throttling_errors_and_dropped_connections(flaky_s3_store, s3_store, s3_fault_proxy,
-                                                                        options, tmp_path):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}}}],
+    ids=["default-retries", "standard-retries"],
+)
+def test_s3fs_retries_absorb_throttling_errors_and_dropped_connections(
+    flaky_s3_store, s3_store, s3_fault_proxy, options, tmp_path
+):
     flaky = Store("s3", flaky_s3_store.url, flaky_s3_store.storage_options | options, flaky_s3_store.env)
     files = {f"part_{i % 2}/{i}.bin": os.urandom(500 + i) for i in range(6)}
     for name, data in files.items():
@@ -173,7 +180,7 @@ def test_s3fs_retries_absorb_throttling_errors_and_dropped_connections(flaky_s3_
     for name, data in files.items():
         assert (root / name).read_bytes() == data
         assert flaky.fs.cat_file(f"{root.path}/{name}", start=100, end=300) == data[100:300]
-    assert flaky.fs.cat_file(flaky.path("large.bin").path, start=2**20, end=2**20 + 10) == large[2**20:2**20 + 10]
+    assert flaky.fs.cat_file(flaky.path("large.bin").path, start=2**20, end=2**20 + 10) == large[2**20 : 2**20 + 10]
     assert s3_store.path("large.bin").read_bytes() == large  # read around the proxy: what landed is whole
     assert set(s3_fault_proxy.injected) == set(FAULTS) and len(s3_fault_proxy.injected) >= 8
 

@@ -14,9 +14,21 @@ WALK = frames(12, first_seed=100)
 
 
 def _run(tmp_path: Path, dask_address: str, name: str, *overrides: str) -> Path:
-    assert main(["run", f"input_dir={tmp_path / 'in'}", f"output_dir={tmp_path / 'out'}", f"run_directory={name}",
-                 "lightly.model.name=resnet-18", "lightly.collate.input_size=32", f"dask.address={dask_address}",
-                 *overrides]) == 0
+    assert (
+        main(
+            [
+                "run",
+                f"input_dir={tmp_path / 'in'}",
+                f"output_dir={tmp_path / 'out'}",
+                f"run_directory={name}",
+                "lightly.model.name=resnet-18",
+                "lightly.collate.input_size=32",
+                f"dask.address={dask_address}",
+                *overrides,
+            ]
+        )
+        == 0
+    )
     return tmp_path / "out" / name
 
 
@@ -37,8 +49,9 @@ def test_videos_curate_to_frames_with_corrupt_duplicates_dumps_and_sequences(tmp
     assert _lines(run / "filenames" / "duplicate_filenames.txt") == ["cam-06-mp4.png", "cam-07-mp4.png"]
     sampled = _lines(run / "filenames" / "sampled_filenames.txt")
     assert len(sampled) == round(0.5 * 24) and all(n.endswith(("-mp4.png", "-avi.png")) for n in sampled)
-    assert {p.relative_to(run / "data" / "sampled").as_posix() for p in (run / "data" / "sampled").rglob("*.png")} \
-        == set(sampled)
+    assert {
+        p.relative_to(run / "data" / "sampled").as_posix() for p in (run / "data" / "sampled").rglob("*.png")
+    } == set(sampled)
     walk = sorted(n for n in sampled if n.startswith("sub/"))[0]
     dumped = np.asarray(Image.open(run / "data" / "sampled" / walk))
     assert np.abs(dumped.astype(int) - WALK[int(walk.rsplit("-", 2)[1])]).mean() < 8

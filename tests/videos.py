@@ -29,8 +29,10 @@ def frame(seed: int, size: tuple[int, int] = (64, 48)) -> np.ndarray:
     rng = np.random.default_rng(seed)
     width, height = size
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    channels = [127 + 110 * np.sin(rng.uniform(0.03, 0.2) * x + rng.uniform(0.03, 0.2) * y + rng.uniform(0, 6.3))
-                for _ in range(3)]
+    channels = [
+        127 + 110 * np.sin(rng.uniform(0.03, 0.2) * x + rng.uniform(0.03, 0.2) * y + rng.uniform(0, 6.3))
+        for _ in range(3)
+    ]
     return np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8)
 
 
@@ -38,9 +40,16 @@ def frames(n: int, size: tuple[int, int] = (64, 48), first_seed: int = 0) -> lis
     return [frame(first_seed + i, size) for i in range(n)]
 
 
-def write_video(path: Path, images: list[np.ndarray], codec: str = "mpeg4", fps: int = 25, gop: int = 5,
-                options: dict[str, str] | None = None, pts: list[int] | None = None,
-                size: tuple[int, int] = (64, 48)) -> Path:
+def write_video(
+    path: Path,
+    images: list[np.ndarray],
+    codec: str = "mpeg4",
+    fps: int = 25,
+    gop: int = 5,
+    options: dict[str, str] | None = None,
+    pts: list[int] | None = None,
+    size: tuple[int, int] = (64, 48),
+) -> Path:
     """Encode RGB frames into `path` (the container follows the extension); a short GOP makes
     seeking inside the clip meaningful. `pts` (in 1/fps units) makes the frame rate variable; no
     images makes a file with a video stream of `size` and no frames."""
@@ -85,8 +94,9 @@ def audio_only(path: Path, seconds: float = 0.5, rate: int = 8000) -> Path:
         stream = container.add_stream("aac", rate=rate)
         tone = np.sin(np.arange(int(seconds * rate), dtype=np.float32) * 0.2)[None, :]
         for start in range(0, tone.shape[1], 1024):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, start : start + 1024]), format="fltp",
-                                               layout="mono")
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(tone[:, start : start + 1024]), format="fltp", layout="mono"
+            )
             frame.sample_rate = rate
             for packet in stream.encode(frame):
                 container.mux(packet)
@@ -103,8 +113,9 @@ def truncated(path: Path, images: list[np.ndarray], keep: float = 0.5, **options
     return path
 
 
-def garbled(path: Path, images: list[np.ndarray], at: float = 0.5, length: int = 2000, seed: int = 0,
-            **options) -> Path:
+def garbled(
+    path: Path, images: list[np.ndarray], at: float = 0.5, length: int = 2000, seed: int = 0, **options
+) -> Path:
     """A video with `length` random bytes written over the middle, as a bad disk sector leaves it."""
     write_video(path, images, **options)
     data = bytearray(path.read_bytes())

@@ -88,12 +88,17 @@ def how_many(distances: np.ndarray, radius: np.ndarray | None) -> dict | None:
     shown = _curve_points(len(radius))
     finite = distances[np.isfinite(distances)]
     return {
-        "curve": {"n_selected": shown.tolist(), "radius": [float(radius[k - 1]) for k in shown],
-                  "lower_bound": [float(bounds[k - 1]) for k in shown]},
-        "k": int(len(radius)), "radius": float(radius[-1]),
+        "curve": {
+            "n_selected": shown.tolist(),
+            "radius": [float(radius[k - 1]) for k in shown],
+            "lower_bound": [float(bounds[k - 1]) for k in shown],
+        },
+        "k": int(len(radius)),
+        "radius": float(radius[-1]),
         "separation": float(finite.min()) if len(finite) else None,
         "lower_bound": float(bounds[-1]),
-        "flat_decrease": FLAT_DECREASE, "suggested_n_samples": flattening(radius),
+        "flat_decrease": FLAT_DECREASE,
+        "suggested_n_samples": flattening(radius),
     }
 
 
@@ -117,8 +122,9 @@ def otsu(values: np.ndarray) -> tuple[int | None, float]:
     return int(i[best]), float(between[best] / total)
 
 
-def _threshold_pairs(queries: np.ndarray, nearest: np.ndarray, distances: np.ndarray, threshold: float,
-                     filenames: list[str]) -> tuple[list[dict], list[dict]]:
+def _threshold_pairs(
+    queries: np.ndarray, nearest: np.ndarray, distances: np.ndarray, threshold: float, filenames: list[str]
+) -> tuple[list[dict], list[dict]]:
     """The CALIBRATION_PAIRS nearest-neighbour pairs closest below the threshold and above it,
     each pair once, from the closest to the farthest."""
     sides: tuple[list[dict], list[dict]] = ([], [])
@@ -156,14 +162,24 @@ def calibrate_min_distance(vectors: np.ndarray, filenames: list[str], seed: int)
     logs = np.sort(np.log(np.maximum(distances, floor)))
     split, effectiveness = otsu(logs)
     bimodal = split is not None and effectiveness >= BIMODAL_EFFECTIVENESS
-    threshold = (math.exp((logs[split - 1] + logs[split]) / 2) if bimodal
-                 else float(np.quantile(np.maximum(distances, floor), FALLBACK_QUANTILE)))
+    threshold = (
+        math.exp((logs[split - 1] + logs[split]) / 2)
+        if bimodal
+        else float(np.quantile(np.maximum(distances, floor), FALLBACK_QUANTILE))
+    )
     below, above = _threshold_pairs(queries, nearest, distances, threshold, filenames)
     return {
-        "suggested_min_distance": float(threshold), "rule": "otsu" if bimodal else "quantile",
-        "otsu_effectiveness": round(effectiveness, 4), "fallback_quantile": FALLBACK_QUANTILE,
-        "n_queries": int(len(queries)), "exact": len(queries) == n,
-        "nn_min": float(distances.min()), "nn_median": float(np.median(distances)), "nn_max": float(distances.max()),
+        "suggested_min_distance": float(threshold),
+        "rule": "otsu" if bimodal else "quantile",
+        "otsu_effectiveness": round(effectiveness, 4),
+        "fallback_quantile": FALLBACK_QUANTILE,
+        "n_queries": int(len(queries)),
+        "exact": len(queries) == n,
+        "nn_min": float(distances.min()),
+        "nn_median": float(np.median(distances)),
+        "nn_max": float(distances.max()),
         "share_below": float(np.mean(distances < threshold)),
-        "histogram": _log_histogram(distances, floor), "pairs_below": below, "pairs_above": above,
+        "histogram": _log_histogram(distances, floor),
+        "pairs_below": below,
+        "pairs_above": above,
     }

@@ -20,7 +20,7 @@ from tasks.report.plots import summary_plots, view_plots
 from tasks.report.previews import Thumbnails
 from tasks.report.quality import Picks, RunSelection, selection_quality
 from tasks.report.render import artifacts, render_html, write_pdf
-from tasks.report.settings import GROUPS, InProcess, ReportInputs
+from tasks.report.settings import GROUPS, InProcess, ReportInputs, ReportSettings
 from tasks.report.views import StartedViews, start_views
 from tasks.storage import is_local, location, write_text
 
@@ -41,13 +41,19 @@ def build_report(inputs: ReportInputs, executor: Executor = InProcess(), started
     selected[picks.rows] = True
 
     # The views' UMAPs run while the distance numbers are computed here (a flow starts them earlier).
-    started = started or start_views(vectors, settings, inputs.datapool_embeddings_path, inputs.cache_dir,
-                                     executor)
+    started = started or start_views(vectors, settings, inputs.datapool_embeddings_path, inputs.cache_dir, executor)
     scatter = started.scatter(filenames, selected) if started else None
 
-    numbers = cache.numbers(functools.partial(selection_numbers, vectors, filenames, selected, settings),
-                            "selection numbers", vectors, filenames, selected, settings.memory_gb, settings.seed,
-                            settings.n_example_images)
+    numbers = cache.numbers(
+        functools.partial(selection_numbers, vectors, filenames, selected, settings),
+        "selection numbers",
+        vectors,
+        filenames,
+        selected,
+        settings.memory_gb,
+        settings.seed,
+        settings.n_example_images,
+    )
     quality = selection_quality_numbers(inputs, settings, cache, vectors, filenames, labels, picks)
     del vectors  # the run's matrix is freed before the plots
     report = {
@@ -72,7 +78,8 @@ def build_report(inputs: ReportInputs, executor: Executor = InProcess(), started
     drawing = cache.draw(plots, plots_dir, executor)
     views = started.pending.result() if started else []
     report["embedding_views"] = {
-        "n_points": len(scatter.groups) if scatter else 0, "n_total": scatter.n_total if scatter else 0,
+        "n_points": len(scatter.groups) if scatter else 0,
+        "n_total": scatter.n_total if scatter else 0,
         "n_datapool_points": int(np.sum(scatter.groups == GROUPS.index("datapool"))) if scatter else 0,
         "views": [{k: v for k, v in view.items() if k != "xy"} for view in views],
     }
@@ -87,16 +94,30 @@ def build_report(inputs: ReportInputs, executor: Executor = InProcess(), started
     return report
 
 
-def selection_quality_numbers(inputs: ReportInputs, settings: ReportSettings, cache: ReportCache, vectors: np.ndarray,
-                              filenames: list[str], labels: list[int], picks: Picks) -> dict:
+def selection_quality_numbers(
+    inputs: ReportInputs,
+    settings: ReportSettings,
+    cache: ReportCache,
+    vectors: np.ndarray,
+    filenames: list[str],
+    labels: list[int],
+    picks: Picks,
+) -> dict:
     """The selection against random, how many to label and the calibrated min_distance (see
     tasks.report.quality), or what an earlier report computed from the same inputs."""
     path = inputs.datapool_embeddings_path
     centers = load_embeddings(path, normalize=settings.normalize)[2] if path else None
     run = RunSelection(inputs.settings.selection, centers if centers is not None and len(centers) else None)
     label_array = np.asarray(labels, np.int64)
-    return cache.numbers(functools.partial(selection_quality, vectors, filenames, label_array, picks, run),
-                         "selection quality", vectors, filenames, label_array, picks, run)
+    return cache.numbers(
+        functools.partial(selection_quality, vectors, filenames, label_array, picks, run),
+        "selection quality",
+        vectors,
+        filenames,
+        label_array,
+        picks,
+        run,
+    )
 
 
 # No Prefect cache key: the report is never reused whole (its job section is new every run), and

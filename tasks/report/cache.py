@@ -41,8 +41,11 @@ def source_digest(package: Path) -> str:
 # Part of every key: results of other code are never reused. The report package's own sources are
 # in it, as an edit to a plot changes its picture without changing the release; code outside the
 # package is not, so an edit elsewhere keeps the cached results.
-CODE_IDENTITY = (CODE_VERSION, source_digest(PACKAGE),
-                 *(metadata.version(name) for name in ("numpy", "scipy", "matplotlib", "umap-learn")))
+CODE_IDENTITY = (
+    CODE_VERSION,
+    source_digest(PACKAGE),
+    *(metadata.version(name) for name in ("numpy", "scipy", "matplotlib", "umap-learn")),
+)
 
 
 def content_key(*parts: object) -> str:
@@ -151,7 +154,9 @@ class ReportCache:
             if stored is not None and stored.exists():
                 copy(stored, plots_dir / plot.name)
             else:
-                drawing.append(Drawing(executor.submit(plot.draw, *plot.inputs, plots_dir / plot.name), plot.name, stored))
+                drawing.append(
+                    Drawing(executor.submit(plot.draw, *plot.inputs, plots_dir / plot.name), plot.name, stored)
+                )
         return drawing
 
     @staticmethod
@@ -175,4 +180,3 @@ class Drawing:
 def copy(source: UPath, target: UPath) -> None:
     with atomic_target(target) as tmp:
         tmp.write_bytes(read_bytes(source))
-

@@ -80,8 +80,10 @@ def _distance_bound(vectors: np.ndarray) -> float:
     """An upper bound of every pairwise distance (triangle inequality through the mean), so the
     histogram's bins are fixed before the single pass over the pairs."""
     centre = vectors.mean(axis=0, dtype=np.float64)
-    radius = max(float(np.linalg.norm(vectors[start : start + ROW_BLOCK] - centre, axis=1).max())
-                 for start in range(0, len(vectors), ROW_BLOCK))
+    radius = max(
+        float(np.linalg.norm(vectors[start : start + ROW_BLOCK] - centre, axis=1).max())
+        for start in range(0, len(vectors), ROW_BLOCK)
+    )
     return 2.0 * radius if radius > 0 else 1.0
 
 
@@ -120,13 +122,19 @@ def pairwise_stats(vectors: np.ndarray, memory_gb: float, seed: int = 0) -> dict
         low, high, total = min(low, float(d.min())), max(high, float(d.max())), total + float(d.sum())
         fine += np.bincount(np.minimum((d * (FINE_BINS / upper)).astype(np.int64), FINE_BINS - 1), minlength=FINE_BINS)
     return {
-        "min": float(low), "mean": total / pairs, "max": float(high), "n_pairs": int(pairs), "exact": exact,
+        "min": float(low),
+        "mean": total / pairs,
+        "max": float(high),
+        "n_pairs": int(pairs),
+        "exact": exact,
         "cdf_error_95": None if exact else round(_dkw_error(pairs), 6),
         "histogram": histogram(fine, upper, min(HISTOGRAM_BINS, max(10, round(2 * math.sqrt(pairs))))),
     }
 
 
-def nearest_neighbours(vectors: np.ndarray, query_rows: np.ndarray, pool_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbours(
+    vectors: np.ndarray, query_rows: np.ndarray, pool_rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """For each query row, the nearest row of the sorted `pool_rows` other than itself, and its distance.
 
     The search ranks a pool block at a time by |p|^2 - 2 q.p (|q - p|^2 less the query's constant
@@ -167,8 +175,12 @@ def nn_stats(vectors: np.ndarray, rows: np.ndarray, rng: np.random.Generator) ->
     _, d = nearest_neighbours(vectors, queries, rows)
     counts, edges = np.histogram(d, bins=min(40, max(5, len(d) // 10)))
     return {
-        "min": float(d.min()), "median": float(np.median(d)), "mean": float(d.mean()), "max": float(d.max()),
-        "n_queries": int(len(queries)), "exact": len(queries) == len(rows),
+        "min": float(d.min()),
+        "median": float(np.median(d)),
+        "mean": float(d.mean()),
+        "max": float(d.max()),
+        "n_queries": int(len(queries)),
+        "exact": len(queries) == len(rows),
         "histogram": {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]},
     }
 
@@ -191,7 +203,12 @@ def distance_statistics(vectors: np.ndarray, selected_rows: np.ndarray, memory_g
 
 
 def example_pairs(
-    vectors: np.ndarray, filenames: list[str], selected_rows: np.ndarray, removed_rows: np.ndarray, n: int, seed: int,
+    vectors: np.ndarray,
+    filenames: list[str],
+    selected_rows: np.ndarray,
+    removed_rows: np.ndarray,
+    n: int,
+    seed: int,
 ) -> list[dict]:
     """`n` retained samples beside their nearest removed one, spread evenly from the closest pair
     to the farthest, so both ends of the decision are visible."""
@@ -219,11 +236,16 @@ def file_lists(samples_path: UPath) -> dict:
     ranked = sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))
     return {
         "n_samples": len(samples),
-        "corrupt": [{"filename": f, "reason": r} for f, r in zip(corrupt.column("filename").to_pylist()[:LIST_LIMIT],
-                                                                   corrupt.column("reason").to_pylist()[:LIST_LIMIT])],
+        "corrupt": [
+            {"filename": f, "reason": r}
+            for f, r in zip(
+                corrupt.column("filename").to_pylist()[:LIST_LIMIT], corrupt.column("reason").to_pylist()[:LIST_LIMIT]
+            )
+        ],
         "n_corrupt": len(corrupt),
-        "duplicate_groups": [{"kept": kept, "duplicates": names, "n_files": len(names) + 1}
-                             for kept, names in ranked[:LIST_LIMIT]],
+        "duplicate_groups": [
+            {"kept": kept, "duplicates": names, "n_files": len(names) + 1} for kept, names in ranked[:LIST_LIMIT]
+        ],
         "n_duplicate_groups": len(groups),
     }
 
@@ -279,8 +301,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def selection_numbers(vectors: np.ndarray, filenames: list[str], selected: np.ndarray, settings: ReportSettings) -> dict:
+def selection_numbers(
+    vectors: np.ndarray, filenames: list[str], selected: np.ndarray, settings: ReportSettings
+) -> dict:
     """The distance statistics before and after selection, and the example pairs."""
     rows, others = np.flatnonzero(selected), np.flatnonzero(~selected)
-    return {"distances": distance_statistics(vectors, rows, settings.memory_gb, settings.seed),
-            "example_pairs": example_pairs(vectors, filenames, rows, others, settings.n_example_images, settings.seed)}
+    return {
+        "distances": distance_statistics(vectors, rows, settings.memory_gb, settings.seed),
+        "example_pairs": example_pairs(vectors, filenames, rows, others, settings.n_example_images, settings.seed),
+    }

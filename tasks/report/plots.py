@@ -70,8 +70,11 @@ def plot_distance_histogram(stats: dict, title: str, path: UPath) -> None:
     ax.set_xlabel("pairwise distance")
     ax.set_ylabel("pairs (log scale)")
     ax.set_title(title, fontsize=10)
-    source = (f"exact: all {stats['n_pairs']:,} pairs" if stats["exact"] else
-              f"estimate from {stats['n_pairs']:,} random pairs\n(CDF error < {stats['cdf_error_95']:.4f}, 95%)")
+    source = (
+        f"exact: all {stats['n_pairs']:,} pairs"
+        if stats["exact"]
+        else f"estimate from {stats['n_pairs']:,} random pairs\n(CDF error < {stats['cdf_error_95']:.4f}, 95%)"
+    )
     ax.text(0.02, 0.97, source, transform=ax.transAxes, va="top", fontsize=8, color="#333")
     _save(figure, path)
 
@@ -90,7 +93,6 @@ def plot_nn_distances(statistics: dict, path: UPath) -> None:
     ax.set_title("Nearest-neighbour distances")
     ax.legend(fontsize=8)
     _save(figure, path)
-
 
 
 def _overlay_points(xy: np.ndarray, scatter: Scatter) -> list[int]:
@@ -118,15 +120,25 @@ def plot_scatter(view: dict, scatter: Scatter, thumbnails: Thumbnails | None, pa
     for code, group in enumerate(GROUPS):
         mask = groups == code
         if mask.any():
-            ax.scatter(xy[mask, 0], xy[mask, 1], s=4 if len(xy) > 2000 else 14, color=COLOURS[group],
-                       label=f"{group} ({int(mask.sum()):,})", linewidths=0, rasterized=True)
+            ax.scatter(
+                xy[mask, 0],
+                xy[mask, 1],
+                s=4 if len(xy) > 2000 else 14,
+                color=COLOURS[group],
+                label=f"{group} ({int(mask.sum()):,})",
+                linewidths=0,
+                rasterized=True,
+            )
     if thumbnails is not None:
         for i in _overlay_points(xy, scatter):
             image = thumbnails.get(scatter.names[i])
             if image is not None:
                 box = OffsetImage(np.asarray(image), zoom=34 * DPI / 100 / max(image.size))
-                ax.add_artist(AnnotationBbox(box, xy[i], frameon=True, pad=0.1,
-                                             bboxprops={"edgecolor": COLOURS["selected"], "linewidth": 1}))
+                ax.add_artist(
+                    AnnotationBbox(
+                        box, xy[i], frameon=True, pad=0.1, bboxprops={"edgecolor": COLOURS["selected"], "linewidth": 1}
+                    )
+                )
     shown = f"{len(xy):,} of {scatter.n_total:,} points" if len(xy) < scatter.n_total else f"{len(xy):,} points"
     ax.set_title(f"{view['title']} ({shown})", fontsize=10)
     ax.set_xticks([])
@@ -161,8 +173,10 @@ def plot_two_images(pair: dict, thumbnails: Thumbnails, sides: tuple, path: UPat
             continue
         image = ImageOps.contain(image, (THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))  # small images are scaled up too
         x, y = left + (cell - image.width) // 2, (cell - image.height) // 2
-        draw.rectangle((x - PAIR_FRAME, y - PAIR_FRAME, x + image.width + PAIR_FRAME - 1, y + image.height + PAIR_FRAME - 1),
-                       fill=COLOURS[group])
+        draw.rectangle(
+            (x - PAIR_FRAME, y - PAIR_FRAME, x + image.width + PAIR_FRAME - 1, y + image.height + PAIR_FRAME - 1),
+            fill=COLOURS[group],
+        )
         canvas.paste(image, (x, y))
     with atomic_target(path) as tmp:
         canvas.save(tmp, format="PNG")
@@ -232,11 +246,21 @@ def plot_how_many(advice: dict, probe: dict | None, path: UPath) -> None:
     figure, ax = _figure(FULL_WIDTH * 0.75, 4.0)
     curve = advice["curve"]
     ax.plot(curve["n_selected"], curve["radius"], color=COLOURS["selected"], label="covering radius")
-    ax.plot(curve["n_selected"], curve["lower_bound"], "--", color="#777",
-            label="certified bound: no selection of that size does better")
+    ax.plot(
+        curve["n_selected"],
+        curve["lower_bound"],
+        "--",
+        color="#777",
+        label="certified bound: no selection of that size does better",
+    )
     if advice["suggested_n_samples"]:
-        ax.axvline(advice["suggested_n_samples"], color="#333", linestyle=":", linewidth=1.2,
-                   label=f"flattens at {advice['suggested_n_samples']:,}")
+        ax.axvline(
+            advice["suggested_n_samples"],
+            color="#333",
+            linestyle=":",
+            linewidth=1.2,
+            label=f"flattens at {advice['suggested_n_samples']:,}",
+        )
     ax.set_xscale("log")
     _plain_log_ticks(ax.xaxis)
     ax.set_ylim(bottom=0)
@@ -246,10 +270,22 @@ def plot_how_many(advice: dict, probe: dict | None, path: UPath) -> None:
     if probe:
         accuracy = ax.twinx()
         budgets = probe["budgets"]
-        accuracy.plot([b["n_samples"] for b in budgets], [b["selection"] for b in budgets], "o",
-                      color=COLOURS["selected"], markerfacecolor="white", label="probe accuracy, selection")
-        accuracy.plot([b["n_samples"] for b in budgets], [b["random_mean"] for b in budgets], "s",
-                      color=COLOURS["datapool"], markerfacecolor="white", label="probe accuracy, random (mean)")
+        accuracy.plot(
+            [b["n_samples"] for b in budgets],
+            [b["selection"] for b in budgets],
+            "o",
+            color=COLOURS["selected"],
+            markerfacecolor="white",
+            label="probe accuracy, selection",
+        )
+        accuracy.plot(
+            [b["n_samples"] for b in budgets],
+            [b["random_mean"] for b in budgets],
+            "s",
+            color=COLOURS["datapool"],
+            markerfacecolor="white",
+            label="probe accuracy, random (mean)",
+        )
         accuracy.set_ylabel("probe accuracy")
         handles = tuple(mine + theirs for mine, theirs in zip(handles, accuracy.get_legend_handles_labels()))
     figure.legend(*handles, loc="outside lower center", ncols=1, fontsize=7)
@@ -262,8 +298,12 @@ def plot_min_distance(calibration: dict, path: UPath) -> None:
     figure, ax = _figure(FULL_WIDTH * 0.75, 3.0)
     hist = calibration["histogram"]
     ax.stairs(hist["counts"], hist["edges"], fill=True, color="#3b75af", alpha=0.85)
-    ax.axvline(calibration["suggested_min_distance"], color=COLOURS["selected"], linewidth=1.6,
-               label=f"suggested min_distance {calibration['suggested_min_distance']:.4g} ({calibration['rule']})")
+    ax.axvline(
+        calibration["suggested_min_distance"],
+        color=COLOURS["selected"],
+        linewidth=1.6,
+        label=f"suggested min_distance {calibration['suggested_min_distance']:.4g} ({calibration['rule']})",
+    )
     ax.set_xscale("log")
     _plain_log_ticks(ax.xaxis)
     ax.set_xlabel("distance to the nearest other sample (log scale)")
@@ -287,12 +327,15 @@ def summary_plots(report: dict, previews: Thumbnails) -> tuple[dict, list[Plot]]
         stats = report["distances"][name]["pairwise"]
         if stats:
             title = "Pairwise distances, all samples" if name == "before" else "Pairwise distances, selected samples"
-            names[f"distance_distr_{name}"] = _add(plots, f"distance_distr_{name}", plot_distance_histogram, stats, title)
+            names[f"distance_distr_{name}"] = _add(
+                plots, f"distance_distr_{name}", plot_distance_histogram, stats, title
+            )
     if report["distances"]["before"]["nearest_neighbour"]:
         names["nn_distance_distr"] = _add(plots, "nn_distance_distr", plot_nn_distances, report["distances"])
-    names["filter_decisions"] = [_add(plots, f"filter_decision_{i}", plot_pair, pair,
-                                      previews.subset([pair["retained"], pair["removed"]]))
-                                 for i, pair in enumerate(report["example_pairs"])]
+    names["filter_decisions"] = [
+        _add(plots, f"filter_decision_{i}", plot_pair, pair, previews.subset([pair["retained"], pair["removed"]]))
+        for i, pair in enumerate(report["example_pairs"])
+    ]
     names |= quality_plots(report["selection_quality"], previews, plots)
     if report.get("video_timelines"):
         names["video_timelines"] = _add(plots, "video_timelines", plot_video_timelines, report["video_timelines"])
@@ -318,9 +361,16 @@ def quality_plots(quality: dict, previews: Thumbnails, plots: list[Plot]) -> dic
         names["min_distance"] = _add(plots, "min_distance", plot_min_distance, calibration)
         for side, sides in (("below", BELOW_SIDES), ("above", ABOVE_SIDES)):
             names[f"min_distance_{side}"] = [
-                _add(plots, f"min_distance_{side}_{i}", plot_two_images, pair,
-                     previews.subset([pair["first"], pair["second"]]), sides)
-                for i, pair in enumerate(calibration[f"pairs_{side}"])]
+                _add(
+                    plots,
+                    f"min_distance_{side}_{i}",
+                    plot_two_images,
+                    pair,
+                    previews.subset([pair["first"], pair["second"]]),
+                    sides,
+                )
+                for i, pair in enumerate(calibration[f"pairs_{side}"])
+            ]
     return names
 
 

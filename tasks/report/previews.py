@@ -28,8 +28,13 @@ class Thumbnails:
     holds the files' identities (name, size, version, as the shard cache keys files), not their
     pixels, so a plot reused from the cache reads no image."""
 
-    def __init__(self, input_dir: UPath, max_pixels: int, names: Iterable[str] = (),
-                 loaded: dict[str, Image.Image | None] | None = None) -> None:
+    def __init__(
+        self,
+        input_dir: UPath,
+        max_pixels: int,
+        names: Iterable[str] = (),
+        loaded: dict[str, Image.Image | None] | None = None,
+    ) -> None:
         self.input_dir, self.max_pixels, self.names = input_dir, max_pixels, sorted(set(names))
         self._loaded = {} if loaded is None else loaded
 
@@ -38,11 +43,13 @@ class Thumbnails:
         return Thumbnails(self.input_dir, self.max_pixels, names, self._loaded)
 
     def identity(self) -> tuple:
-        return describe(self.input_dir), self.max_pixels, [(name, file_identity(self.input_dir / name))
-                                                           for name in self.names]
+        return (
+            describe(self.input_dir),
+            self.max_pixels,
+            [(name, file_identity(self.input_dir / name)) for name in self.names],
+        )
 
     def get(self, name: str) -> Image.Image | None:
         if name not in self._loaded:
             self._loaded[name] = _thumbnail(self.input_dir, name, self.max_pixels)
         return self._loaded[name]
-

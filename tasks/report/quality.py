@@ -126,8 +126,9 @@ def _spread(values: list[float]) -> tuple[float, float]:
     return round(float(np.mean(values)), 4), round(float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, 4)
 
 
-def probe_budget(vectors: np.ndarray, labels: np.ndarray, chosen: np.ndarray, eval_rows: np.ndarray,
-                 seed: int) -> dict | None:
+def probe_budget(
+    vectors: np.ndarray, labels: np.ndarray, chosen: np.ndarray, eval_rows: np.ndarray, seed: int
+) -> dict | None:
     """The probe trained on the `chosen` rows and on PROBE_SEEDS random subsets of their size,
     each scored on the `eval_rows` outside its training set; None when no evaluation row is left."""
     n = len(vectors)
@@ -138,8 +139,14 @@ def probe_budget(vectors: np.ndarray, labels: np.ndarray, chosen: np.ndarray, ev
     selection = probe_accuracy(vectors, labels, chosen, tests[0])
     random = [probe_accuracy(vectors, labels, rows, test) for rows, test in zip(subsets, tests[1:])]
     mean, std = _spread(random)
-    return {"n_samples": int(len(chosen)), "selection": round(selection, 4), "random_mean": mean, "random_std": std,
-            "random": [round(value, 4) for value in random], "gain_points": round(100 * (selection - mean), 2) + 0.0}  # + 0.0: no -0.0
+    return {
+        "n_samples": int(len(chosen)),
+        "selection": round(selection, 4),
+        "random_mean": mean,
+        "random_std": std,
+        "random": [round(value, 4) for value in random],
+        "gain_points": round(100 * (selection - mean), 2) + 0.0,
+    }  # + 0.0: no -0.0
 
 
 def probe_budgets(k: int, n: int, d: int, sequences: bool) -> tuple[list[int], list[int]]:
@@ -161,8 +168,15 @@ def rerun(vectors: np.ndarray, budgets: list[int], run: RunSelection) -> dict[in
     """The run's method selecting each budget afresh; a budget that `min_distance` stops short of is left out."""
     picked = {}
     for budget in budgets:
-        result = select(vectors, run.options.method, budget, run.options.min_distance, run.centers, run.options.seed,
-                        run.options.device)
+        result = select(
+            vectors,
+            run.options.method,
+            budget,
+            run.options.min_distance,
+            run.centers,
+            run.options.seed,
+            run.options.device,
+        )
         if len(result.indices) == budget:
             picked[budget] = result.indices
     return picked
@@ -180,8 +194,13 @@ def probe_comparison(vectors: np.ndarray, labels: np.ndarray, chosen: np.ndarray
         result = probe_budget(vectors, labels, rows, eval_rows, run.options.seed)
         if result is not None:
             budgets.append(result | {"source": source})
-    return {"n_classes": int(len(np.unique(labels))), "n_eval": int(len(eval_rows)), "eval_exact": len(eval_rows) == n,
-            "seeds": PROBE_SEEDS, "budgets": budgets}
+    return {
+        "n_classes": int(len(np.unique(labels))),
+        "n_eval": int(len(eval_rows)),
+        "eval_exact": len(eval_rows) == n,
+        "seeds": PROBE_SEEDS,
+        "budgets": budgets,
+    }
 
 
 def _blocks(queries: np.ndarray, pool: np.ndarray, reduce: Callable[[np.ndarray, slice], None]) -> None:
@@ -205,8 +224,9 @@ def nearest_distances(queries: np.ndarray, pool: np.ndarray) -> np.ndarray:
     return np.sqrt(best)
 
 
-def label_free(vectors: np.ndarray, chosen: np.ndarray, centers: np.ndarray | None, dense_radius: float,
-               seed: int) -> dict:
+def label_free(
+    vectors: np.ndarray, chosen: np.ndarray, centers: np.ndarray | None, dense_radius: float, seed: int
+) -> dict:
     """Covering radius, mean distance to the nearest selected sample and share of dense regions
     covered, for the selection and the random subsets of its size (see the module doc)."""
     n, d = vectors.shape
@@ -218,19 +238,30 @@ def label_free(vectors: np.ndarray, chosen: np.ndarray, centers: np.ndarray | No
     def measures(rows: np.ndarray) -> dict:
         pool = vectors[rows] if centers is None else np.vstack([vectors[rows], centers])
         distance = nearest_distances(vectors[queries], pool)
-        return {"covering_radius": float(distance.max()), "mean_distance": float(distance.mean()),
-                "dense_covered": float(np.mean(distance[dense] <= dense_radius))}
+        return {
+            "covering_radius": float(distance.max()),
+            "mean_distance": float(distance.mean()),
+            "dense_covered": float(np.mean(distance[dense] <= dense_radius)),
+        }
 
     random = [measures(_random_rows(n, len(chosen), seed, draw)) for draw in range(PROBE_SEEDS)]
     spread = {key: _spread([values[key] for values in random]) for key in random[0]}
-    return {"n_queries": int(len(queries)), "exact": len(queries) == n, "n_dense": int(len(dense)),
-            "dense_radius": dense_radius, "typicality_reference": min(len(queries), REFERENCE_ROWS), "seeds": PROBE_SEEDS,
-            "selection": measures(chosen), "random_mean": {key: mean for key, (mean, _) in spread.items()},
-            "random_std": {key: std for key, (_, std) in spread.items()}}
+    return {
+        "n_queries": int(len(queries)),
+        "exact": len(queries) == n,
+        "n_dense": int(len(dense)),
+        "dense_radius": dense_radius,
+        "typicality_reference": min(len(queries), REFERENCE_ROWS),
+        "seeds": PROBE_SEEDS,
+        "selection": measures(chosen),
+        "random_mean": {key: mean for key, (mean, _) in spread.items()},
+        "random_std": {key: std for key, (_, std) in spread.items()},
+    }
 
 
-def selection_quality(vectors: np.ndarray, filenames: list[str], labels: np.ndarray, picks: Picks,
-                      run: RunSelection) -> dict:
+def selection_quality(
+    vectors: np.ndarray, filenames: list[str], labels: np.ndarray, picks: Picks, run: RunSelection
+) -> dict:
     """The report's "selection_quality": the probe (None without labels), the label-free measures,
     how many to label, and the calibrated min_distance (each None when the data are too few)."""
     labelled = len(np.unique(labels)) >= 2
@@ -240,8 +271,11 @@ def selection_quality(vectors: np.ndarray, filenames: list[str], labels: np.ndar
     return {
         "labelled": bool(labelled),
         "probe": probe,
-        "label_free": (label_free(vectors, picks.rows, run.centers, calibration["nn_median"], run.options.seed)
-                       if measured else None),
+        "label_free": (
+            label_free(vectors, picks.rows, run.centers, calibration["nn_median"], run.options.seed)
+            if measured
+            else None
+        ),
         "how_many": how_many(picks.distances, picks.radius) if run.options.sequence_length == 1 else None,
         "min_distance": calibration,
     }

@@ -32,10 +32,16 @@ def render_html(report: dict, plots_dir: UPath, embed: bool = True) -> str:
     """The report as one HTML page with every plot embedded, so the file can be mailed or archived
     alone; or, with embed=False, linking the plot files (for weasyprint, which then reads the PNGs
     instead of parsing megabytes of base64 first)."""
-    return _templates().get_template("report.html.j2").render(
-        report=report, css=(TEMPLATES / "report.css").read_text(encoding="utf-8"), list_limit=LIST_LIMIT,
-        config_columns=config_columns(report["config"]),
-        plot_source=(lambda name: _data_uri(plots_dir / name)) if embed else (lambda name: uri(plots_dir / name)),
+    return (
+        _templates()
+        .get_template("report.html.j2")
+        .render(
+            report=report,
+            css=(TEMPLATES / "report.css").read_text(encoding="utf-8"),
+            list_limit=LIST_LIMIT,
+            config_columns=config_columns(report["config"]),
+            plot_source=(lambda name: _data_uri(plots_dir / name)) if embed else (lambda name: uri(plots_dir / name)),
+        )
     )
 
 
@@ -47,7 +53,9 @@ def config_columns(config: dict) -> tuple[str, str]:
     ('a: 1\\n', 'b:\\n  c: 2\\nd: 3\\n')
     """
     lines = yaml.safe_dump(config, sort_keys=False, allow_unicode=True).splitlines(keepends=True)
-    keys = [i for i, line in enumerate(lines) if not line.startswith((" ", "-"))]  # a top-level list's items start with "-"
+    keys = [
+        i for i, line in enumerate(lines) if not line.startswith((" ", "-"))
+    ]  # a top-level list's items start with "-"
     middle = min(keys, key=lambda i: abs(i - len(lines) / 2))
     return "".join(lines[:middle]), "".join(lines[middle:])
 
@@ -55,8 +63,13 @@ def config_columns(config: dict) -> tuple[str, str]:
 @functools.cache
 def _templates() -> jinja2.Environment:
     """One environment per process, so the template is compiled once (it keeps compiled templates)."""
-    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
-                                     undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     environment.filters["number"] = _number
     environment.filters["plot"] = jinja2.pass_context(lambda context, name: context["plot_source"](name))
     return environment
@@ -78,25 +91,44 @@ def artifacts(report: dict, run_dir: UPath) -> dict:
     """The Prefect artifacts' contents: a markdown summary, a table of counts and a link to the report."""
     counts, distances, saved = report["counts"], report["distances"], report["savings"]
     rows = [
-        ("pairwise min", "pairwise", "min"), ("pairwise mean", "pairwise", "mean"),
+        ("pairwise min", "pairwise", "min"),
+        ("pairwise mean", "pairwise", "mean"),
         ("nearest-neighbour median", "nearest_neighbour", "median"),
     ]
-    lines = [f"| {label} | " + " | ".join(_number((distances[s][group] or {}).get(key)) for s in ("before", "after", "random")) + " |"
-             for label, group, key in rows]
-    markdown = "\n".join([
-        f"# Thresher report: {run_dir.name}",
-        f"{counts['n_input_files']:,} files seen: {counts['n_sampled']:,} selected, {counts['n_removed']:,} removed, "
-        f"{counts['n_duplicate']:,} exact duplicates, {counts['n_corrupt']:,} corrupt.",
-        f"Estimated savings: {saved['labeling_cost_saved_usd']:,.2f} USD of labelling "
-        f"({saved['n_images_not_labelled']:,} images), {saved['training_gpu_hours_saved']:,.2f} GPU hours, "
-        f"{saved['co2_saved_kg']:,.2f} kg CO2.",
-        "", "| distance | all samples | selected | random subset |", "|---|---|---|---|", *lines,
-        "", f"Full report: `{describe(run_dir / 'report.pdf')}`",
-    ])
+    lines = [
+        f"| {label} | "
+        + " | ".join(_number((distances[s][group] or {}).get(key)) for s in ("before", "after", "random"))
+        + " |"
+        for label, group, key in rows
+    ]
+    markdown = "\n".join(
+        [
+            f"# Thresher report: {run_dir.name}",
+            f"{counts['n_input_files']:,} files seen: {counts['n_sampled']:,} selected, "
+            f"{counts['n_removed']:,} removed, "
+            f"{counts['n_duplicate']:,} exact duplicates, {counts['n_corrupt']:,} corrupt.",
+            f"Estimated savings: {saved['labeling_cost_saved_usd']:,.2f} USD of labelling "
+            f"({saved['n_images_not_labelled']:,} images), {saved['training_gpu_hours_saved']:,.2f} GPU hours, "
+            f"{saved['co2_saved_kg']:,.2f} kg CO2.",
+            "",
+            "| distance | all samples | selected | random subset |",
+            "|---|---|---|---|",
+            *lines,
+            "",
+            f"Full report: `{describe(run_dir / 'report.pdf')}`",
+        ]
+    )
     return {
         "markdown": {"key": f"{ARTIFACT_PREFIX}-summary", "markdown": markdown, "description": "Thresher run summary"},
-        "table": {"key": f"{ARTIFACT_PREFIX}-counts", "table": [{"count": k, "value": v} for k, v in counts.items()],
-                  "description": "Files per outcome"},
-        "link": {"key": f"{ARTIFACT_PREFIX}-pdf", "link": uri(run_dir / "report.pdf"),
-                 "link_text": "report.pdf", "description": "The run's PDF report"},
+        "table": {
+            "key": f"{ARTIFACT_PREFIX}-counts",
+            "table": [{"count": k, "value": v} for k, v in counts.items()],
+            "description": "Files per outcome",
+        },
+        "link": {
+            "key": f"{ARTIFACT_PREFIX}-pdf",
+            "link": uri(run_dir / "report.pdf"),
+            "link_text": "report.pdf",
+            "description": "The run's PDF report",
+        },
     }

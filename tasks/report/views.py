@@ -108,8 +108,14 @@ def umap_2d(points: np.ndarray, k: int, seed: int, pca: np.ndarray, previous: np
         start, epochs = 10.0 * pca / scale + np.random.default_rng(seed).normal(0.0, 1e-4, pca.shape), UMAP_EPOCHS
     else:
         start, epochs = continued_start(previous, index), CONTINUE_EPOCHS
-    model = umap.UMAP(n_neighbors=k, random_state=seed, n_jobs=1, n_epochs=epochs, init=start.astype(np.float32),
-                      precomputed_knn=(index, distances))
+    model = umap.UMAP(
+        n_neighbors=k,
+        random_state=seed,
+        n_jobs=1,
+        n_epochs=epochs,
+        init=start.astype(np.float32),
+        precomputed_knn=(index, distances),
+    )
     return model.fit_transform(points).astype(np.float32)
 
 
@@ -147,25 +153,39 @@ class PendingViews:
     xy: dict[str, np.ndarray | Future]
     continued: dict[str, int]  # view key -> points that kept their place from the previous layout
     cache: ReportCache
-    key: str | None = None  # the content key to store new projections under; None when they came from the cache or there is none
+    key: str | None = (
+        None  # the content key to store new projections under; None when they came from the cache or there is none
+    )
     layout: str | None = None  # the name of the dataset's latest layout in the cache
     ids: np.ndarray | None = None  # point_ids of the UMAP points
 
     def result(self) -> list[dict]:
         xy = {key: value.result() if isinstance(value, Future) else value for key, value in self.xy.items()}
         if self.key is not None:
-            self.cache.store_arrays(self.key, xy | {"continued": np.array([self.continued[v] for v in self.neighbours])})
+            self.cache.store_arrays(
+                self.key, xy | {"continued": np.array([self.continued[v] for v in self.neighbours])}
+            )
         if self.layout is not None and self.neighbours:
             self.cache.store_arrays(self.layout, {"ids": self.ids} | {view: xy[view] for view in self.neighbours})
         return ([{"key": "pca", "title": "PCA", "n_points": self.n_points, "xy": xy["pca"]}] if xy else []) + [
-            {"key": key, "title": f"UMAP, k = {k}" + (f" ({used} used)" if used < k else ""),
-             "n_points": self.umap_points, "continued_points": self.continued[key], "xy": xy[key]}
+            {
+                "key": key,
+                "title": f"UMAP, k = {k}" + (f" ({used} used)" if used < k else ""),
+                "n_points": self.umap_points,
+                "continued_points": self.continued[key],
+                "xy": xy[key],
+            }
             for key, (k, used) in self.neighbours.items()
         ]
 
 
-def start_embedding_views(points: np.ndarray, seed: int, cache: ReportCache = ReportCache(),
-                          executor: Executor = InProcess(), dataset: str = "") -> PendingViews:
+def start_embedding_views(
+    points: np.ndarray,
+    seed: int,
+    cache: ReportCache = ReportCache(),
+    executor: Executor = InProcess(),
+    dataset: str = "",
+) -> PendingViews:
     """PCA of the scatter points, and UMAP at each k of UMAP_NEIGHBOURS on their first UMAP_POINTS
     started side by side on `executor`; from the cache when it holds the projections of the same
     points. With a cache, each UMAP continues the latest layout of `dataset` (see ReportCache.previous_layout),
@@ -187,8 +207,9 @@ def start_embedding_views(points: np.ndarray, seed: int, cache: ReportCache = Re
     start = xy["pca"] if umap_n == n else pca_2d(points[:umap_n])
     for view, (_, used) in neighbours.items():
         xy[view] = executor.submit(umap_2d, points[:umap_n], used, seed, start, previous.get(view))
-    continued = {view: int(np.count_nonzero(~np.isnan(previous[view][:, 0]))) if view in previous else 0
-                 for view in neighbours}
+    continued = {
+        view: int(np.count_nonzero(~np.isnan(previous[view][:, 0]))) if view in previous else 0 for view in neighbours
+    }
     return PendingViews(n, umap_n, neighbours, xy, continued, cache, key, layout, ids)
 
 
@@ -210,8 +231,13 @@ class StartedViews:
         return Scatter(groups, [filenames[i] if i < self.n_run else None for i in self.rows.tolist()], self.n_total)
 
 
-def start_views(vectors: np.ndarray, settings: ReportSettings, datapool_embeddings_path: UPath | None = None,
-                cache_dir: UPath | None = None, executor: Executor = InProcess()) -> StartedViews | None:
+def start_views(
+    vectors: np.ndarray,
+    settings: ReportSettings,
+    datapool_embeddings_path: UPath | None = None,
+    cache_dir: UPath | None = None,
+    executor: Executor = InProcess(),
+) -> StartedViews | None:
     """Start the projections of the views of this run's samples (`vectors`, normalized as the
     report's numbers are) among the datapool's, on `executor`. They need only the embeddings, so a
     flow starts them before it selects. None for a run with no samples of its own (nothing new for
@@ -222,6 +248,9 @@ def start_views(vectors: np.ndarray, settings: ReportSettings, datapool_embeddin
     rows, points = scatter_points(vectors, datapool, settings.seed)
     n_total = len(vectors) + (len(datapool) if datapool is not None else 0)
     del datapool  # the views need only the points
-    return StartedViews(rows, len(vectors), n_total,
-                        start_embedding_views(points, settings.seed, ReportCache.under(cache_dir), executor,
-                                              settings.input_dir))
+    return StartedViews(
+        rows,
+        len(vectors),
+        n_total,
+        start_embedding_views(points, settings.seed, ReportCache.under(cache_dir), executor, settings.input_dir),
+    )

@@ -26,6 +26,7 @@ import numpy as np
 from tasks.selection.backends import Array, Backend
 from tasks.selection.distances import Points, min_sqdist
 
+
 @dataclass(frozen=True)
 class SelectionResult:
     """Selected rows in selection order and, for each, its distance to the earlier centers.
@@ -39,7 +40,6 @@ class SelectionResult:
     indices: np.ndarray
     distances: np.ndarray
     radii: np.ndarray | None = None
-
 
 
 @dataclass
@@ -151,11 +151,13 @@ def kcenter_greedy(
 
 def result(picked: list[int], sq_dists: list[float], sq_radii: list[float] | None = None) -> SelectionResult:
     """The picks, with their squared distances (and covering radii) as distances."""
+
     def root(values: list[float]) -> np.ndarray:
         return np.sqrt(np.maximum(np.asarray(values, dtype=np.float64), 0)).astype(np.float32)
 
-    return SelectionResult(np.asarray(picked, dtype=np.int64), root(sq_dists),
-                           None if sq_radii is None else root(sq_radii))
+    return SelectionResult(
+        np.asarray(picked, dtype=np.int64), root(sq_dists), None if sq_radii is None else root(sq_radii)
+    )
 
 
 def weighted_greedy(
@@ -207,7 +209,9 @@ def weighted_greedy(
     return result(picked, dists, radii)
 
 
-def _largest(state: GreedyState, weights: Array, md2: float | None, score: Array, distance: bool = True) -> Array | None:
+def _largest(
+    state: GreedyState, weights: Array, md2: float | None, score: Array, distance: bool = True
+) -> Array | None:
     """The unpicked row of the largest distance² x weight (of the largest weight, without `distance`), not
     surely closer than min_distance; None when no such row scores above 0."""
     bk, mind = state.bk, state.mind

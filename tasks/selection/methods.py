@@ -181,12 +181,28 @@ def coreset_two_round(
     union: list[np.ndarray] = []
     for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         shard_seed = int(np.random.SeedSequence([seed, j]).generate_state(1)[0])
-        shard = coreset(embeddings[a:b], n_samples, min_distance, initial_centers, shard_seed, bk, storage,
-                        None if weights is None else weights[a:b])
+        shard = coreset(
+            embeddings[a:b],
+            n_samples,
+            min_distance,
+            initial_centers,
+            shard_seed,
+            bk,
+            storage,
+            None if weights is None else weights[a:b],
+        )
         union.append(shard.indices + a)
     rows = np.sort(np.concatenate(union)) if union else np.empty(0, dtype=np.int64)
-    final = coreset(embeddings[rows], n_samples, min_distance, initial_centers, seed, bk, storage,
-                    None if weights is None else weights[rows])
+    final = coreset(
+        embeddings[rows],
+        n_samples,
+        min_distance,
+        initial_centers,
+        seed,
+        bk,
+        storage,
+        None if weights is None else weights[rows],
+    )
     return SelectionResult(rows[final.indices], final.distances)
 
 
@@ -217,7 +233,10 @@ def typical_coreset(
 
 
 def random_subset(
-    embeddings: np.ndarray, n_samples: int | None, initial_centers: np.ndarray | None = None, seed: int = 0,
+    embeddings: np.ndarray,
+    n_samples: int | None,
+    initial_centers: np.ndarray | None = None,
+    seed: int = 0,
     backend: Backend | None = None,
 ) -> SelectionResult:
     """Uniform sample without replacement from np.random.default_rng(seed); it has no `min_distance`.
@@ -259,8 +278,10 @@ def _check_embeddings(embeddings: np.ndarray, initial_centers: np.ndarray | None
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be a 2-D (N, d) array; got shape {embeddings.shape}")
     if initial_centers is not None and (initial_centers.ndim != 2 or initial_centers.shape[1] != embeddings.shape[1]):
-        raise ValueError(f"initial_centers must be an (M, {embeddings.shape[1]}) array like the embeddings; "
-                         f"got shape {initial_centers.shape}")
+        raise ValueError(
+            f"initial_centers must be an (M, {embeddings.shape[1]}) array like the embeddings; "
+            f"got shape {initial_centers.shape}"
+        )
 
 
 def select(

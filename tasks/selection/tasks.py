@@ -83,22 +83,33 @@ def choose(
     centers = load_embeddings(centers_path, normalize=options.normalize)[2] if centers_path else None
     count = options.count(len(filenames))
     if len(filenames):
-        result = select(vectors, options.method, count, options.min_distance,
-                        centers if centers is not None and len(centers) else None, options.seed, options.device)
+        result = select(
+            vectors,
+            options.method,
+            count,
+            options.min_distance,
+            centers if centers is not None and len(centers) else None,
+            options.seed,
+            options.device,
+        )
     else:
         result = SelectionResult(np.empty(0, np.int64), np.empty(0, np.float32))
     finite = result.distances[np.isfinite(result.distances)]
     reached_count = count is not None and len(result.indices) >= count
     limit = options.min_distance
-    return filenames, result, {
-        "method": options.method,
-        "n_candidates": len(filenames),
-        "n_selected": int(len(result.indices)),
-        "n_samples_target": count,
-        "min_distance": limit,
-        "stopped_by": "n_samples" if reached_count else "min_distance" if limit is not None else "all selected",
-        "last_pick_distance": float(finite[-1]) if finite.size else None,
-    }
+    return (
+        filenames,
+        result,
+        {
+            "method": options.method,
+            "n_candidates": len(filenames),
+            "n_selected": int(len(result.indices)),
+            "n_samples_target": count,
+            "min_distance": limit,
+            "stopped_by": "n_samples" if reached_count else "min_distance" if limit is not None else "all selected",
+            "last_pick_distance": float(finite[-1]) if finite.size else None,
+        },
+    )
 
 
 @task(name="select")
@@ -121,11 +132,18 @@ def sequence_candidates(
     filenames, labels, vectors = load_embeddings(embeddings_path, normalize=options.normalize)
     chunks = sequences(filenames, frame_infos(read_parquet([videos_path])), options.sequence_length)
     means = np.stack([vectors[rows].mean(axis=0) for rows in chunks]) if chunks else np.empty((0, vectors.shape[1]))
-    write_parquet(pa.table({
-        "filename": pa.array([filenames[rows[0]] for rows in chunks], pa.string()),
-        "label": pa.array([labels[rows[0]] for rows in chunks], pa.int32()),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(means.reshape(-1), pa.float32()), means.shape[1]),
-    }), out_path)
+    write_parquet(
+        pa.table(
+            {
+                "filename": pa.array([filenames[rows[0]] for rows in chunks], pa.string()),
+                "label": pa.array([labels[rows[0]] for rows in chunks], pa.int32()),
+                "embedding": pa.FixedSizeListArray.from_arrays(
+                    pa.array(means.reshape(-1), pa.float32()), means.shape[1]
+                ),
+            }
+        ),
+        out_path,
+    )
     frames = options.count(len(filenames))
     per_sequence = None if frames is None else round(frames / options.sequence_length)
     return filenames, chunks, replace(options, n_samples=per_sequence)
@@ -142,7 +160,17 @@ def select_sequences(embeddings_path: UPath, videos_path: UPath, options: Select
     _, result, summary = choose(candidates_path, per_sequence)
     length = options.sequence_length
     names = [filenames[row] for i in result.indices for row in chunks[i]]
-    write_parquet(selection_table(names, *(None if a is None else np.repeat(a, length) for a in (result.distances, result.radii))), out_path)
+    write_parquet(
+        selection_table(
+            names, *(None if a is None else np.repeat(a, length) for a in (result.distances, result.radii))
+        ),
+        out_path,
+    )
     count = per_sequence.n_samples
-    return {**summary, "sequence_length": length, "n_sequences_selected": summary["n_selected"],
-            "n_selected": len(names), "n_samples_target": None if count is None else count * length}
+    return {
+        **summary,
+        "sequence_length": length,
+        "n_sequences_selected": summary["n_selected"],
+        "n_selected": len(names),
+        "n_samples_target": None if count is None else count * length,
+    }

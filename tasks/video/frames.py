@@ -70,8 +70,13 @@ class FrameRange:
     def names(self) -> list[str]:
         return [frame_name(self.file.filename, i, self.n_frames) for i in self.indices]
 
-    def read(self, input_dir: UPath, image: Callable[[bytes], Any], frame: Callable[[av.VideoFrame], Any],
-             timeout: float | None = None) -> Iterator[tuple[str, Any]]:
+    def read(
+        self,
+        input_dir: UPath,
+        image: Callable[[bytes], Any],
+        frame: Callable[[av.VideoFrame], Any],
+        timeout: float | None = None,
+    ) -> Iterator[tuple[str, Any]]:
         """(frame name, frame(decoded frame)) for every frame, or (name, reason); decoded as iterated."""
         return read_frames(input_dir, [self], frame, timeout)
 
@@ -141,8 +146,9 @@ def _match(frames: Iterator[av.VideoFrame], rng: FrameRange) -> Iterator[tuple[i
         yield index, None
 
 
-def read_frames(input_dir: UPath, ranges: list[FrameRange], convert: Callable[[av.VideoFrame], object],
-                timeout: float | None = None) -> Iterator[tuple[str, object]]:
+def read_frames(
+    input_dir: UPath, ranges: list[FrameRange], convert: Callable[[av.VideoFrame], object], timeout: float | None = None
+) -> Iterator[tuple[str, object]]:
     """(frame name, convert(frame)) for every frame of the ranges, or (name, reason) where it failed.
     A range whose next frame takes longer than `timeout` seconds to decode is given up there."""
     for rng in ranges:
@@ -160,7 +166,6 @@ def read_frames(input_dir: UPath, ranges: list[FrameRange], convert: Callable[[a
                 yield name, f"video unreadable: {error}"
 
 
-
 def upright(frame: av.VideoFrame, pixels: np.ndarray) -> np.ndarray:
     """The frame's HWC pixels turned as its display matrix asks (phones record sideways and say
     so), as images are turned by their EXIF orientation."""
@@ -176,4 +181,3 @@ def embedder_input(frame: av.VideoFrame, input_size: int) -> np.ndarray:
     the colour conversion, so a full-size RGB frame is never made."""
     small = frame.reformat(width=input_size, height=input_size, format="rgb24", interpolation="BILINEAR")
     return upright(frame, small.to_ndarray()).transpose(2, 0, 1)
-

@@ -43,8 +43,9 @@ class CorruptVideo(Exception):
     """A video that cannot be used at all; the message is the reason shown to the user."""
 
 
-def probe(path: UPath, use_frame_count_metadata: bool = False, timeout: float | None = None
-          ) -> tuple[list[int], list[int], Fraction]:
+def probe(
+    path: UPath, use_frame_count_metadata: bool = False, timeout: float | None = None
+) -> tuple[list[int], list[int], Fraction]:
     """(pts of every frame in presentation order, keyframe indices, time base) of the first video stream.
 
     By default the packets are read (cheap: nothing is decoded) because containers' frame counts
@@ -99,8 +100,16 @@ def _probe_items(path: UPath, use_frame_count_metadata: bool) -> Generator[tuple
 
 
 def probe_row(input_dir: UPath, file: InputFile, use_frame_count_metadata: bool, timeout: float | None = None) -> dict:
-    row = {"filename": file.filename, "label": file.label, "size": file.size, "version": file.version,
-           "time_base": None, "pts": None, "keyframes": None, "error": None}
+    row = {
+        "filename": file.filename,
+        "label": file.label,
+        "size": file.size,
+        "version": file.version,
+        "time_base": None,
+        "pts": None,
+        "keyframes": None,
+        "error": None,
+    }
     try:
         pts, keyframes, time_base = probe(input_dir / file.filename, use_frame_count_metadata, timeout)
     except CorruptVideo as error:
@@ -111,8 +120,9 @@ def probe_row(input_dir: UPath, file: InputFile, use_frame_count_metadata: bool,
 
 
 @task(name="probe-videos", retries=2, retry_delay_seconds=1)
-def probe_videos(input_dir: UPath, files: list[InputFile], use_frame_count_metadata: bool, timeout: float | None,
-                 out_path: UPath) -> UPath:
+def probe_videos(
+    input_dir: UPath, files: list[InputFile], use_frame_count_metadata: bool, timeout: float | None, out_path: UPath
+) -> UPath:
     rows = [probe_row(input_dir, f, use_frame_count_metadata, timeout) for f in files]
     return write_parquet(pa.Table.from_pylist(rows, schema=VIDEO_SCHEMA), out_path)
 
@@ -123,5 +133,8 @@ def read_videos(paths: list[UPath]) -> pa.Table:
 
 def corrupt_video_rows(videos: pa.Table) -> list[dict]:
     """Check rows (decoding.CHECK_SCHEMA) for the videos that cannot be used, named by the video."""
-    return [check_row(InputFile(v["filename"], v["label"], v["size"], v["version"]), v["filename"], error=v["error"])
-            for v in videos.to_pylist() if v["error"] is not None]
+    return [
+        check_row(InputFile(v["filename"], v["label"], v["size"], v["version"]), v["filename"], error=v["error"])
+        for v in videos.to_pylist()
+        if v["error"] is not None
+    ]

@@ -34,16 +34,26 @@ def corruption_score(luma: np.ndarray) -> float:
     on_edge = np.arange(w - 1) % MACROBLOCK == MACROBLOCK - 1
     inside_x = np.where(on_edge[None, :], np.nan, dx)
     inside_y = np.where(on_edge[: h - 1, None], np.nan, dy)
-    inside = (np.nanmean(np.pad(inside_x, ((0, 0), (0, 1)), constant_values=np.nan)
-                         .reshape(rows, MACROBLOCK, cols, MACROBLOCK), axis=(1, 3))
-              + np.nanmean(np.pad(inside_y, ((0, 1), (0, 0)), constant_values=np.nan)
-                           .reshape(rows, MACROBLOCK, cols, MACROBLOCK), axis=(1, 3))) / 2
+    inside = (
+        np.nanmean(
+            np.pad(inside_x, ((0, 0), (0, 1)), constant_values=np.nan).reshape(rows, MACROBLOCK, cols, MACROBLOCK),
+            axis=(1, 3),
+        )
+        + np.nanmean(
+            np.pad(inside_y, ((0, 1), (0, 0)), constant_values=np.nan).reshape(rows, MACROBLOCK, cols, MACROBLOCK),
+            axis=(1, 3),
+        )
+    ) / 2
     vertical = dx[:, on_edge].reshape(rows, MACROBLOCK, cols - 1).mean(axis=1)  # between block columns
     horizontal = dy[on_edge[: h - 1], :].reshape(rows - 1, cols, MACROBLOCK).mean(axis=2)
     edges = np.zeros((rows, cols), np.float32)
     count = np.zeros((rows, cols), np.float32)
-    for view, values in ((np.s_[:, 1:], vertical), (np.s_[:, :-1], vertical),
-                         (np.s_[1:, :], horizontal), (np.s_[:-1, :], horizontal)):
+    for view, values in (
+        (np.s_[:, 1:], vertical),
+        (np.s_[:, :-1], vertical),
+        (np.s_[1:, :], horizontal),
+        (np.s_[:-1, :], horizontal),
+    ):
         edges[view] += values
         count[view] += 1
     edges /= count
@@ -69,11 +79,15 @@ def check_frame(frame: av.VideoFrame, threshold: float | None) -> dict:
     decoded pixels (so identical frames, e.g. a frozen camera, are exact duplicates), its size and
     why it is corrupt, if it is. Without a threshold only frames that fail to decode are corrupt."""
     pixels, luma = _pixels(frame)
-    found = {"content_hash": xxhash.xxh3_128_hexdigest(np.ascontiguousarray(pixels)),
-             "width": frame.width, "height": frame.height}
+    found = {
+        "content_hash": xxhash.xxh3_128_hexdigest(np.ascontiguousarray(pixels)),
+        "width": frame.width,
+        "height": frame.height,
+    }
     if threshold is not None:
         score = frame_score(frame, luma)
         if score > threshold:
-            found["error"] = (f"corrupt frame: corruption score {score:.2f} > "
-                              f"corruptness_check.corruption_threshold={threshold}")
+            found["error"] = (
+                f"corrupt frame: corruption score {score:.2f} > corruptness_check.corruption_threshold={threshold}"
+            )
     return found

@@ -32,8 +32,9 @@ def frame_infos(videos: pa.Table) -> dict[str, FrameInfo]:
         time_base = Fraction(video["time_base"])
         n = len(video["pts"])
         for index, pts in enumerate(video["pts"]):
-            infos[frame_name(video["filename"], index, n)] = FrameInfo(video["filename"], index, pts,
-                                                                     float(pts * time_base))
+            infos[frame_name(video["filename"], index, n)] = FrameInfo(
+                video["filename"], index, pts, float(pts * time_base)
+            )
     return infos
 
 
@@ -53,13 +54,15 @@ def sequence_information(selected: list[str], infos: dict[str, FrameInfo], lengt
     entries = []
     for start in range(0, len(selected), length):
         frames = [infos[name] for name in selected[start : start + length]]
-        entries.append({
-            "video_name": frames[0].video,
-            "frame_names": selected[start : start + length],
-            "frame_timestamps_pts": [f.pts for f in frames],
-            "frame_timestamps_sec": [f.seconds for f in frames],
-            "frame_indices": [f.index for f in frames],
-        })
+        entries.append(
+            {
+                "video_name": frames[0].video,
+                "frame_names": selected[start : start + length],
+                "frame_timestamps_pts": [f.pts for f in frames],
+                "frame_timestamps_sec": [f.seconds for f in frames],
+                "frame_indices": [f.index for f in frames],
+            }
+        )
     return entries
 
 
@@ -67,7 +70,8 @@ def video_timelines(videos: pa.Table, selected: list[str]) -> dict[str, list[flo
     """{video: sorted seconds of its selected frames} for every usable video, for the report."""
     infos = frame_infos(videos)
     timelines: dict[str, list[float]] = {
-        name: [] for name, error in zip(videos.column("filename").to_pylist(), videos.column("error").to_pylist())
+        name: []
+        for name, error in zip(videos.column("filename").to_pylist(), videos.column("error").to_pylist())
         if error is None
     }
     for name in selected:

@@ -16,12 +16,18 @@ def test_lightly_defaults_and_types():
     assert config.lightly.loader.batch_size == 16 and config.lightly.collate.input_size == 64
     assert config.n_example_images == 6 and config.memory_requirement_in_GB == 2
     assert config_from_overrides([*BASE, "stopping_condition.n_samples=1."]).stopping_condition.n_samples == 1.0
-    assert isinstance(config_from_overrides([*BASE, "stopping_condition.n_samples=1"]).stopping_condition.n_samples, int)
-    assert config_from_overrides([*BASE, "stopping_condition.n_samples=5", "output_image_size=[32,48]"]).output_image_size == (32, 48)
+    assert isinstance(
+        config_from_overrides([*BASE, "stopping_condition.n_samples=1"]).stopping_condition.n_samples, int
+    )
+    assert config_from_overrides(
+        [*BASE, "stopping_condition.n_samples=5", "output_image_size=[32,48]"]
+    ).output_image_size == (32, 48)
 
 
 def test_unknown_key_names_the_nearest_valid_keys():
-    with pytest.raises(ConfigError, match=r"Unknown key 'stopping_condition.n_sample'. Did you mean: stopping_condition.n_samples"):
+    with pytest.raises(
+        ConfigError, match=r"Unknown key 'stopping_condition.n_sample'. Did you mean: stopping_condition.n_samples"
+    ):
         parse_overrides([*BASE, "stopping_condition.n_sample=3"])
     with pytest.raises(ConfigError, match="Did you mean: lightly.loader.batch_size"):
         parse_overrides(["lightly.loader.batchsize=3"])
@@ -95,8 +101,15 @@ def test_cloud_only_keys_are_accepted_and_explained(caplog):
 
 
 def test_overrides_rebuild_the_same_config():
-    config = config_from_overrides([*BASE, "stopping_condition.min_distance=0.2", "output_image_size=[3,4]",
-                                    "lightly.collate.input_size=32", "dump_dataset=True"])
+    config = config_from_overrides(
+        [
+            *BASE,
+            "stopping_condition.min_distance=0.2",
+            "output_image_size=[3,4]",
+            "lightly.collate.input_size=32",
+            "dump_dataset=True",
+        ]
+    )
     assert validate_config(parse_overrides(overrides_of(config))) == config.model_copy(update={"token": SecretStr("")})
     assert yaml.safe_load(dump_config(config))["stopping_condition"]["min_distance"] == 0.2
 

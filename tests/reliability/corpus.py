@@ -60,8 +60,9 @@ def broken_images(root: Path) -> Expected:
     (root / "broken/header_only.png").write_bytes(png_header(64, 64))
     expected["broken/header_only.png"] = "header is cut short"
     # A decompression bomb: 10^10 pixels declared, a few bytes of compressed rows given.
-    (root / "broken/bomb.png").write_bytes(png_header(100_000, 100_000) + png_chunk(b"IDAT", zlib.compress(bytes(4096)))
-                                           + png_chunk(b"IEND", b""))
+    (root / "broken/bomb.png").write_bytes(
+        png_header(100_000, 100_000) + png_chunk(b"IDAT", zlib.compress(bytes(4096))) + png_chunk(b"IEND", b"")
+    )
     expected["broken/bomb.png"] = "decompression bomb"
     return expected
 
@@ -84,14 +85,23 @@ def unusual_images(root: Path) -> Expected:
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
     save(picture(8, (96, 64)), root / "unusual/exif_rotated.jpg", format="JPEG", exif=exif.tobytes())
-    return {name: None for name in [*names, "unusual/animated.gif", "unusual/animated.webp", "unusual/exif_rotated.jpg"]}
+    return {
+        name: None for name in [*names, "unusual/animated.gif", "unusual/animated.webp", "unusual/exif_rotated.jpg"]
+    }
 
 
 def awkward_names(root: Path) -> Expected:
     """Valid images whose names or places are hard on tools: spaces, unicode, line breaks, leading
     dashes, a 250-byte name, a folder 40 levels deep."""
-    names = ["names/with space.jpg", "names/ünïcødé 画像.jpg", "names/line\nbreak.jpg", "names/-leading-dash.jpg",
-             "names/--.jpg", f"names/{'l' * 246}.jpg", "/".join(["deep", *(f"d{i}" for i in range(40)), "img.jpg"])]
+    names = [
+        "names/with space.jpg",
+        "names/ünïcødé 画像.jpg",
+        "names/line\nbreak.jpg",
+        "names/-leading-dash.jpg",
+        "names/--.jpg",
+        f"names/{'l' * 246}.jpg",
+        "/".join(["deep", *(f"d{i}" for i in range(40)), "img.jpg"]),
+    ]
     for i, name in enumerate(names):
         save(picture(20 + i), root / name, format="JPEG", quality=90)
     return dict.fromkeys(names)
@@ -119,5 +129,10 @@ def filesystem_traps(root: Path, outside: Path) -> Expected:
 def hostile_images(root: Path, outside: Path) -> Expected:
     """Write the whole image corpus under root (and a target outside it); every listed file's fate."""
     save(picture(1), root / "plain.jpg", format="JPEG")
-    return {"plain.jpg": None, **broken_images(root), **unusual_images(root), **awkward_names(root),
-            **filesystem_traps(root, outside)}
+    return {
+        "plain.jpg": None,
+        **broken_images(root),
+        **unusual_images(root),
+        **awkward_names(root),
+        **filesystem_traps(root, outside),
+    }

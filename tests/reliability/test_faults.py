@@ -64,8 +64,19 @@ def clean_run(tmp_path_factory, dask_address):
     """An undisturbed run over the dataset that the fault tests disturb."""
     root = tmp_path_factory.mktemp("faults")
     dataset(root / "in", per_label=5)
-    assert main(["run", f"dask.address={dask_address}", f"input_dir={root / 'in'}", f"output_dir={root / 'clean'}",
-                 f"shared_dir={root / 'clean-shared'}", *OPTIONS]) == 0
+    assert (
+        main(
+            [
+                "run",
+                f"dask.address={dask_address}",
+                f"input_dir={root / 'in'}",
+                f"output_dir={root / 'clean'}",
+                f"shared_dir={root / 'clean-shared'}",
+                *OPTIONS,
+            ]
+        )
+        == 0
+    )
     return root / "in", root / "clean" / "run"
 
 
@@ -74,19 +85,32 @@ def test_a_run_killed_at_each_stage_resumes_to_the_clean_result(clean_run, tmp_p
     shared, out = tmp_path / "shared", tmp_path / "out"
     shared.mkdir()
     cache, run = shared / ".thresher-cache", out / "run"
-    command = [sys.executable, "-m", "flows.cli", "run", f"input_dir={source}", f"output_dir={out}",
-               f"shared_dir={shared}", "dask.cluster=local-threads", *OPTIONS]
+    command = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        f"input_dir={source}",
+        f"output_dir={out}",
+        f"shared_dir={shared}",
+        "dask.cluster=local-threads",
+        *OPTIONS,
+    ]
     # Each run starts its own temporary Prefect server, as a user's does: a killed run takes it down with it.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     # Each run resumes the one killed before it: in the check, in the embedding, while writing outputs.
-    markers = {"check": lambda: any((cache / "check").glob("*.parquet")),
-               "embed": lambda: any((cache / "embed").glob("*.parquet")),
-               "write": lambda: (run / "filenames").exists()}
+    markers = {
+        "check": lambda: any((cache / "check").glob("*.parquet")),
+        "embed": lambda: any((cache / "embed").glob("*.parquet")),
+        "write": lambda: (run / "filenames").exists(),
+    }
     for stage, marker in markers.items():
         log = tmp_path / f"killed-in-{stage}.log"
         with log.open("w") as output:
             # A process group of its own: the kill takes the whole run (its Prefect server too).
-            process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             wait_for(marker, process, log)
         finally:
@@ -116,8 +140,19 @@ def test_a_worker_killed_mid_run_is_retried_to_the_same_result(clean_run, tmp_pa
 
     killer = threading.Thread(target=kill_a_busy_worker_once_embedding_starts, daemon=True)
     killer.start()
-    assert main(["run", f"dask.address={dask_address}", f"input_dir={source}", f"output_dir={tmp_path / 'out'}",
-                 f"shared_dir={shared}", *OPTIONS]) == 0
+    assert (
+        main(
+            [
+                "run",
+                f"dask.address={dask_address}",
+                f"input_dir={source}",
+                f"output_dir={tmp_path / 'out'}",
+                f"shared_dir={shared}",
+                *OPTIONS,
+            ]
+        )
+        == 0
+    )
     killer.join(timeout=60)
     assert killed, "no worker was busy with a shard to kill"
     assert_same_outputs(tmp_path / "out" / "run", clean)
@@ -130,8 +165,14 @@ def test_disk_full_while_writing_outputs(clean_run, tmp_path, dask_address, monk
     def fail(*args, **kwargs):  # the header is written by now: what a filling disk takes before it refuses
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    run = ["run", f"dask.address={dask_address}", f"input_dir={source}", f"output_dir={tmp_path / 'out'}",
-           f"shared_dir={tmp_path / 'shared'}", *OPTIONS]
+    run = [
+        "run",
+        f"dask.address={dask_address}",
+        f"input_dir={source}",
+        f"output_dir={tmp_path / 'out'}",
+        f"shared_dir={tmp_path / 'shared'}",
+        *OPTIONS,
+    ]
     monkeypatch.setattr(embeddings_csv, "csv_lines", fail)
     assert main(run) == 1
     assert "No space left on device" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from PIL import Image
 
 from flows.cli import main
 from tasks.decoding import check_files, open_image
-from tasks.embedding import _image_input
+from tasks.embedding import EmbedOptions, _image_input
 from tasks.listing import InputFile, list_images
 from tests.images import picture, save
 from tests.options import check_options, embed_options
@@ -64,7 +64,10 @@ def test_decoded_pixels_are_the_picture(corpus):
     assert len(np.unique(np.asarray(load_image(root / "unusual/sixteen_bit.png", 10**6)))) > 100
     with Image.open(root / "unusual/palette_transparent.png") as palette:
         transparent = np.asarray(palette) == 0
-    assert transparent.any() and (np.asarray(load_image(root / "unusual/palette_transparent.png", 10**6))[transparent] == 255).all()
+    assert (
+        transparent.any()
+        and (np.asarray(load_image(root / "unusual/palette_transparent.png", 10**6))[transparent] == 255).all()
+    )
     with Image.open(root / "unusual/animated.gif") as gif:
         first = gif.convert("RGB")
     assert load_image(root / "unusual/animated.gif", 10**6).tobytes() == first.tobytes()
@@ -116,18 +119,31 @@ def test_unreadable_file(tmp_path):
 
 def test_run_over_the_corpus_accounts_for_every_file(corpus, tmp_path, prefect_server, dask_address):
     root, expected = corpus
-    code = main(["run", f"dask.address={dask_address}", f"input_dir={root}", f"output_dir={tmp_path}",
-                 "run_directory=r", "stopping_condition.n_samples=0.5", "dask.shard_size=8", "dump_dataset=True"])
+    code = main(
+        [
+            "run",
+            f"dask.address={dask_address}",
+            f"input_dir={root}",
+            f"output_dir={tmp_path}",
+            "run_directory=r",
+            "stopping_condition.n_samples=0.5",
+            "dask.shard_size=8",
+            "dump_dataset=True",
+        ]
+    )
     assert code == 0
     run = tmp_path / "r"
-    lists = {name: (run / "filenames" / f"{name}_filenames.txt").read_text().splitlines()
-             for name in ("corrupt", "duplicate", "removed", "sampled")}
+    lists = {
+        name: (run / "filenames" / f"{name}_filenames.txt").read_text().splitlines()
+        for name in ("corrupt", "duplicate", "removed", "sampled")
+    }
     escaped = {name.replace("\n", "\\n"): name for name in expected}
     listed = [escaped[line] for lines in lists.values() for line in lines]
     assert sorted(listed) == sorted(expected), "every file in exactly one list"
     corrupt = json.loads((run / "data" / "corruptness_check_information.json").read_text())["corrupt_samples"]
     assert set(corrupt) == {name for name, reason in expected.items() if reason is not None}
     assert sorted(map(escaped.get, lists["sampled"] + lists["removed"] + lists["duplicate"])) == sorted(
-        name for name, reason in expected.items() if reason is None)
+        name for name, reason in expected.items() if reason is None
+    )
     dumped = {p.relative_to(run / "data" / "sampled").as_posix() for p in (run / "data" / "sampled").rglob("*.png")}
     assert len(dumped) == len(lists["sampled"])

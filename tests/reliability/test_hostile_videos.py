@@ -23,6 +23,7 @@ from tasks.video.probe import VIDEO_SCHEMA, probe_row
 from tests.options import check_options
 from tests.videos import audio_only, frames, garbled, rotated, truncated, write_video
 
+
 def video_corpus(root: Path) -> dict[str, str | None]:
     """Write the videos; expected[name] is None for a video whose every frame is usable, "frames"
     for one with some corrupt frames, else a fragment of the reason the whole video is unusable."""
@@ -34,17 +35,37 @@ def video_corpus(root: Path) -> dict[str, str | None]:
     audio_only(root / "audio_only.mp4")
     garbled(root / "garbled.avi", frames(23, first_seed=40), at=0.3, length=500)
     (root / "empty.mkv").write_bytes(b"")
-    return {"good.mp4": None, "variable_rate.mp4": None, "rotated.mp4": None, "truncated_header.mp4": "",
-            "zero_frames.mp4": "", "audio_only.mp4": "has no video stream", "garbled.avi": "frames",
-            "empty.mkv": "cannot be opened"}
+    return {
+        "good.mp4": None,
+        "variable_rate.mp4": None,
+        "rotated.mp4": None,
+        "truncated_header.mp4": "",
+        "zero_frames.mp4": "",
+        "audio_only.mp4": "has no video stream",
+        "garbled.avi": "frames",
+        "empty.mkv": "cannot be opened",
+    }
 
 
 @pytest.mark.usefixtures("prefect_server")
 def test_run_over_hostile_videos(tmp_path, dask_address):
     expected = video_corpus(tmp_path / "in")
-    assert main(["run", f"input_dir={tmp_path / 'in'}", f"output_dir={tmp_path / 'out'}", "run_directory=r",
-                 "lightly.model.name=resnet-18", "lightly.collate.input_size=32", f"dask.address={dask_address}",
-                 "stopping_condition.n_samples=0.5", "dask.shard_size=8"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                f"input_dir={tmp_path / 'in'}",
+                f"output_dir={tmp_path / 'out'}",
+                "run_directory=r",
+                "lightly.model.name=resnet-18",
+                "lightly.collate.input_size=32",
+                f"dask.address={dask_address}",
+                "stopping_condition.n_samples=0.5",
+                "dask.shard_size=8",
+            ]
+        )
+        == 0
+    )
     run = tmp_path / "out" / "r"
     info = json.loads((run / "data" / "corruptness_check_information.json").read_text())
     unusable = {name for name, reason in expected.items() if reason not in (None, "frames")}
@@ -52,8 +73,11 @@ def test_run_over_hostile_videos(tmp_path, dask_address):
     for name in unusable:
         assert expected[name] in info["corrupt_videos"][name]
     assert info["corrupt_samples"] and all(name.startswith("garbled-") for name in info["corrupt_samples"])
-    listed = [line for kind in ("corrupt", "duplicate", "removed", "sampled")
-              for line in (run / "filenames" / f"{kind}_filenames.txt").read_text().splitlines()]
+    listed = [
+        line
+        for kind in ("corrupt", "duplicate", "removed", "sampled")
+        for line in (run / "filenames" / f"{kind}_filenames.txt").read_text().splitlines()
+    ]
     assert len(listed) == len(set(listed)) == len(unusable) + 6 * 3 + 23
     for stem in ("good", "variable_rate", "rotated"):
         assert len([n for n in listed if n.startswith(f"{stem}-")]) == 6
@@ -62,7 +86,9 @@ def test_run_over_hostile_videos(tmp_path, dask_address):
 def test_rotation_metadata_turns_frames_upright(tmp_path):
     source = frames(3)
     rotated(tmp_path / "phone.mp4", source)
-    videos = pa.Table.from_pylist([probe_row(tmp_path, InputFile("phone.mp4", 0, 1, "0.0"), False)], schema=VIDEO_SCHEMA)
+    videos = pa.Table.from_pylist(
+        [probe_row(tmp_path, InputFile("phone.mp4", 0, 1, "0.0"), False)], schema=VIDEO_SCHEMA
+    )
     ranges = frame_ranges(videos, size=8)
     images = [np.asarray(image) for _, image in read_frames(tmp_path, ranges, frame_image)]
     for image, expected in zip(images, source, strict=True):
@@ -89,8 +115,10 @@ def _stall(monkeypatch, module, name: str, at: int, release: threading.Event) ->
 def test_a_frame_that_never_decodes_times_out_and_the_other_frames_and_videos_go_on(tmp_path, monkeypatch):
     write_video(tmp_path / "stuck.mp4", frames(6))
     write_video(tmp_path / "good.mp4", frames(6, first_seed=10))
-    videos = pa.Table.from_pylist([probe_row(tmp_path, InputFile(name, 0, 1, "0.0"), False)
-                                   for name in ("stuck.mp4", "good.mp4")], schema=VIDEO_SCHEMA)
+    videos = pa.Table.from_pylist(
+        [probe_row(tmp_path, InputFile(name, 0, 1, "0.0"), False) for name in ("stuck.mp4", "good.mp4")],
+        schema=VIDEO_SCHEMA,
+    )
     release = threading.Event()
     _stall(monkeypatch, tasks.video.frames, "decode_frames", 2, release)
     start = time.monotonic()

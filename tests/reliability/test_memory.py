@@ -40,14 +40,26 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         vectors = rng.normal(size=(per_shard, DIM)).astype(np.float32)
         failed = [i % 1000 == 0 for i in rows]
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM, mask=pa.array(failed))
-        pq.write_table(pa.Table.from_arrays(
-            [pa.array(names(rows)), pa.array([0] * per_shard, pa.int32()), embedding,
-             pa.array(["broken" if f else None for f in failed], pa.string())],
-            schema=embedding_schema(DIM)), root / f"shard-{k:05d}.parquet")
+        pq.write_table(
+            pa.Table.from_arrays(
+                [
+                    pa.array(names(rows)),
+                    pa.array([0] * per_shard, pa.int32()),
+                    embedding,
+                    pa.array(["broken" if f else None for f in failed], pa.string()),
+                ],
+                schema=embedding_schema(DIM),
+            ),
+            root / f"shard-{k:05d}.parquet",
+        )
     nulls = pa.nulls(N, pa.string())
-    pq.write_table(pa.Table.from_arrays(
-        [pa.array(names(range(N))), pa.array([0] * N, pa.int32()), pa.array(["ok"] * N), nulls, nulls],
-        schema=SAMPLES_SCHEMA), root / "samples.parquet")
+    pq.write_table(
+        pa.Table.from_arrays(
+            [pa.array(names(range(N))), pa.array([0] * N, pa.int32()), pa.array(["ok"] * N), nulls, nulls],
+            schema=SAMPLES_SCHEMA,
+        ),
+        root / "samples.parquet",
+    )
     chosen = names(range(1, N, 100))
     pq.write_table(selection_table(chosen, np.ones(len(chosen), np.float32), None), root / "selection.parquet")
     return root
@@ -56,14 +68,18 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stage_code(stage: str, run: Path, shards: int) -> tuple[str, str]:
     """(the code that prepares a stage, the stage's call) for a run of the first `shards` shards."""
     table = f"Path('{run}/{shards}.parquet')"
-    gather = (f"gather_embeddings.fn(Path('{run}/samples.parquet'), "
-              f"sorted(Path('{run}').glob('shard-*.parquet'))[:{shards}], {table}, {DIM})")
+    gather = (
+        f"gather_embeddings.fn(Path('{run}/samples.parquet'), "
+        f"sorted(Path('{run}').glob('shard-*.parquet'))[:{shards}], {table}, {DIM})"
+    )
     if stage == "gather":
         return "", gather
     if stage == "load":
         return gather, f"load_embeddings({table}, normalize=True)"
-    return gather, (f"write_outputs.fn(Path('{run}/out-{shards}'), Path('{run}/samples.parquet'), {table}, "
-                    f"Path('{run}/selection.parquet'), normalize=False, dump_sampled_embeddings=True)")
+    return gather, (
+        f"write_outputs.fn(Path('{run}/out-{shards}'), Path('{run}/samples.parquet'), {table}, "
+        f"Path('{run}/selection.parquet'), normalize=False, dump_sampled_embeddings=True)"
+    )
 
 
 def growth_per_matrix(stage: str, run: Path) -> float:
@@ -72,18 +88,28 @@ def growth_per_matrix(stage: str, run: Path) -> float:
     that what it allocates once (Arrow's thread pools and per-thread heaps, lazy imports: some
     60 MB) is in the baseline; the difference of the two runs cancels what is left of it."""
 
-    lines = ["import ctypes", "import pyarrow", "from pathlib import Path",
-             "from tasks.gathering import gather_embeddings, load_embeddings", "from tasks.outputs import write_outputs",
-             "def memory(key): return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)) * 1024",
-             *stage_code(stage, run, 1)]
+    lines = [
+        "import ctypes",
+        "import pyarrow",
+        "from pathlib import Path",
+        "from tasks.gathering import gather_embeddings, load_embeddings",
+        "from tasks.outputs import write_outputs",
+        "def memory(key): "
+        "return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key)) * 1024",
+        *stage_code(stage, run, 1),
+    ]
     for shards in (SMALL, SHARDS):
         prepare, call = stage_code(stage, run, shards)
-        lines += [prepare,
-                  # Memory the allocators hold free would hide part of a run's growth, so it is returned first.
-                  "pyarrow.default_memory_pool().release_unused(); ctypes.CDLL('libc.so.6').malloc_trim(0)",
-                  "open('/proc/self/clear_refs', 'w').write('5')  # resets the peak (VmHWM) to the current size",
-                  "before = memory('VmRSS:')", f"result = {call}", "del result",
-                  "print(memory('VmHWM:') - before)"]
+        lines += [
+            prepare,
+            # Memory the allocators hold free would hide part of a run's growth, so it is returned first.
+            "pyarrow.default_memory_pool().release_unused(); ctypes.CDLL('libc.so.6').malloc_trim(0)",
+            "open('/proc/self/clear_refs', 'w').write('5')  # resets the peak (VmHWM) to the current size",
+            "before = memory('VmRSS:')",
+            f"result = {call}",
+            "del result",
+            "print(memory('VmHWM:') - before)",
+        ]
     done = subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     small, whole = map(int, done.stdout.split()[-2:])

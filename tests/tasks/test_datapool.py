@@ -3,7 +3,7 @@ import multiprocessing
 import os
 import socket
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -12,8 +12,22 @@ import pytest
 from lightly.utils.io import load_embeddings
 
 from tasks.datapool import (
-    CSV_FILE, HISTORY_DIR, LOCK_FILE, LOCK_STALE_SECONDS, POOL_FILE, DatapoolError, PoolLock, check_compatible, commit,
-    history, merge, pool_schema, processed_keys, read_pool, run_rows, sampled_rows,
+    CSV_FILE,
+    HISTORY_DIR,
+    LOCK_FILE,
+    LOCK_STALE_SECONDS,
+    POOL_FILE,
+    DatapoolError,
+    PoolLock,
+    check_compatible,
+    commit,
+    history,
+    merge,
+    pool_schema,
+    processed_keys,
+    read_pool,
+    run_rows,
+    sampled_rows,
 )
 
 MODEL = "efficientnet-lite0|imagenet|input_size=64"
@@ -23,9 +37,18 @@ def _rows(run: str, names: list[str], statuses: list[str], dim: int = 3, source:
     rng = np.random.default_rng(len(names))
     embeddings = [rng.normal(size=dim).astype(np.float32).tolist() if s == "sampled" else None for s in statuses]
     return pa.Table.from_pydict(
-        {"source": [source] * len(names), "filename": names, "file": names, "label": [0] * len(names),
-         "size": [10] * len(names), "version": ["1.0"] * len(names), "content_hash": [f"h{n}" for n in names],
-         "status": statuses, "run": [run] * len(names), "embedding": embeddings},
+        {
+            "source": [source] * len(names),
+            "filename": names,
+            "file": names,
+            "label": [0] * len(names),
+            "size": [10] * len(names),
+            "version": ["1.0"] * len(names),
+            "content_hash": [f"h{n}" for n in names],
+            "status": statuses,
+            "run": [run] * len(names),
+            "embedding": embeddings,
+        },
         schema=pool_schema(dim, MODEL),
     )
 
@@ -53,25 +76,45 @@ def test_keep_history_false_leaves_no_history(tmp_path):
 def test_reprocessed_files_replace_their_old_rows():
     old = _rows("r1", ["a.jpg", "b.jpg"], ["sampled", "removed"])
     merged = merge(old, _rows("r2", ["b.jpg"], ["sampled"]))
-    assert list(zip(merged.column("filename").to_pylist(), merged.column("run").to_pylist())) == [("a.jpg", "r1"), ("b.jpg", "r2")]
+    assert list(zip(merged.column("filename").to_pylist(), merged.column("run").to_pylist())) == [
+        ("a.jpg", "r1"),
+        ("b.jpg", "r2"),
+    ]
     assert len(sampled_rows(merged)) == 2
 
 
 def test_processed_keys_are_per_source():
-    table = pa.concat_tables([_rows("r1", ["a.jpg"], ["removed"]), _rows("r1", ["z.jpg"], ["removed"], source="/other")])
+    table = pa.concat_tables(
+        [_rows("r1", ["a.jpg"], ["removed"]), _rows("r1", ["z.jpg"], ["removed"], source="/other")]
+    )
     assert processed_keys(table, "/data") == {("a.jpg", 10, "1.0")}
     assert processed_keys(None, "/data") == set()
 
 
 def test_run_rows_record_status_identity_and_sampled_embeddings():
-    samples = pa.Table.from_pydict({"filename": ["a.jpg", "v-1-mp4.png", "b.jpg", "c.jpg"], "label": [0, 1, 0, 0],
-                                    "status": ["ok", "ok", "duplicate", "corrupt"]},
-                                   schema=pa.schema([("filename", pa.string()), ("label", pa.int32()), ("status", pa.string())]))
-    files = {"a.jpg": ("a.jpg", 5, "1.0"), "v-1-mp4.png": ("v.mp4", 99, "2.0"), "b.jpg": ("b.jpg", 5, "1.0"), "c.jpg": ("c.jpg", 0, "1.0")}
+    samples = pa.Table.from_pydict(
+        {
+            "filename": ["a.jpg", "v-1-mp4.png", "b.jpg", "c.jpg"],
+            "label": [0, 1, 0, 0],
+            "status": ["ok", "ok", "duplicate", "corrupt"],
+        },
+        schema=pa.schema([("filename", pa.string()), ("label", pa.int32()), ("status", pa.string())]),
+    )
+    files = {
+        "a.jpg": ("a.jpg", 5, "1.0"),
+        "v-1-mp4.png": ("v.mp4", 99, "2.0"),
+        "b.jpg": ("b.jpg", 5, "1.0"),
+        "c.jpg": ("c.jpg", 0, "1.0"),
+    }
     rows = run_rows("/data", samples, files, {"a.jpg": "h1"}, {"v-1-mp4.png": np.ones(3, np.float32)}, "r1", 3, MODEL)
     assert rows.column("status").to_pylist() == ["removed", "sampled", "duplicate", "corrupt"]
     assert rows.column("embedding").to_pylist()[:2] == [None, [1.0, 1.0, 1.0]]
-    assert processed_keys(rows, "/data") == {("a.jpg", 5, "1.0"), ("v.mp4", 99, "2.0"), ("b.jpg", 5, "1.0"), ("c.jpg", 0, "1.0")}
+    assert processed_keys(rows, "/data") == {
+        ("a.jpg", 5, "1.0"),
+        ("v.mp4", 99, "2.0"),
+        ("b.jpg", 5, "1.0"),
+        ("c.jpg", 0, "1.0"),
+    }
 
 
 def test_dimension_and_model_mismatch_stop_with_a_message(tmp_path):
@@ -121,7 +164,7 @@ def test_lock_excludes_a_second_run_and_survives_a_crashed_holder(tmp_path):
 
 
 def _lock_record(host: str, refreshed_ago: float) -> str:
-    refreshed = datetime.now(timezone.utc) - timedelta(seconds=refreshed_ago)
+    refreshed = datetime.now(UTC) - timedelta(seconds=refreshed_ago)
     return json.dumps({"host": host, "pid": 1, "token": "theirs", "since": "then", "refreshed": refreshed.isoformat()})
 
 

@@ -19,7 +19,9 @@ def _bytes(image: Image.Image, fmt: str, **options) -> bytes:
 
 def _check(tmp_path: Path, name: str, **options) -> dict:
     path = tmp_path / name
-    return check_files(tmp_path, [InputFile(name, 0, path.stat().st_size, "0.0")], check_options(**options)).to_pylist()[0]
+    return check_files(
+        tmp_path, [InputFile(name, 0, path.stat().st_size, "0.0")], check_options(**options)
+    ).to_pylist()[0]
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,19 @@ from tasks.dedup import classify, duplicate_map
 
 def _check_table(rows):
     return pa.Table.from_pylist(
-        [{"filename": f, "label": 0, "size": 1, "version": "", "content_hash": h, "width": 1, "height": 1, "error": e}
-         for f, h, e in rows],
+        [
+            {
+                "filename": f,
+                "label": 0,
+                "size": 1,
+                "version": "",
+                "content_hash": h,
+                "width": 1,
+                "height": 1,
+                "error": e,
+            }
+            for f, h, e in rows
+        ],
         schema=CHECK_SCHEMA,
     )
 
@@ -17,12 +28,23 @@ def test_first_by_sorted_path_is_kept_whatever_the_order():
 
 
 def test_classify_marks_corrupt_duplicate_and_ok():
-    table = _check_table([("b.jpg", "h1", None), ("a.jpg", "h1", None), ("c.jpg", "h2", None),
-                          ("d.jpg", "h2", "decoding failed"), ("e.jpg", None, "empty file (0 bytes)")])
+    table = _check_table(
+        [
+            ("b.jpg", "h1", None),
+            ("a.jpg", "h1", None),
+            ("c.jpg", "h2", None),
+            ("d.jpg", "h2", "decoding failed"),
+            ("e.jpg", None, "empty file (0 bytes)"),
+        ]
+    )
     out = classify(table, remove_exact_duplicates=True).to_pylist()
     assert [(r["filename"], r["status"], r["duplicate_of"]) for r in out] == [
-        ("b.jpg", "duplicate", "a.jpg"), ("a.jpg", "ok", None), ("c.jpg", "ok", None),
-        ("d.jpg", "corrupt", None), ("e.jpg", "corrupt", None)]
+        ("b.jpg", "duplicate", "a.jpg"),
+        ("a.jpg", "ok", None),
+        ("c.jpg", "ok", None),
+        ("d.jpg", "corrupt", None),
+        ("e.jpg", "corrupt", None),
+    ]
     assert out[3]["reason"] == "decoding failed"
 
 

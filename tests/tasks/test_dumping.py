@@ -18,8 +18,15 @@ def test_names_change_extension_without_collisions():
 
 def test_dump_reencodes_and_resizes(tmp_path):
     source = save(picture(1, (90, 60)), tmp_path / "in.png")
-    dump_shard.fn(source.parent, [InputFile(source.name, 0, 1, "0.0")], {"in.png": "in.jpg"}, tmp_path / "out", 30,
-                  "jpg", max_pixels=10**6)
+    dump_shard.fn(
+        source.parent,
+        [InputFile(source.name, 0, 1, "0.0")],
+        {"in.png": "in.jpg"},
+        tmp_path / "out",
+        30,
+        "jpg",
+        max_pixels=10**6,
+    )
     with Image.open(tmp_path / "out" / "in.jpg") as out:
         assert out.format == "JPEG" and out.size == (45, 30)
 
@@ -28,7 +35,8 @@ def test_a_selected_file_deleted_before_the_dump_is_reported_and_the_rest_dumped
     save(picture(1, (40, 30)), tmp_path / "in" / "kept.png")
     save(picture(2, (40, 30)), tmp_path / "in" / "gone.png").unlink()
     files = [InputFile(name, 0, 1, "0.0") for name in ("gone.png", "kept.png")]
-    failed = dump_shard.fn(tmp_path / "in", files, {"gone.png": "gone.png", "kept.png": "kept.png"}, tmp_path / "out",
-                           -1, "png", 10**6)
+    failed = dump_shard.fn(
+        tmp_path / "in", files, {"gone.png": "gone.png", "kept.png": "kept.png"}, tmp_path / "out", -1, "png", 10**6
+    )
     assert list(failed) == ["gone.png"] and "No such file" in failed["gone.png"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["kept.png"]

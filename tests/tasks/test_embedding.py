@@ -48,7 +48,9 @@ def test_pretrained_weights_classify_a_cat():
     classifier.load_state_dict({"weight": packaged["_fc.weight"], "bias": packaged["_fc.bias"]})
     image = Image.open(EXAMPLES / "objects" / "chelsea_00.jpg").convert("RGB").resize((224, 224))
     x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float()[None] / 255
-    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1
+    )
     with torch.no_grad():
         top5 = classifier(model.eval()(x)).topk(5).indices[0].tolist()
     assert set(top5) & {281, 282, 283, 285, 287}  # ImageNet cat classes
@@ -82,8 +84,9 @@ def test_undecodable_files_get_nan_rows_and_reasons_in_order(tmp_path):
     truncated(tmp_path / "b.jpg")
     save(picture(2), tmp_path / "c.png")
     model = load_backbone("resnet-18", 8, None, 1, "cpu")
-    _, vectors, errors, compute = embed_sources(tmp_path, _files(["a.png", "b.jpg", "c.png"]), model,
-                                                embed_options(batch_size=2))
+    _, vectors, errors, compute = embed_sources(
+        tmp_path, _files(["a.png", "b.jpg", "c.png"]), model, embed_options(batch_size=2)
+    )
     assert errors[0] is None and errors[1].startswith("decoding failed") and errors[2] is None
     assert np.isfinite(vectors[[0, 2]]).all() and np.isnan(vectors[1]).all()
     assert compute > 0
@@ -92,8 +95,11 @@ def test_undecodable_files_get_nan_rows_and_reasons_in_order(tmp_path):
 def test_the_flow_module_does_not_load_the_model_libraries():
     """The flow's process and the check stage's workers import flows.curate; timm, torchvision and
     lightly (with torch's compiler stack) load only where a backbone is built or training runs."""
-    code = ("import sys, flows.curate; "
-            "print(sorted(m for m in ('timm', 'torchvision', 'lightly', 'torch._dynamo') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True, text=True,
-                         check=True)
+    code = (
+        "import sys, flows.curate; "
+        "print(sorted(m for m in ('timm', 'torchvision', 'lightly', 'torch._dynamo') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr

@@ -23,14 +23,20 @@ def test_a_csv_of_many_blocks_keeps_the_order_of_its_rows(tmp_path):
     vectors = np.random.default_rng(1).normal(size=(n, 5)).astype(np.float32)
     names = [f"{i}.jpg" for i in range(n)]
     rows = np.random.default_rng(2).permutation(n)[: n - 3]
-    filenames, read, labels = read_embeddings_csv(write_embeddings_csv(tmp_path / "e.csv", names, vectors, list(range(n)), rows))
+    filenames, read, labels = read_embeddings_csv(
+        write_embeddings_csv(tmp_path / "e.csv", names, vectors, list(range(n)), rows)
+    )
     assert filenames == [names[i] for i in rows] and labels == rows.tolist()
     np.testing.assert_array_equal(read, vectors[rows])
 
 
 def test_float32_values_read_back_bit_for_bit(tmp_path):
-    extremes = np.array([0.0, -0.0, 1e-45, -1.17549435e-38, 1e-7, 123456789.0, 1e20, 3.4028235e38, -3.4028235e38], np.float32)
-    vectors = np.vstack([extremes, np.random.default_rng(3).normal(scale=1e3, size=(50, extremes.size)).astype(np.float32)])
+    extremes = np.array(
+        [0.0, -0.0, 1e-45, -1.17549435e-38, 1e-7, 123456789.0, 1e20, 3.4028235e38, -3.4028235e38], np.float32
+    )
+    vectors = np.vstack(
+        [extremes, np.random.default_rng(3).normal(scale=1e3, size=(50, extremes.size)).astype(np.float32)]
+    )
     names = ['say "cheese".jpg', *(f"{i}.jpg" for i in range(50))]
     path = write_embeddings_csv(tmp_path / "e.csv", names, vectors, [0] * 51)
     filenames, read, _ = read_embeddings_csv(path)

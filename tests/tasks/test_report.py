@@ -36,7 +36,7 @@ from tasks.report.render import artifacts
 from tasks.report.settings import PACKAGE, InProcess, ReportInputs
 from tasks.report.views import pca_2d, start_views, umap_2d
 from tasks.selection.tasks import SelectOptions, select_samples, selected_filenames
-from tasks.storage import read_table, write_parquet
+from tasks.storage import write_parquet
 from tests.images import picture, save, truncated
 from tests.options import check_options, embed_options
 
@@ -46,8 +46,9 @@ def test_exact_stats_match_brute_force():
     stats = pairwise_stats(x, memory_gb=1.0)
     reference = pdist(x.astype(np.float64))
     assert stats["exact"] and stats["n_pairs"] == len(reference)
-    np.testing.assert_allclose([stats["min"], stats["mean"], stats["max"]],
-                               [reference.min(), reference.mean(), reference.max()], rtol=1e-5)
+    np.testing.assert_allclose(
+        [stats["min"], stats["mean"], stats["max"]], [reference.min(), reference.mean(), reference.max()], rtol=1e-5
+    )
 
 
 def test_large_inputs_are_estimated_from_random_pairs_within_the_memory_cap():
@@ -68,7 +69,10 @@ def test_histogram_counts_every_pair_within_the_data_range():
     hist = pairwise_stats(x, memory_gb=1.0)["histogram"]
     reference = pdist(x.astype(np.float64))
     assert sum(hist["counts"]) == len(reference) and len(hist["edges"]) == len(hist["counts"]) + 1
-    assert hist["edges"][0] <= reference.min() < hist["edges"][1] and hist["edges"][-2] <= reference.max() <= hist["edges"][-1]
+    assert (
+        hist["edges"][0] <= reference.min() < hist["edges"][1]
+        and hist["edges"][-2] <= reference.max() <= hist["edges"][-1]
+    )
     assert hist["counts"][0] > 0 and hist["counts"][-1] > 0
 
 
@@ -98,15 +102,22 @@ def test_example_pairs_span_the_closest_to_the_farthest_retained_sample():
     pairs = example_pairs(x, names, selected, removed, 4, seed=0)
     nearest = cdist(x[selected], x[removed]).min(axis=1)
     assert len(pairs) == 4 and [p["distance"] for p in pairs] == sorted(p["distance"] for p in pairs)
-    assert pairs[0]["distance"] == pytest.approx(nearest.min()) and pairs[-1]["distance"] == pytest.approx(nearest.max())
-    assert all(p["retained"] in {names[i] for i in selected} and p["removed"] in {names[i] for i in removed} for p in pairs)
+    assert pairs[0]["distance"] == pytest.approx(nearest.min()) and pairs[-1]["distance"] == pytest.approx(
+        nearest.max()
+    )
+    assert all(
+        p["retained"] in {names[i] for i in selected} and p["removed"] in {names[i] for i in removed} for p in pairs
+    )
 
 
 def test_a_pair_shows_the_retained_image_left_in_the_selected_colour_and_a_missing_one_as_no_preview(tmp_path):
     save(picture(1, (640, 480)), tmp_path / "kept.jpg", format="JPEG", quality=90)
     thumbnails = Thumbnails(tmp_path, 10**8)
-    plot_pair({"retained": "kept.jpg", "removed": "gone.jpg", "distance": 0.5}, thumbnails.subset(["kept.jpg", "gone.jpg"]),
-              tmp_path / "pair.png")
+    plot_pair(
+        {"retained": "kept.jpg", "removed": "gone.jpg", "distance": 0.5},
+        thumbnails.subset(["kept.jpg", "gone.jpg"]),
+        tmp_path / "pair.png",
+    )
     with Image.open(tmp_path / "pair.png") as image:
         width, height = image.size
         assert image.format == "PNG" and width > 2 * height > 0
@@ -147,7 +158,9 @@ def test_pca_of_too_few_or_identical_points_is_finite():
 
 def test_content_keys_tell_values_types_and_shapes_apart():
     assert content_key([1, "a"], {"k": None}) == content_key((1, "a"), {"k": None})
-    keys = {content_key(value) for value in (1, 1.0, "1", True, [1], np.ones(1), np.ones((1, 1)), np.ones(1, np.float32))}
+    keys = {
+        content_key(value) for value in (1, 1.0, "1", True, [1], np.ones(1), np.ones((1, 1)), np.ones(1, np.float32))
+    }
     assert len(keys) == 8
 
 
@@ -189,24 +202,55 @@ def inputs(tmp_path_factory) -> dict:
     work = run_dir / "intermediate"
     samples = classify(check_files(images, list_images(images), check_options()), remove_exact_duplicates=True)
     write_parquet(samples, work / "samples.parquet")
-    ok = [name for name, status in zip(samples.column("filename").to_pylist(), samples.column("status").to_pylist())
-          if status == "ok"]
+    ok = [
+        name
+        for name, status in zip(samples.column("filename").to_pylist(), samples.column("status").to_pylist())
+        if status == "ok"
+    ]
     vectors = np.random.default_rng(5).normal(size=(len(ok), 16)).astype(np.float32)
-    write_parquet(pa.table({"filename": ok, "label": pa.array([0] * len(ok), pa.int32()),
-                            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 16)}),
-                  work / "embeddings.parquet")
-    config = ThresherConfig(input_dir=str(images), output_dir=str(root), n_example_images=4,
-                            stopping_condition={"n_samples": N_SELECT})
+    write_parquet(
+        pa.table(
+            {
+                "filename": ok,
+                "label": pa.array([0] * len(ok), pa.int32()),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 16),
+            }
+        ),
+        work / "embeddings.parquet",
+    )
+    config = ThresherConfig(
+        input_dir=str(images), output_dir=str(root), n_example_images=4, stopping_condition={"n_samples": N_SELECT}
+    )
     selection = select_samples.fn(work / "embeddings.parquet", _select_options(N_SELECT), work / "selection.parquet")
-    counts = {"n_input_files": 19, "n_corrupt": 2, "n_duplicate": 3, "n_removed": N_GOOD - N_SELECT, "n_sampled": N_SELECT}
-    job = {"started": "2026-01-01T10:00:00+00:00", "finished": "2026-01-01T10:01:00+00:00", "duration_seconds": 60.0,
-           "run_directory": str(run_dir)}
+    counts = {
+        "n_input_files": 19,
+        "n_corrupt": 2,
+        "n_duplicate": 3,
+        "n_removed": N_GOOD - N_SELECT,
+        "n_sampled": N_SELECT,
+    }
+    job = {
+        "started": "2026-01-01T10:00:00+00:00",
+        "finished": "2026-01-01T10:01:00+00:00",
+        "duration_seconds": 60.0,
+        "run_directory": str(run_dir),
+    }
     stages = {"check": {"seconds": 2.0, "items": 19, "items_per_second": 9.5}}
-    return {"samples_path": work / "samples.parquet", "embeddings_path": work / "embeddings.parquet",
-            "selection_path": work / "selection.parquet", "job": job, "counts": counts, "stages": stages,
-            "selection": selection, "config": report_config(config), "settings": report_settings(config),
-            "video_timelines": TIMELINES, "datapool_history": HISTORY,
-            "ok": ok, "vectors": vectors}
+    return {
+        "samples_path": work / "samples.parquet",
+        "embeddings_path": work / "embeddings.parquet",
+        "selection_path": work / "selection.parquet",
+        "job": job,
+        "counts": counts,
+        "stages": stages,
+        "selection": selection,
+        "config": report_config(config),
+        "settings": report_settings(config),
+        "video_timelines": TIMELINES,
+        "datapool_history": HISTORY,
+        "ok": ok,
+        "vectors": vectors,
+    }
 
 
 def _build(inputs: dict, run_dir: Path, executor=InProcess(), started=None, **changes) -> dict:
@@ -218,7 +262,12 @@ def _build(inputs: dict, run_dir: Path, executor=InProcess(), started=None, **ch
 def run(inputs) -> tuple[Path, dict]:
     run_dir = inputs["samples_path"].parents[1]
     report = _build(inputs, run_dir)
-    return run_dir, {"report": report, "ok": inputs["ok"], "vectors": inputs["vectors"], "selection": inputs["selection"]}
+    return run_dir, {
+        "report": report,
+        "ok": inputs["ok"],
+        "vectors": inputs["vectors"],
+        "selection": inputs["selection"],
+    }
 
 
 def test_report_json_lists_the_planted_corrupt_files_and_duplicate_groups(run):
@@ -246,20 +295,25 @@ def test_report_distances_are_exact_for_the_selection_and_all_samples(run):
     for name, rows in (("before", slice(None)), ("after", selected)):
         stats, reference = report["distances"][name], pdist(unit[rows].astype(np.float64))
         assert stats["n_samples"] == len(unit[rows]) and stats["pairwise"]["exact"]
-        np.testing.assert_allclose([stats["pairwise"][k] for k in ("min", "mean", "max")],
-                                   [reference.min(), reference.mean(), reference.max()], rtol=1e-5)
+        np.testing.assert_allclose(
+            [stats["pairwise"][k] for k in ("min", "mean", "max")],
+            [reference.min(), reference.mean(), reference.max()],
+            rtol=1e-5,
+        )
         assert stats["nearest_neighbour"]["exact"]
     assert report["distances"]["random"]["n_samples"] == N_SELECT
     # the coreset spreads out: its closest pair is farther apart than the closest pair overall
     assert report["distances"]["after"]["pairwise"]["min"] > report["distances"]["before"]["pairwise"]["min"]
 
 
-
 def test_on_a_cluster_the_report_is_the_same_as_in_one_process(inputs, run, tmp_path):
     """The flow's way: UMAPs and plots run on the Dask workers, into the same run directory. (Worker
     threads here, to spare the test two processes importing torch; the flow tests run it on processes.)"""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, Client(cluster) as client, \
-            get_task_stream(client) as stream:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+        get_task_stream(client) as stream,
+    ):
         report = _build(inputs, tmp_path / "cluster", executor=client.get_executor(pure=False))
     run_dir, data = run
     assert {key: report[key] for key in REUSED} == {key: data["report"][key] for key in REUSED}
@@ -287,9 +341,16 @@ def _plot_files(plots: dict) -> list[str]:
 def test_every_referenced_plot_exists_and_is_a_valid_png(run):
     run_dir, _ = run
     plots = json.loads((run_dir / "report.json").read_text())["plots"]
-    expected = {"distance_distr_before.png", "distance_distr_after.png", "scatter_pca.png", "scatter_pca_no_overlay.png",
-                *(f"scatter_umap_k_{k}{suffix}.png" for k in (5, 15, 50) for suffix in ("", "_no_overlay")),
-                *(f"filter_decision_{i}.png" for i in range(4)), "video_timelines.png", "datapool_growth.png"}
+    expected = {
+        "distance_distr_before.png",
+        "distance_distr_after.png",
+        "scatter_pca.png",
+        "scatter_pca_no_overlay.png",
+        *(f"scatter_umap_k_{k}{suffix}.png" for k in (5, 15, 50) for suffix in ("", "_no_overlay")),
+        *(f"filter_decision_{i}.png" for i in range(4)),
+        "video_timelines.png",
+        "datapool_growth.png",
+    }
     assert expected <= set(_plot_files(plots))
     assert {p.name for p in (run_dir / "plots").iterdir()} == set(_plot_files(plots))
     for name in _plot_files(plots):
@@ -303,9 +364,20 @@ def test_pdf_has_every_section_and_the_numbers_of_the_json(run):
     report = json.loads((run_dir / "report.json").read_text())
     text = " ".join(page.extract_text() for page in PdfReader(run_dir / "report.pdf").pages)
     text = re.sub(r"\s+", " ", text)
-    for heading in ("Thresher report", "Job", "Estimated savings", "Selection", "Distances before and after selection",
-                    "Visualisation of the embeddings", "Retained and removed images", "Corrupt files (2)",
-                    "Exact duplicate groups (2)", "Video sampling timeline", "Datapool", "Configuration"):
+    for heading in (
+        "Thresher report",
+        "Job",
+        "Estimated savings",
+        "Selection",
+        "Distances before and after selection",
+        "Visualisation of the embeddings",
+        "Retained and removed images",
+        "Corrupt files (2)",
+        "Exact duplicate groups (2)",
+        "Video sampling timeline",
+        "Datapool",
+        "Configuration",
+    ):
         assert heading in text, heading
     assert "empty file (0 bytes)" in text and "copy_a2.jpg" in text
     assert f"{report['distances']['after']['pairwise']['min']:.3f}" in text
@@ -358,8 +430,14 @@ def _fail(*args, **kwargs):
 
 
 # The module that looks up each function the tests replace.
-HOME = {"distance_statistics": tasks.report.numbers, "example_pairs": tasks.report.numbers, "pca_2d": tasks.report.views,
-        "umap_2d": tasks.report.views, "_thumbnail": tasks.report.previews, "_save": tasks.report.plots}
+HOME = {
+    "distance_statistics": tasks.report.numbers,
+    "example_pairs": tasks.report.numbers,
+    "pca_2d": tasks.report.views,
+    "umap_2d": tasks.report.views,
+    "_thumbnail": tasks.report.previews,
+    "_save": tasks.report.plots,
+}
 
 
 def _count_calls(monkeypatch, name: str) -> list:
@@ -399,8 +477,9 @@ def test_a_new_selection_recomputes_its_numbers_and_plots_but_not_the_projection
     work = tmp_path / "work"
     wider = select_samples.fn(inputs["embeddings_path"], _select_options(N_SELECT + 3), work / "selection.parquet")
     distances, projections = _count_calls(monkeypatch, "distance_statistics"), _count_calls(monkeypatch, "umap_2d")
-    second = _build(inputs, tmp_path / "second", cache_dir=cache, selection_path=work / "selection.parquet",
-                    selection=wider)
+    second = _build(
+        inputs, tmp_path / "second", cache_dir=cache, selection_path=work / "selection.parquet", selection=wider
+    )
     assert distances and not projections  # the same embeddings: the same 2-D views
     assert second["distances"]["after"]["n_samples"] == N_SELECT + 3 != first["distances"]["after"]["n_samples"]
     assert second["embedding_views"] == first["embedding_views"]
@@ -420,7 +499,9 @@ def test_changed_embeddings_recompute_the_projections(inputs, tmp_path, monkeypa
     second = _build(inputs, tmp_path / "second", cache_dir=cache, embeddings_path=moved)
     assert len(projections) == 3
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    assert second["distances"]["before"]["pairwise"]["max"] == pytest.approx(pdist(unit.astype(np.float64)).max(), rel=1e-5)
+    assert second["distances"]["before"]["pairwise"]["max"] == pytest.approx(
+        pdist(unit.astype(np.float64)).max(), rel=1e-5
+    )
 
 
 def test_a_continued_umap_keeps_the_old_points_in_place():
@@ -434,16 +515,29 @@ def test_a_continued_umap_keeps_the_old_points_in_place():
 
 
 def _embeddings(names: list[str], vectors: np.ndarray, path: Path) -> Path:
-    return write_parquet(pa.table({"filename": names, "label": pa.array([0] * len(names), pa.int32()),
-                                   "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 16)}), path)
+    return write_parquet(
+        pa.table(
+            {
+                "filename": names,
+                "label": pa.array([0] * len(names), pa.int32()),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), 16),
+            }
+        ),
+        path,
+    )
 
 
 def _umap_starts(monkeypatch) -> list[bool]:
     """Whether each umap_2d call continued a previous layout."""
     starts: list[bool] = []
     original = tasks.report.views.umap_2d
-    monkeypatch.setattr(tasks.report.views, "umap_2d", lambda points, k, seed, pca, previous=None:
-                        starts.append(previous is not None) or original(points, k, seed, pca, previous))
+    monkeypatch.setattr(
+        tasks.report.views,
+        "umap_2d",
+        lambda points, k, seed, pca, previous=None: (
+            starts.append(previous is not None) or original(points, k, seed, pca, previous)
+        ),
+    )
     return starts
 
 
@@ -452,20 +546,29 @@ def test_a_grown_input_continues_the_previous_layout(inputs, tmp_path, monkeypat
     starts = _umap_starts(monkeypatch)
     first = _build(inputs, tmp_path / "first", cache_dir=cache)
     new = np.random.default_rng(7).normal(size=(3, 16)).astype(np.float32)
-    grown = _embeddings(inputs["ok"] + ["new_0.jpg", "new_1.jpg", "new_2.jpg"], np.vstack([inputs["vectors"], new]),
-                        tmp_path / "grown.parquet")
+    grown = _embeddings(
+        inputs["ok"] + ["new_0.jpg", "new_1.jpg", "new_2.jpg"],
+        np.vstack([inputs["vectors"], new]),
+        tmp_path / "grown.parquet",
+    )
     second = _build(inputs, tmp_path / "second", cache_dir=cache, embeddings_path=grown)
     # an input of mostly other points starts afresh
     other = np.random.default_rng(8).normal(size=(len(inputs["ok"]), 16)).astype(np.float32)
-    third = _build(inputs, tmp_path / "third", cache_dir=cache,
-                   embeddings_path=_embeddings(inputs["ok"], other, tmp_path / "other.parquet"))
+    third = _build(
+        inputs,
+        tmp_path / "third",
+        cache_dir=cache,
+        embeddings_path=_embeddings(inputs["ok"], other, tmp_path / "other.parquet"),
+    )
 
     def continued(report: dict) -> list[int]:
         return [view["continued_points"] for view in report["embedding_views"]["views"] if view["key"] != "pca"]
 
     assert continued(first) == [0, 0, 0] and continued(second) == [N_GOOD] * 3 and continued(third) == [0, 0, 0]
     assert starts == [False] * 3 + [True] * 3 + [False] * 3
-    text = re.sub(r"\s+", " ", " ".join(page.extract_text() for page in PdfReader(tmp_path / "second" / "report.pdf").pages))
+    text = re.sub(
+        r"\s+", " ", " ".join(page.extract_text() for page in PdfReader(tmp_path / "second" / "report.pdf").pages)
+    )
     assert f"start from the previous report's layout of this input, where {N_GOOD} of their points were" in text
 
 
@@ -488,27 +591,51 @@ def test_a_changed_image_redraws_the_plots_that_show_it(inputs, tmp_path):
 
 def test_a_run_without_samples_of_its_own_projects_nothing(inputs, tmp_path, monkeypatch):
     work = tmp_path / "work"
-    write_parquet(pa.table({"filename": pa.array([], pa.string()), "label": pa.array([], pa.int32()),
-                            "embedding": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), 16)}),
-                  work / "embeddings.parquet")
+    write_parquet(
+        pa.table(
+            {
+                "filename": pa.array([], pa.string()),
+                "label": pa.array([], pa.int32()),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array([], pa.float32()), 16),
+            }
+        ),
+        work / "embeddings.parquet",
+    )
     selection = select_samples.fn(work / "embeddings.parquet", _select_options(N_SELECT), work / "selection.parquet")
     for name in ("pca_2d", "umap_2d", "_thumbnail"):
         monkeypatch.setattr(HOME[name], name, _fail)
-    counts = {"n_input_files": 0, "n_corrupt": 0, "n_duplicate": 0, "n_removed": 0, "n_sampled": 0,
-              "n_skipped_processed": 19}
-    report = _build(inputs, tmp_path / "empty", embeddings_path=work / "embeddings.parquet",
-                    selection_path=work / "selection.parquet", selection=selection, counts=counts, video_timelines=None,
-                    cache_dir=tmp_path / "cache")
+    counts = {
+        "n_input_files": 0,
+        "n_corrupt": 0,
+        "n_duplicate": 0,
+        "n_removed": 0,
+        "n_sampled": 0,
+        "n_skipped_processed": 19,
+    }
+    report = _build(
+        inputs,
+        tmp_path / "empty",
+        embeddings_path=work / "embeddings.parquet",
+        selection_path=work / "selection.parquet",
+        selection=selection,
+        counts=counts,
+        video_timelines=None,
+        cache_dir=tmp_path / "cache",
+    )
     assert report["embedding_views"]["views"] == [] and report["example_pairs"] == []
     assert set(report["plots"]) == {"filter_decisions", "datapool_growth"}
-    text = re.sub(r"\s+", " ", " ".join(page.extract_text() for page in PdfReader(tmp_path / "empty" / "report.pdf").pages))
+    text = re.sub(
+        r"\s+", " ", " ".join(page.extract_text() for page in PdfReader(tmp_path / "empty" / "report.pdf").pages)
+    )
     assert "this run has no embedded samples; its files were all processed by earlier runs" in text
 
 
 def test_the_report_module_does_not_load_torch():
     """Its UMAPs and plots run on the workers that replace the embedding ones; torch (with timm and
     torchvision) would add about half a GB of resident memory to each."""
-    code = "import sys, tasks.report.build; print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))"
+    code = (
+        "import sys, tasks.report.build; print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
 
@@ -533,20 +660,53 @@ def example_report(tmp_path_factory) -> tuple[Path, dict]:
     model = load_backbone("efficientnet-lite0", 32, None, 1, "cpu")
     names, vectors, errors, _ = embed_sources(EXAMPLES, sources, model, embed_options(input_size=96, batch_size=8))
     assert errors == [None] * len(names)
-    write_parquet(pa.table({"filename": names, "label": pa.array([file.label for file in sources], pa.int32()),
-                            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])}),
-                  work / "embeddings.parquet")
-    selection = select_samples.fn(work / "embeddings.parquet", _select_options(N_EXAMPLE_SELECT), work / "selection.parquet")
+    write_parquet(
+        pa.table(
+            {
+                "filename": names,
+                "label": pa.array([file.label for file in sources], pa.int32()),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
+            }
+        ),
+        work / "embeddings.parquet",
+    )
+    selection = select_samples.fn(
+        work / "embeddings.parquet", _select_options(N_EXAMPLE_SELECT), work / "selection.parquet"
+    )
     status = samples.column("status").to_pylist()
-    counts = {"n_input_files": len(status), "n_corrupt": status.count("corrupt"), "n_duplicate": status.count("duplicate"),
-              "n_removed": len(names) - N_EXAMPLE_SELECT, "n_sampled": N_EXAMPLE_SELECT}
-    config = ThresherConfig(input_dir=str(EXAMPLES), output_dir=str(run_dir), n_example_images=2,
-                            stopping_condition={"n_samples": N_EXAMPLE_SELECT})
-    job = {"started": "2026-01-01T10:00:00+00:00", "finished": "2026-01-01T10:01:00+00:00", "duration_seconds": 60.0,
-           "run_directory": str(run_dir)}
-    report = build_report(ReportInputs(run_dir, work / "samples.parquet", work / "embeddings.parquet",
-                                       work / "selection.parquet", job, counts, {}, selection, report_config(config),
-                                       report_settings(config)))
+    counts = {
+        "n_input_files": len(status),
+        "n_corrupt": status.count("corrupt"),
+        "n_duplicate": status.count("duplicate"),
+        "n_removed": len(names) - N_EXAMPLE_SELECT,
+        "n_sampled": N_EXAMPLE_SELECT,
+    }
+    config = ThresherConfig(
+        input_dir=str(EXAMPLES),
+        output_dir=str(run_dir),
+        n_example_images=2,
+        stopping_condition={"n_samples": N_EXAMPLE_SELECT},
+    )
+    job = {
+        "started": "2026-01-01T10:00:00+00:00",
+        "finished": "2026-01-01T10:01:00+00:00",
+        "duration_seconds": 60.0,
+        "run_directory": str(run_dir),
+    }
+    report = build_report(
+        ReportInputs(
+            run_dir,
+            work / "samples.parquet",
+            work / "embeddings.parquet",
+            work / "selection.parquet",
+            job,
+            counts,
+            {},
+            selection,
+            report_config(config),
+            report_settings(config),
+        )
+    )
     return run_dir, report
 
 
@@ -558,7 +718,11 @@ def test_the_example_report_compares_the_selection_with_random_and_shows_how_man
     probe = quality["probe"]
     assert probe["n_classes"] == 2 and probe["eval_exact"] and probe["n_eval"] == n
     assert [(b["n_samples"], b["source"]) for b in probe["budgets"]] == [
-        (3, "prefix"), (6, "prefix"), (N_EXAMPLE_SELECT, "run"), (n // 2, "re-run")]
+        (3, "prefix"),
+        (6, "prefix"),
+        (N_EXAMPLE_SELECT, "run"),
+        (n // 2, "re-run"),
+    ]
     for budget in probe["budgets"]:
         assert 0 <= budget["selection"] <= 1 and len(budget["random"]) == 5
         assert budget["gain_points"] == pytest.approx(100 * (budget["selection"] - budget["random_mean"]), abs=0.01)
@@ -574,8 +738,12 @@ def test_the_example_report_compares_the_selection_with_random_and_shows_how_man
         with Image.open(run_dir / "plots" / name) as image:
             image.verify()
     text = re.sub(r"\s+", " ", " ".join(page.extract_text() for page in PdfReader(run_dir / "report.pdf").pages))
-    for heading in ("Selection quality", "Does the selection beat random?", "How many should we label?",
-                    "A calibrated min_distance"):
+    for heading in (
+        "Selection quality",
+        "Does the selection beat random?",
+        "How many should we label?",
+        "A calibrated min_distance",
+    ):
         assert heading in text, heading
     run_budget = next(b for b in probe["budgets"] if b["source"] == "run")
     assert f"{run_budget['random_mean']:.3f} ± {run_budget['random_std']:.3f}" in text

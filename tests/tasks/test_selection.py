@@ -80,8 +80,11 @@ def grid_problems(draw: st.DrawFn) -> tuple:
     m = draw(st.integers(0, 4))
     centers = draw(arrays(np.int8, (m, d), elements=st.integers(-3, 3))).astype(np.float32) / 2
     n_samples = draw(st.none() | st.integers(0, n + 2))
-    md = draw(st.sampled_from([None, 0.0, 0.5, 1.0, 1.5, 2.0]) if n_samples is not None
-              else st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0]))
+    md = draw(
+        st.sampled_from([None, 0.0, 0.5, 1.0, 1.5, 2.0])
+        if n_samples is not None
+        else st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0])
+    )
     return x, n_samples, md, centers if m else None, draw(st.integers(0, 2**16))
 
 
@@ -100,8 +103,7 @@ def test_coreset_equals_brute_force(name: str, problem: tuple) -> None:
 
 @FAST
 @given(
-    x=arrays(np.float64, st.tuples(st.integers(2, 7), st.integers(1, 3)),
-             elements=st.floats(-10, 10, width=32)),
+    x=arrays(np.float64, st.tuples(st.integers(2, 7), st.integers(1, 3)), elements=st.floats(-10, 10, width=32)),
     k=st.integers(1, 3),
     seed=st.integers(0, 100),
 )
@@ -156,9 +158,7 @@ def test_min_distance_honoured_and_covering(
     ]
     # Away from 0 and min_distance, a reported squared distance may carry the expansion's error.
     expansion_error = 4 * d * np.finfo(np.float32).eps * (np.linalg.norm(x, axis=1) ** 2).max()
-    np.testing.assert_allclose(
-        got.distances**2.0, np.square(earlier), rtol=1e-5, atol=expansion_error
-    )
+    np.testing.assert_allclose(got.distances**2.0, np.square(earlier), rtol=1e-5, atol=expansion_error)
 
 
 @pytest.mark.parametrize("name", ["numpy-64", "torch-3", "torch-f16"])
@@ -214,8 +214,7 @@ def test_two_round_runs_automatically_when_memory_is_short() -> None:
             return 80 * 2**20  # a float64 input (needs a float32 copy) of 1e5 x 64 does not fit
 
     x = np.random.default_rng(2).normal(size=(100_000, 64))
-    plan = plan_storage(len(x), 64, SmallMachine(np).free_bytes(), copies_matrix=True,
-                        half_allowed=False)
+    plan = plan_storage(len(x), 64, SmallMachine(np).free_bytes(), copies_matrix=True, half_allowed=False)
     assert plan.n_shards > 1
     auto = coreset(x, 30, None, None, 1, SmallMachine(np))
     explicit = coreset_two_round(x, 30, None, plan.n_shards, None, 1, ArrayModuleBackend(np))
@@ -248,8 +247,17 @@ def test_plan_storage(free: int, copies: bool, half: bool, want: Plan) -> None:
 
 @pytest.mark.parametrize(
     ("value", "total", "want"),
-    [(None, 10, None), (0, 10, 0), (3, 10, 3), (50, 10, 10), (0.25, 10, 2), (1.0, 7, 7),
-     (0.5, 3, 2), (1e-9, 10, 0), (np.int64(4), 10, 4)],
+    [
+        (None, 10, None),
+        (0, 10, 0),
+        (3, 10, 3),
+        (50, 10, 10),
+        (0.25, 10, 2),
+        (1.0, 7, 7),
+        (0.5, 3, 2),
+        (1e-9, 10, 0),
+        (np.int64(4), 10, 4),
+    ],
 )
 def test_count(value: int | float | None, total: int, want: int | None) -> None:
     assert SelectOptions("coreset", value, None, True, 1, "cpu", 1).count(total) == want
@@ -342,10 +350,16 @@ def test_weighted_coreset_equals_brute_force(name: str, problem: tuple, data: st
 
 
 @FAST
-@given(seed=st.integers(0, 2**16), n=st.integers(2, 60), md=st.sampled_from([None, 0.3, 0.8]),
-       m=st.integers(0, 3), k=st.integers(1, 70))
-def test_typical_coreset_honours_min_distance_and_the_datapool(seed: int, n: int, md: float | None, m: int,
-                                                                k: int) -> None:
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(2, 60),
+    md=st.sampled_from([None, 0.3, 0.8]),
+    m=st.integers(0, 3),
+    k=st.integers(1, 70),
+)
+def test_typical_coreset_honours_min_distance_and_the_datapool(
+    seed: int, n: int, md: float | None, m: int, k: int
+) -> None:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 3)).astype(np.float32)
     x[rng.integers(n, size=n // 4)] = x[0]  # duplicates
@@ -378,8 +392,11 @@ def test_typicality_equals_brute_force() -> None:
     # Against a reference sample: the neighbours among those rows only (a row is not its own).
     rows = np.sort(np.random.default_rng(0).choice(300, 100, replace=False))
     sub = dist[:, rows]
-    np.testing.assert_allclose(typicality(BACKENDS["numpy-64"][0], x, k=5, reference=100, seed=0),
-                               1 / np.sort(sub, axis=1)[:, :5].mean(1), rtol=1e-4)
+    np.testing.assert_allclose(
+        typicality(BACKENDS["numpy-64"][0], x, k=5, reference=100, seed=0),
+        1 / np.sort(sub, axis=1)[:, :5].mean(1),
+        rtol=1e-4,
+    )
 
 
 def test_typical_coreset_prefers_the_typical_sample_among_equally_far_ones() -> None:

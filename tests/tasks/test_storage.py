@@ -8,8 +8,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.storage import (
-    HOST, StorageError, atomic_path, create_exclusive, literal_secrets, location, options_for, read_parquet,
-    remove_partial_files, write_parquet,
+    HOST,
+    StorageError,
+    atomic_path,
+    create_exclusive,
+    literal_secrets,
+    location,
+    options_for,
+    read_parquet,
+    remove_partial_files,
+    write_parquet,
 )
 
 
@@ -25,7 +33,8 @@ def test_local_paths_are_resolved_and_urls_keep_their_options(tmp_path, monkeypa
 def test_s3_gets_retries_with_backoff_unless_configured():
     assert options_for("s3://b", {})["config_kwargs"]["retries"]["mode"] == "adaptive"
     assert options_for("s3://b", {"s3": {"config_kwargs": {"retries": {"max_attempts": 2}}}})["config_kwargs"] == {
-        "retries": {"max_attempts": 2}}
+        "retries": {"max_attempts": 2}
+    }
     assert options_for("gs://b", {}) == {"use_listings_cache": False}
 
 
@@ -40,9 +49,14 @@ def test_secrets_are_references_resolved_at_use(monkeypatch):
 
 
 def test_literal_credentials_are_found_but_not_token_modes():
-    options = {"s3": {"key": "AKIA", "client_kwargs": {"aws_secret_access_key": "x"}, "endpoint_url": "http://h"},
-               "gs": {"token": "anon"}}
-    assert literal_secrets(options) == ["storage_options.s3.key", "storage_options.s3.client_kwargs.aws_secret_access_key"]
+    options = {
+        "s3": {"key": "AKIA", "client_kwargs": {"aws_secret_access_key": "x"}, "endpoint_url": "http://h"},
+        "gs": {"token": "anon"},
+    }
+    assert literal_secrets(options) == [
+        "storage_options.s3.key",
+        "storage_options.s3.client_kwargs.aws_secret_access_key",
+    ]
 
 
 def test_parquet_round_trip_leaves_no_temporary_file(tmp_path):
@@ -84,17 +98,25 @@ def test_a_prefect_secret_block_is_resolved_by_name(prefect_server):
     from prefect.blocks.system import Secret
 
     Secret(value="from-a-block").save("thresher-test-key", overwrite=True)
-    assert options_for("abfs://c/p", {"abfs": {"account_key": "prefect-secret:thresher-test-key"}})["account_key"] == \
-        "from-a-block"
+    assert (
+        options_for("abfs://c/p", {"abfs": {"account_key": "prefect-secret:thresher-test-key"}})["account_key"]
+        == "from-a-block"
+    )
     with pytest.raises(StorageError, match="no-such-block"):
         options_for("abfs://c/p", {"abfs": {"account_key": "prefect-secret:no-such-block"}})
 
 
-@pytest.mark.parametrize("store", [
-    "s3_store", "azure_store",
-    # gcsfs sends ifGenerationMatch=0, which GCS honours and gcp-storage-emulator ignores.
-    pytest.param("gcs_store", marks=pytest.mark.xfail(reason="the GCS emulator ignores ifGenerationMatch", strict=True)),
-])
+@pytest.mark.parametrize(
+    "store",
+    [
+        "s3_store",
+        "azure_store",
+        # gcsfs sends ifGenerationMatch=0, which GCS honours and gcp-storage-emulator ignores.
+        pytest.param(
+            "gcs_store", marks=pytest.mark.xfail(reason="the GCS emulator ignores ifGenerationMatch", strict=True)
+        ),
+    ],
+)
 def test_exclusive_create_and_the_pool_lock_hold_in_a_bucket(store, request):
     from tasks.datapool import DatapoolError, PoolLock
 

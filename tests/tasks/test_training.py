@@ -15,8 +15,16 @@ from tasks.embedding import ModelSpec, build_backbone, embed_sources, load_backb
 from tasks.listing import InputFile, list_images
 from tasks.sharding import frame_ranges
 from tasks.training import (
-    Step, build_simclr, checkpoint_payload, extract_frames, sample_ranges, save_checkpoint, train, train_model,
-    train_step, training_loader,
+    Step,
+    build_simclr,
+    checkpoint_payload,
+    extract_frames,
+    sample_ranges,
+    save_checkpoint,
+    train,
+    train_model,
+    train_step,
+    training_loader,
 )
 from tasks.video.probe import VIDEO_SCHEMA, probe_row
 from tests.images import picture, save
@@ -24,14 +32,17 @@ from tests.options import augmentations, embed_options, train_options
 from tests.videos import frames, write_video
 
 SPEC = ModelSpec("resnet-18", num_ftrs=16, checkpoint=None, seed=1)
-TINY = train_options(max_epochs=1, batch_size=8, out_dim=16, lr=0.1, num_workers=0,
-                     augment=augmentations(input_size=32))
+TINY = train_options(
+    max_epochs=1, batch_size=8, out_dim=16, lr=0.1, num_workers=0, augment=augmentations(input_size=32)
+)
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("train_images")
-    return [save(picture(seed, (48, 40)), root / f"img_{seed:02d}.jpg", format="JPEG", quality=90) for seed in range(10)]
+    return [
+        save(picture(seed, (48, 40)), root / f"img_{seed:02d}.jpg", format="JPEG", quality=90) for seed in range(10)
+    ]
 
 
 def test_one_epoch_writes_a_checkpoint_that_embeds_and_resumes(images, tmp_path):
@@ -91,8 +102,9 @@ def test_too_few_images_is_a_clear_error(images):
 
 def test_video_frames_are_sampled_to_image_files(tmp_path):
     write_video(tmp_path / "in" / "clip.mp4", frames(12))
-    videos = pa.Table.from_pylist([probe_row(tmp_path / "in", f, False) for f in list_images(tmp_path / "in")],
-                                  schema=VIDEO_SCHEMA)
+    videos = pa.Table.from_pylist(
+        [probe_row(tmp_path / "in", f, False) for f in list_images(tmp_path / "in")], schema=VIDEO_SCHEMA
+    )
     sampled = sample_ranges(frame_ranges(videos, size=5), max_frames=4)
     paths = extract_frames(tmp_path / "in", sampled, tmp_path / "frames")
     assert [p.name for p in paths] == ["clip-00-mp4.png", "clip-03-mp4.png", "clip-06-mp4.png", "clip-09-mp4.png"]
@@ -131,18 +143,22 @@ def test_loader_processes_end_cleanly_in_a_flow_process(images, tmp_path, prefec
 
     @flow
     def training_with_loader_processes() -> str:
-        return train_model(images[0].parent, [p.name for p in images], SPEC, dataclasses.replace(TINY, num_workers=2),
-                           tmp_path)
+        return train_model(
+            images[0].parent, [p.name for p in images], SPEC, dataclasses.replace(TINY, num_workers=2), tmp_path
+        )
 
     assert Path(training_with_loader_processes()).name == "lightly_epoch_0.ckpt"
     gc.collect()
     assert not errors, errors[0].exc_value
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"datapool": {"name": "pool"}}, "datapool"),
-    ({"lightly": {"trainer": {"max_epochs": 0}}}, "lightly.trainer.max_epochs"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"datapool": {"name": "pool"}}, "datapool"),
+        ({"lightly": {"trainer": {"max_epochs": 0}}}, "lightly.trainer.max_epochs"),
+    ],
+)
 def test_config_refuses_training_it_cannot_do(extra, message):
     base = {"input_dir": "in", "output_dir": "out", "stopping_condition": {"n_samples": 3}, "enable_training": True}
     validate_config({**base, "datapool": {"name": None}, "lightly": {}})  # training alone is accepted

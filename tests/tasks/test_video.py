@@ -144,8 +144,12 @@ def test_sequences_are_whole_runs_of_consecutive_frames(library):
     infos = frame_infos(videos)
     names = [frame_name("clips/mpeg4.mp4", i, 23) for i in range(23) if i != 5]
     chunks = sequences(names, infos, 4)
-    assert [[_index(names[r]) for r in chunk] for chunk in chunks] == [[0, 1, 2, 3], [8, 9, 10, 11],
-                                                                     [12, 13, 14, 15], [16, 17, 18, 19]]
+    assert [[_index(names[r]) for r in chunk] for chunk in chunks] == [
+        [0, 1, 2, 3],
+        [8, 9, 10, 11],
+        [12, 13, 14, 15],
+        [16, 17, 18, 19],
+    ]
     [entry] = sequence_information([names[r] for r in chunks[1]], infos, 4)
     assert entry["video_name"] == "clips/mpeg4.mp4" and entry["frame_indices"] == [8, 9, 10, 11]
     assert entry["frame_timestamps_sec"] == pytest.approx([0.32, 0.36, 0.40, 0.44])
