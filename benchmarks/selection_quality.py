@@ -42,9 +42,10 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.selection.backends import resolve_backend  # noqa: E402
-from tasks.selection.methods import coreset, random_subset, typical_coreset  # noqa: E402
+from tasks.selection.methods import coreset, random_subset, select, typicality_weights  # noqa: E402
 from tasks.selection.typicality import typicality  # noqa: E402
 
+CPU = resolve_backend("cpu")
 BUDGETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 PHOTOS = (
     "astronaut",
@@ -195,7 +196,7 @@ def load_set(name: str, cache: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _typicality_of(x: np.ndarray) -> np.ndarray:
-    return typicality(resolve_backend("cpu"), x, reference=len(x))
+    return typicality(CPU, x, reference=len(x))
 
 
 def typiclust(x: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -206,7 +207,7 @@ def typiclust(x: np.ndarray, k: int, seed: int) -> np.ndarray:
     for c in np.argsort(-np.bincount(clusters, minlength=k)):
         members = np.flatnonzero(clusters == c)
         if len(members):
-            local = typicality(resolve_backend("cpu"), x[members], k=min(20, len(members) - 1) or 1)
+            local = typicality(CPU, x[members], k=min(20, len(members) - 1) or 1)
             picks.append(members[np.argmax(local)])
     return np.array(picks)
 
@@ -226,10 +227,10 @@ def kcenter_without_outliers(x: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 METHODS = {
     "random": lambda x, k, s: random_subset(x, k, seed=s).indices,
-    "typical_coreset": lambda x, k, s: typical_coreset(x, k, None, seed=s).indices,
+    "typical_coreset": lambda x, k, s: select(x, "typical_coreset", k, None, seed=s, device="cpu").indices,
     "coreset": lambda x, k, s: coreset(x, k, None, seed=s).indices,
-    "typical_0.25": lambda x, k, s: typical_coreset(x, k, None, seed=s, strength=0.25).indices,
-    "typical_1": lambda x, k, s: typical_coreset(x, k, None, seed=s, strength=1.0).indices,
+    "typical_0.25": lambda x, k, s: coreset(x, k, None, seed=s, weights=typicality_weights(CPU, x, s, 0.25)).indices,
+    "typical_1": lambda x, k, s: coreset(x, k, None, seed=s, weights=typicality_weights(CPU, x, s, 1.0)).indices,
     "typiclust": typiclust,
     "kmeans_medoids": kmeans_medoids,
     "kcenter_no_outl": kcenter_without_outliers,
@@ -275,7 +276,7 @@ def print_set(name: str, x: np.ndarray, table: dict, seconds: float) -> None:
     exact = _typicality_of(x)
     from scipy.stats import spearmanr
 
-    default = typicality(resolve_backend("cpu"), x)
+    default = typicality(CPU, x)
     print(
         f"\n== {name}: {len(x)} samples, {seconds:.0f} s; typicality against {min(len(x), 1000)} reference rows "
         f"vs exact neighbours: Spearman {spearmanr(exact, default).statistic:.3f}"
@@ -296,7 +297,7 @@ def print_set(name: str, x: np.ndarray, table: dict, seconds: float) -> None:
 # --------------------------------------------------------------------------- timing
 
 
-def timing(sizes: list[int], d: int = 1280, share: float = 0.002) -> None:
+def timing(sizes: list[int], share: float, d: int = 1280) -> None:
     """Wall time of the default and of k-center for the same N, d and k, each run once."""
     print(f"\n== time, d = {d}, k = {share * 100:g}% of N (CPU)")
     for n in sizes:
@@ -306,13 +307,13 @@ def timing(sizes: list[int], d: int = 1280, share: float = 0.002) -> None:
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         k = round(share * n)
         start = time.perf_counter()
-        coreset(x, k, None)
+        select(x, "coreset", k, None, device="cpu")
         plain = time.perf_counter() - start
         start = time.perf_counter()
-        typicality(resolve_backend("cpu"), x)
+        typicality(CPU, x)
         weights = time.perf_counter() - start
         start = time.perf_counter()
-        typical_coreset(x, k, None)
+        select(x, "typical_coreset", k, None, device="cpu")
         typical = time.perf_counter() - start
         print(
             f"N = {n:>9,}  k = {k:>5}: coreset {plain:7.1f} s, typical_coreset {typical:7.1f} s "
@@ -333,6 +334,7 @@ def main() -> None:
     )
     parser.add_argument("--timing", action="store_true", help="also time the methods at --sizes")
     parser.add_argument("--sizes", default="100000,1000000")
+    parser.add_argument("--share", type=float, default=0.002, help="k as a share of N, for --timing")
     args = parser.parse_args()
     from threadpoolctl import threadpool_limits
 
@@ -344,7 +346,7 @@ def main() -> None:
             table = evaluate(x, y, ["random", *[m for m in args.methods.split(",") if m != "random"]], args.seeds)
         print_set(name, x, table, time.perf_counter() - start)
     if args.timing:
-        timing([int(float(s)) for s in args.sizes.split(",")])
+        timing([int(float(s)) for s in args.sizes.split(",")], args.share)
 
 
 if __name__ == "__main__":

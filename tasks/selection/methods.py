@@ -206,30 +206,22 @@ def coreset_two_round(
     return SelectionResult(rows[final.indices], final.distances)
 
 
-def typical_coreset(
-    embeddings: np.ndarray,
-    n_samples: int | None,
-    min_distance: float | None,
-    initial_centers: np.ndarray | None = None,
-    seed: int = 0,
-    backend: Backend | None = None,
-    strength: float = TYPICALITY_STRENGTH,
-) -> SelectionResult:
-    """Coverage that respects density, the default method: each step picks the row that maximises
-    distance to the selection x typicality^strength (`tasks.selection.typicality`).
+def typicality_weights(
+    bk: Backend, embeddings: np.ndarray, seed: int = 0, strength: float = TYPICALITY_STRENGTH
+) -> np.ndarray:
+    """The weights of the default method, typical_coreset: coverage that respects density. With them,
+    `coreset` picks at each step the row that maximises distance to the selection x typicality^strength
+    (`tasks.selection.typicality`); the first pick is the most typical row.
 
     Pure k-center greedy spends its budget on the farthest, least typical samples (outliers, odd
     crops, blank frames) and under-samples the dense regions where most test cases lie; at small
     budgets the most typical samples teach a model most (TypiClust, ProbCover). The product keeps
-    the picks spread out and, among candidates about equally far, takes the typical one; the first
-    pick is the most typical row. `benchmarks/selection_quality.py` compares it with k-center,
-    random and the strengths around the default on labelled sets.
+    the picks spread out and, among candidates about equally far, takes the typical one.
+    `benchmarks/selection_quality.py` compares it with k-center, random and the strengths around the
+    default on labelled sets.
     """
-    bk = backend or resolve_backend()
-    if len(embeddings) == 0 or n_samples == 0:
-        return result([], [], [])
-    weights = typicality(bk, embeddings, seed=seed) ** (2 * strength)  # weights of squared distances
-    return coreset(embeddings, n_samples, min_distance, initial_centers, seed, bk, weights=weights / weights.max())
+    weights = typicality(bk, embeddings, seed=seed) ** (2 * strength)  # they weigh squared distances
+    return weights / weights.max()
 
 
 def random_subset(
@@ -308,6 +300,6 @@ def select(
     if method == "random":
         assert min_distance is None, "random selection ignores distances (the config rejects min_distance)"
         return random_subset(embeddings, n_samples, initial_centers, seed, backend)
-    if method == "typical_coreset":
-        return typical_coreset(embeddings, n_samples, min_distance, initial_centers, seed, backend)
-    return coreset(embeddings, n_samples, min_distance, initial_centers, seed, backend)
+    typical = method == "typical_coreset" and len(embeddings)
+    weights = typicality_weights(backend, embeddings, seed) if typical else None
+    return coreset(embeddings, n_samples, min_distance, initial_centers, seed, backend, weights=weights)
