@@ -303,8 +303,11 @@ def timing(sizes: list[int], share: float, d: int = 1280) -> None:
     for n in sizes:
         rng = np.random.default_rng(0)
         centers = rng.normal(size=(64, d)).astype(np.float32)
-        x = centers[rng.integers(64, size=n)] + rng.normal(scale=0.5, size=(n, d)).astype(np.float32)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        x = np.empty((n, d), np.float32)
+        for a in range(0, n, 10_000):  # in chunks: no float64 copy of the whole matrix
+            block = centers[rng.integers(64, size=len(x[a : a + 10_000]))]
+            block += rng.standard_normal(block.shape, dtype=np.float32) * 0.5
+            x[a : a + 10_000] = block / np.linalg.norm(block, axis=1, keepdims=True)
         k = round(share * n)
         start = time.perf_counter()
         select(x, "coreset", k, None, device="cpu")

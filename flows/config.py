@@ -12,13 +12,11 @@ the Lightly Worker (Docker) parameter list, so a Lightly user's overrides work a
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import posixpath
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from upath import UPath
 
@@ -435,28 +433,3 @@ def check_consistency(config: ThresherConfig) -> None:
             f"selected_sequence_length={length}, "
             f"e.g. {max(length, n - n % length)}."
         )
-
-
-def flow_signature() -> inspect.Signature:
-    """The top-level keys as keyword parameters with their types and defaults.
-
-    This is the `curate` flow's signature, so the Prefect UI and `prefect deployment run --param`
-    offer exactly the keys of `thresher run` (nested groups as JSON objects) without a second list
-    of them to keep in step."""
-    parameters = [
-        inspect.Parameter(
-            name,
-            inspect.Parameter.KEYWORD_ONLY,
-            annotation=field.annotation,
-            default=inspect.Parameter.empty if field.is_required() else field.get_default(call_default_factory=True),
-        )
-        for name, field in ThresherConfig.model_fields.items()
-    ]
-    return inspect.Signature(parameters, return_annotation=dict)
-
-
-def dump_config(config: ThresherConfig) -> str:
-    """YAML of the full configuration, secrets masked."""
-    data = config.model_dump(mode="json")
-    data["token"] = "***" if config.token.get_secret_value() else ""
-    return yaml.safe_dump(data, sort_keys=False)

@@ -26,8 +26,9 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from flows.cluster import ClusterPlan, cluster_plan
-from flows.config import ThresherConfig, flow_signature, validate_config
+from flows.config import ThresherConfig, validate_config
 from flows.options import model_spec
+from flows.overrides import flow_signature
 from flows.run import RunLog, start_run
 from flows.stages import (
     check,

@@ -1,5 +1,6 @@
-"""The `key=value` surface of `thresher run`: every dotted key, its help, overrides parsed into a
-validated config, and a config written back as overrides.
+"""The configuration's surfaces: the `key=value` overrides of `thresher run` (every dotted key, its
+help, overrides parsed into a validated config and a config written back as overrides), the
+`curate` flow's parameters, and `config/config.yaml`.
 
     >>> cfg = config_from_overrides(["input_dir=images", "output_dir=out",
     ...                              "stopping_condition.n_samples=0.3"])
@@ -10,6 +11,7 @@ validated config, and a config written back as overrides.
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 from typing import Any
 
@@ -112,3 +114,28 @@ def overrides_of(config: ThresherConfig) -> list[str]:
         f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
         for key, value in flatten(data)
     ]
+
+
+def flow_signature() -> inspect.Signature:
+    """The top-level keys as keyword parameters with their types and defaults.
+
+    This is the `curate` flow's signature, so the Prefect UI and `prefect deployment run --param`
+    offer exactly the keys of `thresher run` (nested groups as JSON objects) without a second list
+    of them to keep in step."""
+    parameters = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=field.annotation,
+            default=inspect.Parameter.empty if field.is_required() else field.get_default(call_default_factory=True),
+        )
+        for name, field in ThresherConfig.model_fields.items()
+    ]
+    return inspect.Signature(parameters, return_annotation=dict)
+
+
+def dump_config(config: ThresherConfig) -> str:
+    """YAML of the full configuration, secrets masked."""
+    data = config.model_dump(mode="json")
+    data["token"] = "***" if config.token.get_secret_value() else ""
+    return yaml.safe_dump(data, sort_keys=False)

@@ -20,8 +20,8 @@ from tqdm import tqdm
 from upath import UPath
 
 from flows.cluster import ClusterPlan
-from flows.config import ThresherConfig, dump_config
-from flows.overrides import overrides_of
+from flows.config import ThresherConfig
+from flows.overrides import dump_config, overrides_of
 from tasks.caching import cache_path
 from tasks.gathering import GATHERED_NAME
 from tasks.sharding import Source, count_samples, describe_shard, pack_pieces, plan_pieces

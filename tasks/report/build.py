@@ -21,7 +21,7 @@ from tasks.report.previews import Thumbnails
 from tasks.report.quality import Picks, RunSelection, selection_quality
 from tasks.report.render import artifacts, render_html, write_pdf
 from tasks.report.settings import GROUPS, InProcess, ReportInputs, ReportSettings
-from tasks.report.views import StartedViews, start_views
+from tasks.report.views import Scatter, StartedViews, start_views
 from tasks.storage import is_local, location, write_text
 
 SCHEMA_VERSION = 2
@@ -77,21 +77,30 @@ def build_report(inputs: ReportInputs, executor: Executor = InProcess(), started
     names, plots = summary_plots(report, previews)
     drawing = cache.draw(plots, plots_dir, executor)
     views = started.pending.result() if started else []
-    report["embedding_views"] = {
+    report["embedding_views"] = views_summary(scatter, views)
+    view_names, plots = view_plots(views, scatter, previews)
+    drawing += cache.draw(plots, plots_dir, executor)
+    cache.finish(drawing, plots_dir)
+    report["plots"] = names | view_names
+    write_documents(report, run_dir)
+    return report
+
+
+def views_summary(scatter: Scatter | None, views: list[dict]) -> dict:
+    return {
         "n_points": len(scatter.groups) if scatter else 0,
         "n_total": scatter.n_total if scatter else 0,
         "n_datapool_points": int(np.sum(scatter.groups == GROUPS.index("datapool"))) if scatter else 0,
         "views": [{k: v for k, v in view.items() if k != "xy"} for view in views],
     }
-    view_names, plots = view_plots(views, scatter, previews)
-    drawing += cache.draw(plots, plots_dir, executor)
-    cache.finish(drawing, plots_dir)
-    report["plots"] = names | view_names
+
+
+def write_documents(report: dict, run_dir: UPath) -> None:
+    """report.html, report.pdf and report.json in the run directory."""
     write_text(render_html(report, run_dir / "plots"), run_dir / "report.html")
     # weasyprint reads local plot files faster than it parses their base64; objects are embedded.
     write_pdf(render_html(report, run_dir / "plots", embed=not is_local(run_dir)), run_dir / "report.pdf")
     write_text(json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False), run_dir / "report.json")
-    return report
 
 
 def selection_quality_numbers(

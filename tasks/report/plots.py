@@ -270,22 +270,18 @@ def plot_how_many(advice: dict, probe: dict | None, path: UPath) -> None:
     if probe:
         accuracy = ax.twinx()
         budgets = probe["budgets"]
-        accuracy.plot(
-            [b["n_samples"] for b in budgets],
-            [b["selection"] for b in budgets],
-            "o",
-            color=COLOURS["selected"],
-            markerfacecolor="white",
-            label="probe accuracy, selection",
-        )
-        accuracy.plot(
-            [b["n_samples"] for b in budgets],
-            [b["random_mean"] for b in budgets],
-            "s",
-            color=COLOURS["datapool"],
-            markerfacecolor="white",
-            label="probe accuracy, random (mean)",
-        )
+        for key, marker, colour, label in (
+            ("selection", "o", "selected", "selection"),
+            ("random_mean", "s", "datapool", "random (mean)"),
+        ):
+            accuracy.plot(
+                [b["n_samples"] for b in budgets],
+                [b[key] for b in budgets],
+                marker,
+                color=COLOURS[colour],
+                markerfacecolor="white",
+                label=f"probe accuracy, {label}",
+            )
         accuracy.set_ylabel("probe accuracy")
         handles = tuple(mine + theirs for mine, theirs in zip(handles, accuracy.get_legend_handles_labels()))
     figure.legend(*handles, loc="outside lower center", ncols=1, fontsize=7)

@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from flows.cli import keys_help
-from flows.config import ConfigError, SecretStr, dump_config, validate_config
-from flows.overrides import all_keys, config_from_overrides, overrides_of, parse_overrides
+from flows.config import ConfigError, SecretStr, validate_config
+from flows.overrides import all_keys, config_from_overrides, dump_config, overrides_of, parse_overrides
 
 BASE = ["input_dir=in", "output_dir=out"]
 
