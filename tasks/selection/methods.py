@@ -148,7 +148,8 @@ def coreset(
         return kcenter_greedy(bk, x, initial, first, n_samples, min_distance, guard)
     first = None if initial is not None else int(np.argmax(weights))
     state = GreedyState.start(bk, x, initial, guard)
-    return weighted_greedy(state, bk.from_host(weights), first, n_samples, min_distance)
+    # A copy, also on the CPU: the greedy zeroes the weights of rows it finds too close.
+    return weighted_greedy(state, bk.from_host(weights.astype(np.float32)), first, n_samples, min_distance)
 
 
 def coreset_two_round(

@@ -331,9 +331,11 @@ def weighted_reference(
 def test_weighted_coreset_equals_brute_force(name: str, problem: tuple, data: st.DataObject) -> None:
     x, n_samples, md, centers, seed = problem
     # Powers of two keep every product exact, so ties break alike.
-    w = 2.0 ** -np.array(data.draw(st.lists(st.integers(0, 3), min_size=len(x), max_size=len(x))))
+    w = 2.0 ** -np.array(data.draw(st.lists(st.integers(0, 3), min_size=len(x), max_size=len(x))), np.float32)
+    given_weights = w.copy()
     backend, storage = BACKENDS[name]
     got = coreset(x, n_samples, md, centers, seed, backend, storage, weights=w)
+    assert (w == given_weights).all()  # the caller's weights are never modified
     assert got.indices.tolist() == weighted_reference(x, w, n_samples, md, centers)
     picks = x[got.indices].astype(np.float64)
     pool = np.empty((0, x.shape[1])) if centers is None else centers.astype(np.float64)
