@@ -151,43 +151,27 @@ def test_a_literal_secret_in_storage_options_is_refused_before_any_work(s3_store
 def test_gcs_input_with_local_outputs(gcs_store, tmp_path):
     _dataset(tmp_path / "data")
     gcs_store.upload(tmp_path / "data", "in")
-    assert (
-        main(
-            [
-                "run",
-                f"input_dir={gcs_store.url}/in",
-                f"output_dir={tmp_path / 'out'}",
-                f"shared_dir={tmp_path}",
-                "run_directory=r",
-                f"storage_options.gs.endpoint_url={gcs_store.storage_options['endpoint_url']}",
-                "storage_options.gs.token=anon",
-                "stopping_condition.n_samples=3",
-                *FAST,
-            ]
-        )
-        == 0
-    )
+
+    def run_args(run_directory: str) -> list[str]:
+        return [
+            "run",
+            f"input_dir={gcs_store.url}/in",
+            f"output_dir={tmp_path / 'out'}",
+            f"shared_dir={tmp_path}",
+            f"run_directory={run_directory}",
+            f"storage_options.gs.endpoint_url={gcs_store.storage_options['endpoint_url']}",
+            "storage_options.gs.token=anon",
+            "stopping_condition.n_samples=3",
+            *FAST,
+        ]
+
+    assert main(run_args("r")) == 0
     run = tmp_path / "out" / "r"
     assert (run / "filenames" / "corrupt_filenames.txt").read_text().splitlines() == ["cams/cut.jpg", "empty.png"]
     assert len((run / "filenames" / "sampled_filenames.txt").read_text().splitlines()) == 3
     assert json.loads((run / "report.json").read_text())["counts"]["n_input_files"] == 10
     # Its cache keys use the objects' generations: an unchanged rerun embeds nothing again.
-    assert (
-        main(
-            [
-                "run",
-                f"input_dir={gcs_store.url}/in",
-                f"output_dir={tmp_path / 'out'}",
-                f"shared_dir={tmp_path}",
-                "run_directory=again",
-                f"storage_options.gs.endpoint_url={gcs_store.storage_options['endpoint_url']}",
-                "storage_options.gs.token=anon",
-                "stopping_condition.n_samples=3",
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert main(run_args("again")) == 0
     stages = {s["stage"]: s for s in json.loads((tmp_path / "out" / "again" / "report.json").read_text())["stages"]}
     assert "embed" not in stages or stages["embed"]["items"] == 0
 
