@@ -165,21 +165,16 @@ def probe_budgets(k: int, n: int, d: int, sequences: bool) -> tuple[list[int], l
 
 
 def rerun(vectors: np.ndarray, budgets: list[int], run: RunSelection) -> dict[int, np.ndarray]:
-    """The run's method selecting each budget afresh; a budget that `min_distance` stops short of is left out."""
-    picked = {}
-    for budget in budgets:
-        result = select(
-            vectors,
-            run.options.method,
-            budget,
-            run.options.min_distance,
-            run.centers,
-            run.options.seed,
-            run.options.device,
-        )
-        if len(result.indices) == budget:
-            picked[budget] = result.indices
-    return picked
+    """The run's method selecting the largest budget afresh, once: a greedy selection of any smaller
+    size is a prefix of it (and a prefix of a random subset is a random subset). A budget that
+    `min_distance` stops short of is left out."""
+    if not budgets:
+        return {}
+    options = run.options
+    picks = select(
+        vectors, options.method, max(budgets), options.min_distance, run.centers, options.seed, options.device
+    ).indices
+    return {budget: picks[:budget] for budget in budgets if budget <= len(picks)}
 
 
 def probe_comparison(vectors: np.ndarray, labels: np.ndarray, chosen: np.ndarray, run: RunSelection) -> dict:
