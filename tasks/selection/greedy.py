@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -160,8 +161,27 @@ def result(picked: list[int], sq_dists: list[float], sq_radii: list[float] | Non
     )
 
 
+class Steering(Protocol):
+    """What strategies other than distance and fixed weights do during a weighted greedy run."""
+
+    def accepts(self, row: int) -> bool:
+        """Whether `row` may be the next pick; False stops the selection (a stopping condition)."""
+        ...
+
+    def factor(self, picked: list[int]) -> np.ndarray | None:
+        """Each row's weight factor (> 0) once `picked` are selected, or None if it is always 1 (BALANCE
+        changes it after every pick)."""
+        ...
+
+
 def weighted_greedy(
-    state: GreedyState, weights: Array, first: int | None, n_samples: int | None, min_distance: float | None
+    state: GreedyState,
+    weights: Array,
+    first: int | None,
+    n_samples: int | None,
+    min_distance: float | None,
+    distance: bool = True,
+    steering: Steering | None = None,
 ) -> SelectionResult:
     """Greedy picks maximising distance² x weight over the rows, with `weights` > 0 on the device.
 
@@ -169,8 +189,10 @@ def weighted_greedy(
     strength, multiplied. `min_distance` keeps its exact meaning: a candidate surely closer than
     it to the selection is out of the running, one within the expansion's error bound of it is
     measured exactly when it comes up; the selection stops at the count or when no candidate is
-    left. A step costs k-center's pass over the matrix plus a few passes over N-vectors, and one
-    host synchronisation (microseconds on a GPU, against a pass over the matrix).
+    left. Without `distance` the picks maximise the weight alone (no DIVERSITY strategy), and
+    their distances are still measured. `steering` may stop the selection and reweigh the rows
+    after each pick. A step costs k-center's pass over the matrix plus a few passes over
+    N-vectors, and one host synchronisation (microseconds on a GPU, against a pass over the matrix).
     """
     bk, n, guard = state.bk, len(state.x), state.guard
     limit = n if n_samples is None else min(n_samples, n)
@@ -179,33 +201,44 @@ def weighted_greedy(
     picked: list[int] = []
     dists: list[float] = []
     radii: list[float] = []
-    if first is not None and limit > 0:
-        picked, dists = [first], [math.inf]
-        state.update(bk.index([first]))
-        radii.append(float(bk.to_host(state.radius())[0]))
-    while len(picked) < limit:
-        i = _largest(state, weights, md2, score)
-        if i is None:
-            if md2 is not None:
-                break  # every row is picked or closer than min_distance
-            if not state.exact:
-                state.make_exact(picked)  # what is left duplicates the picks, up to the expansion's error
-                continue
-            # Every row left duplicates a pick: the heaviest, as k-center greedy takes duplicates in turn.
-            i = _largest(state, weights, None, score, distance=False)
-            if i is None:
-                break
-        row, gap = int(bk.to_host(i)[0]), float(bk.to_host(state.mind[i])[0])
-        if gap <= guard and not state.exact:
-            state.make_exact(picked)  # near 0 the expansion cannot order the candidates
-            continue
-        if md2 is not None and gap < md2 + guard and (gap if state.exact else state.exact_sqdist(row, picked)) < md2:
-            weights[i] = 0.0  # closer than min_distance after all: never a candidate again
-            continue
+    steered = weights
+
+    def pick(i: Array, row: int, gap: float) -> None:
+        nonlocal steered
         picked.append(row)
         dists.append(gap)
         state.update(i)
         radii.append(float(bk.to_host(state.radius())[0]))
+        factor = steering.factor(picked) if steering else None
+        steered = weights if factor is None else weights * bk.from_host(factor.astype(np.float32))
+
+    if first is not None and limit > 0 and (steering is None or steering.accepts(first)):
+        pick(bk.index([first]), first, math.inf)
+    elif steering is not None and (factor := steering.factor([])) is not None:
+        steered = weights * bk.from_host(factor.astype(np.float32))
+    while len(picked) < limit:
+        i = _largest(state, steered, md2, score, distance)
+        if i is None:
+            if md2 is not None or not distance:
+                break  # every row is picked, closer than min_distance or weighs nothing
+            if not state.exact:
+                state.make_exact(picked)  # what is left duplicates the picks, up to the expansion's error
+                continue
+            # Every row left duplicates a pick: the heaviest, as k-center greedy takes duplicates in turn.
+            i = _largest(state, steered, None, score, distance=False)
+            if i is None:
+                break
+        row, gap = int(bk.to_host(i)[0]), float(bk.to_host(state.mind[i])[0])
+        if distance and gap <= guard and not state.exact:
+            state.make_exact(picked)  # near 0 the expansion cannot order the candidates
+            continue
+        if md2 is not None and gap < md2 + guard and (gap if state.exact else state.exact_sqdist(row, picked)) < md2:
+            weights[i] = 0.0  # closer than min_distance after all: never a candidate again
+            steered[i] = 0.0
+            continue
+        if steering is not None and not steering.accepts(row):
+            break
+        pick(i, row, gap)
     return result(picked, dists, radii)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from tasks.selection.backends import Backend, resolve_backend
 from tasks.selection.distances import TILE_ELEMENTS, Points, error_guard, min_sqdist, sqdist_tile, with_norms
-from tasks.selection.greedy import GreedyState, SelectionResult, kcenter_greedy, result, weighted_greedy
+from tasks.selection.greedy import GreedyState, SelectionResult, Steering, kcenter_greedy, result, weighted_greedy
 from tasks.selection.typicality import typicality
 
 # Typicality's exponent in the default method's score: chosen on the labelled sets of
@@ -122,13 +122,16 @@ def coreset(
     backend: Backend | None = None,
     storage: str | None = None,
     weights: np.ndarray | None = None,
+    distance: bool = True,
+    steering: Steering | None = None,
 ) -> SelectionResult:
     """k-center greedy on one device, or in two rounds when the matrix does not fit there.
 
     `storage` forces the on-device dtype ('float32', 'float16', 'bfloat16'); by default the
     plan from the free memory decides, and a plan with several shards runs `coreset_two_round`.
     With `weights` (one > 0 per row), each step maximises distance² x weight instead
-    (`greedy.weighted_greedy`), starting from the heaviest row.
+    (`greedy.weighted_greedy`), starting from the heaviest row; without `distance`, the weight
+    alone. `steering` (BALANCE, stopping conditions on the picks) needs one device.
     """
     bk = backend or resolve_backend()
     n, d = embeddings.shape
@@ -136,6 +139,12 @@ def coreset(
         zero_copy = not bk.is_gpu and embeddings.dtype == np.float32 and embeddings.flags.c_contiguous
         plan = plan_storage(n, d, bk.free_bytes(), copies_matrix=not zero_copy, half_allowed=bk.is_gpu)
         if plan.n_shards > 1:
+            if steering is not None or not distance:
+                raise ValueError(
+                    f"{n} x {d} embeddings do not fit in the selection device's free memory, which BALANCE, "
+                    "WEIGHTS' stopping_condition_max_sum, TYPICALITY's stopping_condition_minimum_typicality and "
+                    "selections without DIVERSITY need; select on a machine with more memory, or without them"
+                )
             return coreset_two_round(
                 embeddings, n_samples, min_distance, plan.n_shards, initial_centers, seed, bk, plan.storage, weights
             )
@@ -143,13 +152,16 @@ def coreset(
     if n == 0 or n_samples == 0:
         return result([], [], [])
     x, initial, guard = _prepare(bk, embeddings, initial_centers, storage)
-    if weights is None:
+    if weights is None and distance and steering is None:
         first = None if initial is not None else int(np.random.default_rng(seed).integers(n))
         return kcenter_greedy(bk, x, initial, first, n_samples, min_distance, guard)
-    first = None if initial is not None else int(np.argmax(weights))
+    weights = np.ones(n, np.float32) if weights is None else weights
+    factor = steering.factor([]) if steering is not None else None
+    first = None if initial is not None and distance else int(np.argmax(weights * (1 if factor is None else factor)))
     state = GreedyState.start(bk, x, initial, guard)
     # A copy, also on the CPU: the greedy zeroes the weights of rows it finds too close.
-    return weighted_greedy(state, bk.from_host(weights.astype(np.float32)), first, n_samples, min_distance)
+    device_weights = bk.from_host(weights.astype(np.float32))
+    return weighted_greedy(state, device_weights, first, n_samples, min_distance, distance, steering)
 
 
 def coreset_two_round(
