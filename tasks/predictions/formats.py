@@ -56,7 +56,7 @@ class TaskSchema:
     category_names: tuple[str, ...]
     category_ids: tuple[int, ...]
 
-    def index_of(self) -> dict[int, int]:
+    def column_of_id(self) -> dict[int, int]:
         return {category: column for column, category in enumerate(self.category_ids)}
 
 

@@ -56,13 +56,20 @@ def read_schema(root: UPath) -> list[dict]:
     return schema
 
 
-def read_metadata(root: UPath, filenames: list[str]) -> tuple[dict[str, np.ndarray], list[Problem]]:
+def read_metadata(
+    root: UPath, filenames: list[str], videos: list[str | None] | None = None
+) -> tuple[dict[str, np.ndarray], list[Problem]]:
     """One array per schema path, aligned with `filenames` (see the module doc), and the problems found.
-    Without a schema.json there is no metadata: an empty dict."""
+    `videos` (aligned with filenames, None for images) names each frame's video: a frame without a
+    file of its own takes the video's, as in Lightly. Without a schema.json there is no metadata."""
     if not (root / METADATA / "schema.json").exists():
         return {}, []
     schema = read_schema(root)
     files = read_json_files(root / METADATA, filenames)
+    if videos is not None:
+        rows = [i for i, content in enumerate(files) if isinstance(content, FileNotFoundError) and videos[i]]
+        for row, content in zip(rows, read_json_files(root / METADATA, [videos[i] for i in rows])):
+            files[row] = content
     problems: list[Problem] = []
     values = {entry["path"]: _empty(entry, len(filenames)) for entry in schema}
     for row, (name, content) in enumerate(zip(filenames, files)):
@@ -77,15 +84,19 @@ def read_metadata(root: UPath, filenames: list[str]) -> tuple[dict[str, np.ndarr
             problems.append(Problem(name, f"metadata: {reason}"))
             continue
         for entry in schema:
-            value = _lookup(content["metadata"], entry["path"])
-            if value is MISSING:
-                continue
-            converted = _convert(value, entry["valueDataType"])
-            if converted is MISSING:
-                problems.append(Problem(name, f"metadata {entry['path']}: {value!r} is not {entry['valueDataType']}"))
-                converted = np.nan if entry["valueDataType"] in NUMERIC else None
-            values[entry["path"]][row] = converted
+            _store(values[entry["path"]], row, name, entry, content["metadata"], problems)
     return values, problems
+
+
+def _store(column: np.ndarray, row: int, name: str, entry: dict, metadata: dict, problems: list[Problem]) -> None:
+    value = _lookup(metadata, entry["path"])
+    if value is MISSING:
+        return
+    converted = _convert(value, entry["valueDataType"])
+    if converted is MISSING:
+        problems.append(Problem(name, f"metadata {entry['path']}: {value!r} is not {entry['valueDataType']}"))
+        converted = np.nan if entry["valueDataType"] in NUMERIC else None
+    column[row] = converted
 
 
 def _empty(entry: dict, n: int) -> np.ndarray:

@@ -26,6 +26,7 @@ probabilities (the box stays).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from numbers import Real
 from typing import Any
@@ -101,12 +102,15 @@ def _probabilities(task: TaskSchema, value: Any) -> np.ndarray | str:
         return "probabilities must be a list of numbers"
     if len(value) != len(task.category_ids):
         return f"{len(value)} probabilities for {len(task.category_ids)} categories"
-    return np.asarray(value, dtype=np.float64)
+    probabilities = np.asarray(value, dtype=np.float64)
+    if not ((probabilities >= 0) & (probabilities <= 1)).all():
+        return "probabilities must lie in [0, 1]"
+    return probabilities
 
 
 def _classifications(task: TaskSchema, filenames: list[str], files: list[Any]) -> tuple[Classifications, list[Problem]]:
     problems: list[Problem] = []
-    index = task.index_of()
+    index = task.column_of_id()
     out = np.full((len(filenames), len(task.category_ids)), np.nan)
     for row, (name, content) in enumerate(zip(filenames, files)):
         entries = _predictions_list(task, name, content, problems)
@@ -138,7 +142,7 @@ def _detections(
     heights: np.ndarray | None,
 ) -> tuple[Detections, list[Problem]]:
     problems: list[Problem] = []
-    index = task.index_of()
+    index = task.column_of_id()
     present = np.zeros(len(filenames), dtype=bool)
     counts = np.zeros(len(filenames), dtype=np.int64)
     categories: list[int] = []
@@ -188,10 +192,10 @@ def _box(task: TaskSchema, index: dict[int, int], entry: dict, size: tuple[float
     if entry.get("category_id") not in index:
         return f"unknown category_id {entry.get('category_id')!r}"
     bbox, score = entry.get("bbox"), entry.get("score")
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, Real) for v in bbox)):
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, Real) and math.isfinite(v) for v in bbox)):
         return f"bbox must be [x, y, width, height], got {bbox!r}"
-    if not isinstance(score, Real) or isinstance(score, bool):
-        return f"score must be a number, got {score!r}"
+    if not isinstance(score, Real) or isinstance(score, bool) or not 0 <= score <= 1:
+        return f"score must be a number in [0, 1], got {score!r}"
     x, y, w, h = (float(v) for v in bbox)
     if w <= 0 or h <= 0:
         return f"bbox {bbox} has no area"

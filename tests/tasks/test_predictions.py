@@ -76,11 +76,12 @@ def test_classification_problems_are_reported_and_reading_goes_on(tmp_path):
     write(tmp_path, f"{folder}/broken.json", "{oops")
     write(tmp_path, f"{folder}/unknown.json", {"predictions": [{"category_id": 7, "probabilities": [0.5, 0.5]}]})
     write(tmp_path, f"{folder}/short.json", {"predictions": [{"category_id": 0, "probabilities": [1.0]}]})
+    write(tmp_path, f"{folder}/odd.json", {"predictions": [{"category_id": 0, "probabilities": [1.5, -0.5]}]})
     write(tmp_path, f"{folder}/[odd].json", {"predictions": [{"category_id": 0, "probabilities": [0.6, 0.4]}]})
-    names = ["ok.jpg", "sub/label.png", "missing.png", "broken.png", "unknown.png", "short.png", "[odd].png"]
+    names = ["ok.jpg", "sub/label.png", "missing.png", "broken.png", "unknown.png", "short.png", "[odd].png", "odd.png"]
     found, problems = read_predictions(root, read_tasks(root)["weather"], names)
     assert isinstance(found, Classifications)
-    assert found.present.tolist() == [True, True, False, False, False, False, True]
+    assert found.present.tolist() == [True, True, False, False, False, False, True, False]
     np.testing.assert_allclose(found.probabilities[[0, 1, 6]], [[0.3, 0.7], [0.0, 1.0], [0.6, 0.4]])
     assert np.isnan(found.probabilities[2:6]).all()
     reasons = {problem.filename: problem.message for problem in problems}
@@ -88,7 +89,8 @@ def test_classification_problems_are_reported_and_reading_goes_on(tmp_path):
     assert reasons["broken.png"].startswith("weather: not valid JSON")
     assert reasons["unknown.png"] == "weather: unknown category_id 7"
     assert reasons["short.png"] == "weather: 1 probabilities for 2 categories"
-    assert len(problems) == 4
+    assert reasons["odd.png"] == "weather: probabilities must lie in [0, 1]"
+    assert len(problems) == 5
 
 
 def test_detection_boxes_are_flat_and_bad_boxes_are_dropped_with_a_problem(tmp_path):
@@ -225,6 +227,19 @@ def test_metadata_takes_defaults_and_reports_wrong_types(tmp_path):
     np.testing.assert_array_equal(values["night"], [1.0, np.nan, np.nan, np.nan])
     assert [p.filename for p in problems] == ["b.png", "c.png"]
     assert problems[0].message == "metadata weather.temperature: 'warm' is not NUMERIC_FLOAT"
+
+
+def test_a_frame_without_metadata_takes_its_videos(tmp_path):
+    write(
+        tmp_path,
+        f"{METADATA}/schema.json",
+        [{"name": "C", "path": "car", "defaultValue": 0, "valueDataType": "NUMERIC_INT"}],
+    )
+    write(tmp_path, f"{METADATA}/sub/clip.json", {"type": "video", "metadata": {"car": 7}})
+    write(tmp_path, f"{METADATA}/sub/clip-1-mp4.json", {"type": "frame", "metadata": {"car": 8}})
+    frames = [frame_name("sub/clip.mp4", i, 3) for i in range(3)]
+    values, problems = read_metadata(UPath(tmp_path), [*frames, "x.png"], videos=["sub/clip.mp4"] * 3 + [None])
+    assert values["car"].tolist() == [7.0, 8.0, 7.0, 0.0] and problems == []
 
 
 def test_predictions_and_metadata_read_from_a_bucket(s3_store, tmp_path):
