@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any, NamedTuple
 
+import orjson
 from upath import UPath
 
-from tasks.storage import describe
+from tasks.storage import describe, is_local
 
 PREDICTIONS = ".lightly/predictions"
 # Lightly's task types; scores exist for the first two only.
@@ -61,8 +61,17 @@ class TaskSchema:
 
 
 def json_name(filename: str) -> str:
-    """The name of a sample's prediction or metadata file, relative to the task's folder."""
-    return str(PurePosixPath(filename).with_suffix(".json"))
+    """The name of a sample's prediction or metadata file, relative to the task's folder: the
+    extension of the last component replaced (pathlib's with_suffix, at a tenth of its cost).
+
+    >>> json_name("a.b/c"), json_name("sub/.hidden"), json_name("x.tar.gz")
+    ('a.b/c.json', 'sub/.hidden.json', 'x.tar.json')
+    """
+    dot = filename.rfind(".")
+    # A dot that starts the last component begins its name, not an extension.
+    if dot > filename.rfind("/") + 1:
+        filename = filename[:dot]
+    return filename + ".json"
 
 
 def read_tasks(root: UPath) -> dict[str, TaskSchema]:
@@ -114,22 +123,34 @@ def read_json_files(folder: UPath, filenames: list[str]) -> list[Any | Exception
     """The parsed JSON file of each sample under `folder` (see `json_name`), or the exception that
     stopped it: FileNotFoundError for a missing file, ValueError for one that is not JSON.
 
-    Files are fetched a chunk at a time with `cat_ranges`, which an async store (s3fs, gcsfs, adlfs)
-    serves concurrently; `cat` would read the names as glob patterns (a name with `[` would match
-    other files or none) and reorder them."""
+    In a bucket, files are fetched a chunk at a time with `cat_ranges`, which an async store (s3fs,
+    gcsfs, adlfs) serves concurrently; `cat` would read the names as glob patterns (a name with `[`
+    would match other files or none). A local file is opened directly: fsspec's open costs four
+    times the read of a small file."""
     base = folder.path.rstrip("/")
     out: list[Any | Exception] = []
     for start in range(0, len(filenames), CHUNK):
         paths = [f"{base}/{json_name(name)}" for name in filenames[start : start + CHUNK]]
-        for content in folder.fs.cat_ranges(paths, None, None, on_error="return"):
-            out.append(content if isinstance(content, Exception) else _parse(content))
+        if is_local(folder):
+            contents = [_read_local(path) for path in paths]
+        else:
+            contents = folder.fs.cat_ranges(paths, None, None, on_error="return")
+        out.extend(content if isinstance(content, Exception) else _parse(content) for content in contents)
     return out
+
+
+def _read_local(path: str) -> bytes | Exception:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        return error
 
 
 def _parse(content: bytes) -> Any | Exception:
     try:
-        return json.loads(content)
-    except ValueError as error:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError as error:
         return ValueError(f"not valid JSON: {error}")
 
 
