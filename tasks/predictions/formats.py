@@ -37,6 +37,9 @@ TASK_TYPES = (
 # Files per request batch: large enough for the store's concurrency (s3fs fetches a batch at once), small
 # enough that a batch's bytes stay a few MB.
 CHUNK = 1000
+# The types a JSON number parses to, checked by exact type so that true and false (bools are ints) are
+# not numbers.
+NUMBER = (int, float)
 
 
 class Problem(NamedTuple):

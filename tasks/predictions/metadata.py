@@ -24,13 +24,12 @@ that does not fit the type); a value of the wrong type is NaN or None and a Prob
 
 from __future__ import annotations
 
-from numbers import Real
 from typing import Any
 
 import numpy as np
 from upath import UPath
 
-from tasks.predictions.formats import Problem, failure, load_json, read_json_files
+from tasks.predictions.formats import NUMBER, Problem, failure, load_json, read_json_files
 from tasks.storage import describe
 
 METADATA = ".lightly/metadata"
@@ -121,7 +120,7 @@ def _convert(value: Any, value_type: str) -> Any:
         return value if isinstance(value, str) else MISSING
     if value_type == "CATEGORICAL_BOOLEAN":
         return float(value) if isinstance(value, bool) else MISSING
-    if isinstance(value, bool) or not isinstance(value, Real):
+    if type(value) not in NUMBER:
         return MISSING
     if value_type in ("NUMERIC_INT", "CATEGORICAL_INT") and not float(value).is_integer():
         return MISSING

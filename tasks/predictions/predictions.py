@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any
 
 import numpy as np
 from upath import UPath
 
-from tasks.predictions.formats import PREDICTIONS, Problem, TaskSchema, failure, read_json_files
+from tasks.predictions.formats import NUMBER, PREDICTIONS, Problem, TaskSchema, failure, read_json_files
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ def _predictions_list(task: TaskSchema, name: str, content: Any, problems: list[
 
 def _probabilities(task: TaskSchema, value: Any) -> np.ndarray | str:
     """A probability vector, or why it is not one."""
-    if not isinstance(value, list) or not all(isinstance(p, Real) and not isinstance(p, bool) for p in value):
+    if not isinstance(value, list) or not all(type(p) in NUMBER for p in value):
         return "probabilities must be a list of numbers"
     if len(value) != len(task.category_ids):
         return f"{len(value)} probabilities for {len(task.category_ids)} categories"
@@ -192,9 +191,9 @@ def _box(task: TaskSchema, index: dict[int, int], entry: dict, size: tuple[float
     if entry.get("category_id") not in index:
         return f"unknown category_id {entry.get('category_id')!r}"
     bbox, score = entry.get("bbox"), entry.get("score")
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, Real) and math.isfinite(v) for v in bbox)):
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(type(v) in NUMBER and math.isfinite(v) for v in bbox)):
         return f"bbox must be [x, y, width, height], got {bbox!r}"
-    if not isinstance(score, Real) or isinstance(score, bool) or not 0 <= score <= 1:
+    if type(score) not in NUMBER or not 0 <= score <= 1:
         return f"score must be a number in [0, 1], got {score!r}"
     x, y, w, h = (float(v) for v in bbox)
     if w <= 0 or h <= 0:
