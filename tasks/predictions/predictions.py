@@ -10,8 +10,8 @@ category_id (a one-hot row), as labels uploaded as predictions are.
 
 Whatever cannot be used is a `Problem` and reading goes on: a missing or malformed file leaves the
 sample without predictions (`present` False, NaN probabilities); an unknown category or a box outside
-the image drops that box; probabilities of the wrong length drop the classification, or a box's
-probabilities (the box stays).
+the image (by more than `EDGE` pixels, for rounding) drops that box; probabilities of the wrong length
+drop the classification, or a box's probabilities (the box stays).
 
     >>> import json, tempfile
     >>> root = UPath(tempfile.mkdtemp())
@@ -64,6 +64,10 @@ class Detections:
 
 
 Predictions = Classifications | Detections
+
+# How far a box may cross the image's edge, in pixels: Lightly suggests rounding coordinates to a tenth of
+# a pixel, and a converter may round to whole ones.
+EDGE = 0.5
 
 
 def read_predictions(
@@ -200,7 +204,7 @@ def _box(task: TaskSchema, index: dict[int, int], entry: dict, size: tuple[float
         return f"bbox {bbox} has no area"
     width, height = size if size is not None else (np.nan, np.nan)
     # An unknown size (NaN or 0) checks only the lower bounds.
-    outside = x < 0 or y < 0 or (width > 0 and x + w > width) or (height > 0 and y + h > height)
+    outside = min(x, y) < -EDGE or (width > 0 and x + w > width + EDGE) or (height > 0 and y + h > height + EDGE)
     if outside:
         return f"bbox {bbox} lies outside the image" + (f" ({width:g}x{height:g})" if size is not None else "")
     probs = _probabilities(task, entry["probabilities"]) if "probabilities" in entry else None

@@ -13,9 +13,9 @@ Object detection:
 - `object_frequency`: the number of objects, the first of each category counting 1 and every further
   one `frequency_penalty`, mapped linearly from the samples' range onto [`min_score`, 1].
 - `uncertainty_least_confidence`, `uncertainty_margin`, `uncertainty_entropy`: the classification
-  scores of each box's probabilities, the sample's highest (0 without boxes); present only where some
-  box carries probabilities. The Worker names them as the classification scores, so a SCORES input
-  asks for `uncertainty_entropy` of a detection task.
+  scores of each box's probabilities, the sample's highest (0 without boxes that carry probabilities);
+  present only where some box of the task carries probabilities. They are named as the classification
+  scores: Lightly's examples ask for `uncertainty_entropy` of a detection task.
 
 A sample without predictions (no file, or one that could not be read) scores NaN everywhere.
 

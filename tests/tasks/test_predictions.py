@@ -97,7 +97,11 @@ def test_detection_boxes_are_flat_and_bad_boxes_are_dropped_with_a_problem(tmp_p
     root = datasource(tmp_path, {"people": PEOPLE})
     folder = f"{PREDICTIONS}/people"
     write(tmp_path, f"{folder}/a.json", {"predictions": [box(5, [0, 0, 10, 10], 0.9), box(2, [5, 5, 5, 5], 0.5)]})
-    write(tmp_path, f"{folder}/b.json", {"predictions": [box(9, [0, 0, 1, 1], 0.5), box(5, [90, 0, 20, 10], 0.4)]})
+    write(
+        tmp_path,
+        f"{folder}/b.json",
+        {"predictions": [box(9, [0, 0, 1, 1], 0.5), box(5, [90, 0, 20, 10], 0.4), box(2, [0, 0, 100.2, 50], 0.3)]},
+    )
     write(tmp_path, f"{folder}/c.json", {"predictions": [box(2, [1, 1, 2, 2], 0.7, [0.5, 0.5, 0.0])]})
     write(tmp_path, f"{folder}/empty.json", {"predictions": []})
     names = ["a.png", "b.png", "c.png", "empty.png", "none.png"]
@@ -106,9 +110,9 @@ def test_detection_boxes_are_flat_and_bad_boxes_are_dropped_with_a_problem(tmp_p
     )
     assert isinstance(found, Detections)
     assert found.present.tolist() == [True, True, True, True, False]
-    assert found.offsets.tolist() == [0, 2, 2, 3, 3, 3]
-    assert found.categories.tolist() == [0, 1, 1]
-    assert found.scores.tolist() == [0.9, 0.5, 0.7]
+    assert found.offsets.tolist() == [0, 2, 3, 4, 4, 4]
+    assert found.categories.tolist() == [0, 1, 1, 1]
+    assert found.scores.tolist() == [0.9, 0.5, 0.3, 0.7]  # 0.3: the box over the edge by rounding
     assert found.boxes[1].tolist() == [5, 5, 5, 5]
     assert np.isnan(found.probabilities).all()
     assert problems == [
@@ -119,7 +123,7 @@ def test_detection_boxes_are_flat_and_bad_boxes_are_dropped_with_a_problem(tmp_p
     ]
     # Without the image sizes the same box is kept.
     unchecked, _ = read_predictions(root, read_tasks(root)["people"], ["b.png"])
-    assert unchecked.offsets.tolist() == [0, 1]
+    assert unchecked.offsets.tolist() == [0, 2]
 
 
 def test_classification_scores_match_hand_computed_values():
