@@ -88,7 +88,10 @@ def read_tasks(root: UPath) -> dict[str, TaskSchema]:
 
 
 def read_schema(path: UPath, name: str) -> TaskSchema:
-    schema = load_json(path)
+    try:
+        schema = load_json(path)
+    except ValueError as error:
+        raise ValueError(f"task {name!r} is listed in tasks.json, but {error}") from None
     where = f"{describe(path)} (task {name!r})"
     if not isinstance(schema, dict):
         raise ValueError(f"{where} must be a JSON object with task_type and categories")

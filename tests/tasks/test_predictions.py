@@ -55,7 +55,9 @@ def test_tasks_keep_the_schema_order_and_accept_the_older_type_key(tmp_path):
 def test_a_listed_task_without_schema_is_an_error_naming_it(tmp_path):
     root = datasource(tmp_path, {"weather": WEATHER})
     write(tmp_path, f"{PREDICTIONS}/tasks.json", ["weather", "lanes"])
-    with pytest.raises(ValueError, match=r"lanes/schema.json does not exist"):
+    with pytest.raises(
+        ValueError, match=r"task 'lanes' is listed in tasks.json, but .*/lanes/schema.json does not exist"
+    ):
         read_tasks(root)
     write(tmp_path, f"{PREDICTIONS}/tasks.json", "{not json")
     with pytest.raises(ValueError, match=r"tasks.json is not valid JSON"):
