@@ -37,7 +37,7 @@ from flows.options import (
 )
 from flows.run import Run, RunLog, pieces, track
 from tasks.datapool import PoolLock, commit, history, merge, processed_keys, run_rows, sampled_embeddings
-from tasks.decoding import check_pieces, check_table
+from tasks.decoding import check_params, check_pieces, check_table
 from tasks.dedup import classify_samples
 from tasks.dumping import dump_names, dump_shard
 from tasks.embedding import ModelSpec, embed_pieces
@@ -141,7 +141,7 @@ def check(run: Run, log: RunLog, files: list[InputFile], probed: pa.Table) -> li
     images = [f for f in files if not is_video(f.filename)]
     shards: list[list[Source]] = stable_shards(images, lambda f: f.filename, config.dask.shard_size, run.plan.slots)
     shards += video_shards(probed, config.dask.shard_size, run.plan.slots)
-    paths, batches = pieces(run, "check", options, shards)
+    paths, batches = pieces(run, "check", check_params(options), shards)
     futures = check_pieces.with_options(retries=config.dask.retries).map(
         unmapped(run.input), batches.pieces, unmapped(options), batches.paths
     )

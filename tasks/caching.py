@@ -10,7 +10,7 @@ How shards are cut, and stored in pieces, is `tasks/sharding.py`.
 Why not Prefect's result cache alone: its cache record and the Parquet file it points to could
 disagree when either is deleted; a content-addressed file is its own cache record.
 
-    >>> key = shard_key("check", "/data", check_options(config), files)
+    >>> key = shard_key("check", "/data", check_params(check_options(config)), files)
     >>> cache_path(location("shared/.thresher-cache"), "check", key)
     PosixUPath('.../check/3f2a....parquet')
 """

@@ -4,8 +4,10 @@ A file is corrupt when it cannot be fully decoded: empty, truncated, not an imag
 decompression bomb (declared size above `corruptness_check.max_pixels`, rejected before any
 pixel is decoded), or content whose format differs from its extension. The reason is kept for
 `data/corruptness_check_information.json`. The same decoder (`open_image`) feeds the embedder,
-so what passes the check is exactly what gets embedded. Shards may also hold video frame ranges,
-whose frames are checked one by one (pixel hash and corruption score: `tasks/video/quality.py`).
+so what passes the check is exactly what gets embedded. The decoded pixels also give each sample
+the Lightly Worker's image metadata (sharpness, snr, colour means, contrast:
+`tasks/image_metadata.py`). Shards may also hold video frame ranges, whose frames are checked one
+by one (pixel hash and corruption score: `tasks/video/quality.py`).
 
     >>> files = [InputFile("objects/chelsea_00.jpg", 0, 1, "0.0")]
     >>> options = CheckOptions(full_decode=True, max_pixels=10**8, allow_extension_mismatch=False,
@@ -28,6 +30,7 @@ from PIL import Image, ImageFile, ImageOps
 from prefect import task
 from upath import UPath
 
+from tasks.image_metadata import METRICS_SCHEMA, pixel_metadata, sampled
 from tasks.listing import InputFile
 from tasks.sharding import Source
 from tasks.storage import write_parquet
@@ -51,6 +54,7 @@ CHECK_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("error", pa.string()),
+        *METRICS_SCHEMA,
     ]
 )
 
@@ -128,26 +132,18 @@ def open_image(data: bytes, max_pixels: int, extension: str | None = None, timeo
         raise CorruptImage(f"decoding failed: {error}") from None
 
 
-def check_row(
-    file: InputFile,
-    name: str,
-    content_hash: str | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    error: str | None = None,
-) -> dict:
+def check_params(options: CheckOptions) -> tuple:
+    """What the check's cache key holds besides the files: the options and the table's columns, so
+    that a table cached before a column was added is never read as one that has it."""
+    return options, tuple(f"{field.name}:{field.type}" for field in CHECK_SCHEMA)
+
+
+def check_row(file: InputFile, name: str, **found) -> dict:
     """One CHECK_SCHEMA row: sample `name` of the input `file` (the image itself, a frame of the
-    video, or the video that cannot be used) and what the check found."""
-    return {
-        "filename": name,
-        "label": file.label,
-        "size": file.size,
-        "version": file.version,
-        "content_hash": content_hash,
-        "width": width,
-        "height": height,
-        "error": error,
-    }
+    video, or the video that cannot be used) and what the check found (content_hash, width,
+    height, error and the image metadata; what is missing is null)."""
+    assert found.keys() <= set(CHECK_SCHEMA.names), found.keys()
+    return {"filename": name, "label": file.label, "size": file.size, "version": file.version, **found}
 
 
 def check_image(data: bytes, extension: str | None, options: CheckOptions) -> dict:
@@ -158,6 +154,7 @@ def check_image(data: bytes, extension: str | None, options: CheckOptions) -> di
         try:
             image = open_image(data, options.max_pixels, extension, options.decode_timeout)
             found["width"], found["height"] = image.size
+            found |= pixel_metadata(sampled(image))
         except CorruptImage as error:
             found["error"] = str(error)
     elif not data:

@@ -2,10 +2,12 @@
 
 Two files are exact duplicates when their bytes hash equal (xxh3-128). Of each group, the first
 by sorted path is kept, so the outcome does not depend on listing or worker order. Corrupt files
-are never duplicates of anything: each is reported with its own reason.
+are never duplicates of anything: each is reported with its own reason. Each sample keeps the
+check's size, width, height and image metadata (`tasks/image_metadata.py`), the values of the
+`lightly.*` metadata keys.
 
     >>> samples = classify(check_table, remove_exact_duplicates=True)
-    >>> samples.column_names
+    >>> samples.column_names[:5]
     ['filename', 'label', 'status', 'reason', 'duplicate_of']
 """
 
@@ -16,7 +18,12 @@ import pyarrow.compute as pc
 from prefect import task
 from upath import UPath
 
+from tasks.decoding import CHECK_SCHEMA
+from tasks.image_metadata import METRICS_SCHEMA
 from tasks.storage import read_parquet, write_parquet
+
+# The check's columns that samples.parquet keeps as they are.
+KEPT_COLUMNS = ["size", "width", "height", *METRICS_SCHEMA.names]
 
 SAMPLES_SCHEMA = pa.schema(
     [
@@ -25,6 +32,7 @@ SAMPLES_SCHEMA = pa.schema(
         ("status", pa.string()),  # ok | corrupt | duplicate
         ("reason", pa.string()),  # why corrupt
         ("duplicate_of", pa.string()),  # the kept file a duplicate equals
+        *(CHECK_SCHEMA.field(name) for name in KEPT_COLUMNS),
     ]
 )
 
@@ -60,9 +68,18 @@ def classify(check: pa.Table, remove_exact_duplicates: bool) -> pa.Table:
             pa.array(status, pa.string()),
             check.column("error"),
             pa.array([duplicates.get(name) for name in filenames], pa.string()),
+            *(check.column(name) for name in KEPT_COLUMNS),
         ],
         schema=SAMPLES_SCHEMA,
     )
+
+
+def ok_samples(filenames: pa.Array, labels: pa.Array) -> pa.Table:
+    """SAMPLES_SCHEMA rows of samples that are all ok and whose files were never read (e.g. those
+    of an embeddings file): no size, no pixels, so no metadata."""
+    n = len(filenames)
+    nulls = [pa.nulls(n, field.type) for field in SAMPLES_SCHEMA][3:]
+    return pa.Table.from_arrays([filenames, labels, pa.array(["ok"] * n, pa.string()), *nulls], schema=SAMPLES_SCHEMA)
 
 
 @task(name="classify-samples")

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from prefect import task
 from upath import UPath
 
-from tasks.dedup import SAMPLES_SCHEMA
+from tasks.dedup import ok_samples
 from tasks.embeddings_csv import Block, read_embeddings_csv
 from tasks.storage import parquet_file, parquet_writer, read_parquet, read_table, write_parquet
 
@@ -70,10 +70,7 @@ def from_embeddings_csv(path: UPath) -> tuple[pa.Table, pa.Table]:
     n, dim = vectors.shape
     names = pa.array(filenames, pa.string())
     label_array = pa.array(labels, pa.int32())
-    nulls = pa.nulls(n, pa.string())
-    samples = pa.Table.from_arrays(
-        [names, label_array, pa.array(["ok"] * n, pa.string()), nulls, nulls], schema=SAMPLES_SCHEMA
-    )
+    samples = ok_samples(names, label_array)
     column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)
     return samples, pa.table({"filename": names, "label": label_array, "embedding": column})
 

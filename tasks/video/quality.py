@@ -1,4 +1,5 @@
-"""Frame quality: the check of one decoded frame (pixel hash, size, corruption score).
+"""Frame quality: the check of one decoded frame (pixel hash, size, corruption score, and the
+image metadata of `tasks/image_metadata.py`, measured like an image's).
 
 Corruption score of a decoded frame, in [0, 1]: 1 when the decoder flags the frame as corrupt
 (it had to conceal a damaged packet); otherwise the fraction of 16x16 luma blocks whose border
@@ -14,6 +15,8 @@ from __future__ import annotations
 import av
 import numpy as np
 import xxhash
+
+from tasks.image_metadata import pixel_metadata, sampled_size
 
 MACROBLOCK = 16
 # A block edge counts as broken when it is this many times sharper than the block's inside, and
@@ -76,8 +79,9 @@ def _pixels(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray]:
 
 def check_frame(frame: av.VideoFrame, threshold: float | None) -> dict:
     """What the check finds in one decoded frame (decoding.check_row's fields): the hash of its
-    decoded pixels (so identical frames, e.g. a frozen camera, are exact duplicates), its size and
-    why it is corrupt, if it is. Without a threshold only frames that fail to decode are corrupt."""
+    decoded pixels (so identical frames, e.g. a frozen camera, are exact duplicates), its size,
+    and why it is corrupt, if it is, or else its image metadata. Without a threshold only frames
+    that fail to decode are corrupt."""
     pixels, luma = _pixels(frame)
     found = {
         "content_hash": xxhash.xxh3_128_hexdigest(np.ascontiguousarray(pixels)),
@@ -90,4 +94,9 @@ def check_frame(frame: av.VideoFrame, threshold: float | None) -> dict:
             found["error"] = (
                 f"corrupt frame: corruption score {score:.2f} > corruptness_check.corruption_threshold={threshold}"
             )
-    return found
+            return found
+    # The frame in RGB at the image metadata's sampling: point sampling, like an image's, and
+    # converted at a quarter of the pixels.
+    width, height = sampled_size(frame.width, frame.height)
+    rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation="POINT").to_image()
+    return found | pixel_metadata(rgb)

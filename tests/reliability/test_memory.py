@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.dedup import SAMPLES_SCHEMA
+from tasks.dedup import ok_samples
 from tasks.gathering import embedding_schema
 from tasks.selection.tasks import selection_table
 
@@ -52,14 +52,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ),
             root / f"shard-{k:05d}.parquet",
         )
-    nulls = pa.nulls(N, pa.string())
-    pq.write_table(
-        pa.Table.from_arrays(
-            [pa.array(names(range(N))), pa.array([0] * N, pa.int32()), pa.array(["ok"] * N), nulls, nulls],
-            schema=SAMPLES_SCHEMA,
-        ),
-        root / "samples.parquet",
-    )
+    pq.write_table(ok_samples(pa.array(names(range(N))), pa.array([0] * N, pa.int32())), root / "samples.parquet")
     chosen = names(range(1, N, 100))
     pq.write_table(selection_table(chosen, np.ones(len(chosen), np.float32), None), root / "selection.parquet")
     return root

@@ -1,3 +1,6 @@
+import pyarrow as pa
+
+from tasks import decoding
 from tasks.caching import shard_key
 from tasks.listing import InputFile
 from tasks.sharding import MIN_PIECE, pack_pieces, plan_pieces, stable_shards
@@ -17,6 +20,15 @@ def test_key_changes_with_what_determines_the_result_only():
     touched = [*files[:2], InputFile(files[2].filename, 0, files[2].size, "2.0")]
     assert key != shard_key("check", "/d", check_options(), touched)
     assert key != shard_key("embed", "/d", check_options(), files)
+
+
+def test_the_check_key_changes_with_the_check_tables_columns(monkeypatch):
+    """A check table cached before a column was added is not found by the code that writes it."""
+    files = _files(3)
+    key = shard_key("check", "/d", decoding.check_params(check_options()), files)
+    assert key == shard_key("check", "/d", decoding.check_params(check_options()), files)
+    monkeypatch.setattr(decoding, "CHECK_SCHEMA", pa.schema(list(decoding.CHECK_SCHEMA)[:-1]))
+    assert key != shard_key("check", "/d", decoding.check_params(check_options()), files)
 
 
 def test_adding_files_keeps_most_shards():
