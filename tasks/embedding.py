@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -87,13 +88,17 @@ def _efficientnet_lite0() -> torch.nn.Module:
     return model
 
 
+_SEEDED_BUILD = threading.Lock()
+
+
 def _resnet(name: str, num_ftrs: int, seed: int) -> torch.nn.Module:
     import torchvision  # see _efficientnet_lite0
 
     depth = name.split("-")[1]
-    with torch.random.fork_rng(devices=[]):
-        # Every worker must build the same random weights, or embeddings from different shards
-        # would not be comparable.
+    # Every worker must build the same random weights, or embeddings from different shards would
+    # not be comparable. The seed is torch's global generator, which threads share: two shards
+    # building at once in one process (dask.cluster=local-threads) would interleave their draws.
+    with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         trunk = getattr(torchvision.models, f"resnet{depth}")(weights=None)
         channels = trunk.fc.in_features

@@ -103,3 +103,19 @@ def test_the_flow_module_does_not_load_the_model_libraries():
         [sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+def test_seeded_backbones_built_at_once_in_threads_are_identical():
+    # dask.cluster=local-threads embeds several shards in one process: their seeded random
+    # weights must not depend on which thread drew from torch's generator first.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.embedding import build_backbone
+
+    def weights(_: int) -> list:
+        return [p.detach().clone() for p in build_backbone("resnet-18", 8, seed=3).parameters()]
+
+    alone = weights(0)
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(weights, range(4)))
+    assert all(torch.equal(a, b) for built in together for a, b in zip(alone, built))
