@@ -4,22 +4,23 @@ It is the `curate` flow's parameter set, the CLI's `key=value` surface and the
 `config/config.yaml` written into every run directory. Key names and defaults follow
 the Lightly Worker (Docker) parameter list, so a Lightly user's overrides work as they are:
 
-    >>> cfg = validate_config({"input_dir": "images", "output_dir": "out",
-    ...                        "stopping_condition": {"n_samples": 0.3}})
+    >>> cfg = ThresherConfig.model_validate({"input_dir": "images", "output_dir": "out",
+    ...                                      "stopping_condition": {"n_samples": 0.3}})
     >>> cfg.stopping_condition.n_samples
     0.3
 """
 
 from __future__ import annotations
 
-import math
 import os
 import posixpath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 from upath import UPath
 
+from tasks.selection.form import SelectionForm
 from tasks.storage import StorageError, describe, is_local, literal_secrets, location
 
 
@@ -91,8 +92,25 @@ class Datasource(_Section):
 
 
 class ScorerConfig(_Section):
-    frequency_penalty: float = Field(0.25, description="Lightly active-learning scorer; not applicable.")
-    min_score: float = Field(0.9, description="Lightly active-learning scorer; not applicable.")
+    frequency_penalty: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="object_frequency score: what each further object of a category already in the image counts "
+        "(the first counts 1).",
+    )
+    min_score: float = Field(
+        0.9, ge=0, le=1, description="object_frequency score: the object counts are mapped onto [min_score, 1]."
+    )
+
+
+class ActiveLearning(_Section):
+    task_name: str = Field(
+        "", description="Prediction task (in .lightly/predictions) whose scores method=coral weighs samples by."
+    )
+    score_name: str = Field(
+        "uncertainty_margin", description="Active-learning score of that task that method=coral weighs samples by."
+    )
 
 
 class Loader(_Section):
@@ -265,12 +283,23 @@ class ThresherConfig(_Section):
     pretagging_config: str = Field("", description="Lightly's proprietary detector; not applicable.")
     append_weak_labels: bool = Field(False, description="Weak labels from pretagging; not applicable.")
     normalize_embeddings: bool = Field(True, description="Normalise embeddings to unit length before selection.")
-    scorer: str = Field("object-frequency", description="Lightly active-learning scorer; not applicable.")
+    scorer: str = Field("object-frequency", description="Lightly's pretagging scorer; not applicable.")
     scorer_config: ScorerConfig = Field(default_factory=ScorerConfig)
-    method: Literal["typical_coreset", "coreset", "random"] = Field(
+    active_learning: ActiveLearning = Field(default_factory=ActiveLearning)
+    lightly_dir: str = Field(
+        "",
+        description="Folder or bucket URL holding .lightly/predictions and .lightly/metadata; empty means input_dir.",
+    )
+    method: Literal["typical_coreset", "coreset", "random", "coral"] = Field(
         "typical_coreset",
-        description="Selection method: typical_coreset (coverage weighted by typicality), coreset (k-center greedy) "
-        "or random.",
+        description="Selection method: typical_coreset (coverage weighted by typicality), coreset (k-center greedy), "
+        "random, or coral (coverage weighted by active_learning.score_name).",
+    )
+    selection_config: SelectionForm | None = Field(
+        None,
+        description="The Lightly Worker's selection form, {n_samples | proportion_samples, strategies: [...]}, as "
+        "JSON or YAML text, or @path to such a file relative to shared_dir; replaces method and "
+        "stopping_condition.",
     )
     stopping_condition: StoppingCondition = Field(default_factory=StoppingCondition)
     selected_sequence_length: int = Field(
@@ -296,6 +325,22 @@ class ThresherConfig(_Section):
         if isinstance(value, tuple) and min(value) <= 0:
             raise ValueError("height and width must be positive")
         return value
+
+    @field_validator("selection_config", mode="before")
+    @classmethod
+    def _read_selection_config(cls, value: Any, info: ValidationInfo) -> Any:
+        """Text is parsed as YAML (JSON included); `@path` is read from shared_dir first."""
+        if not isinstance(value, str):
+            return value
+        text = value
+        if value.startswith("@"):
+            data = info.data
+            base = location(data.get("shared_dir") or os.getcwd(), data.get("storage_options", {}))
+            text = inside_shared(base, value[1:], "selection_config").read_text()
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"not valid JSON or YAML: {error}") from None
 
     @field_validator("n_example_images")
     @classmethod
@@ -333,103 +378,22 @@ class ThresherConfig(_Section):
 
     def shared_path(self, relative: str, key: str) -> UPath:
         """Resolve a path given relative to shared_dir, refusing paths that escape it."""
-        base = self.shared_base()
-        if is_local(base):
-            path = (base / relative).resolve()  # also follows symlinks out of shared_dir
-            inside = path.is_relative_to(base)
-        else:
-            normal = posixpath.normpath(relative)
-            path = base / normal
-            inside = not (normal == ".." or normal.startswith(("../", "/")) or "://" in relative)
-        if not inside:
-            raise ConfigError(
-                f"{key}={relative!r} points outside shared_dir ({describe(base)}); give a path inside it."
-            )
-        if not path.exists():
-            raise ConfigError(
-                f"{key}={relative!r}: {describe(path)} does not exist "
-                f"(paths are relative to shared_dir={describe(base)})."
-            )
-        return path
+        return inside_shared(self.shared_base(), relative, key)
 
 
-def _describe_errors(error: ValidationError) -> str:
-    # Union and validator members add loc parts such as 'int' or 'function-after[...]'; keep field names only.
-    type_parts = {"int", "float", "str", "bool", "tuple[int,int]"}
-    lines: dict[str, str] = {}
-    for item in error.errors():
-        parts = [str(p) for p in item["loc"] if isinstance(p, str) and p not in type_parts and "[" not in p]
-        key = ".".join(parts)
-        if key in lines:
-            continue
-        if item["type"] == "missing":
-            lines[key] = f"{key}: required, e.g. {key}=path/to/folder"
-        elif key.startswith("storage_options"):  # its value may hold a credential: never echo it
-            lines[key] = f"{key}: {item['msg']}"
-        else:
-            lines[key] = f"{key}={item.get('input')!r}: {item['msg']}"
-    return "Invalid configuration:\n  " + "\n  ".join(lines.values())
-
-
-def validate_config(data: dict[str, Any]) -> ThresherConfig:
-    """Build and check a config from nested values; raises ConfigError naming the key and value."""
-    try:
-        config = ThresherConfig.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(_describe_errors(error)) from None
-    check_consistency(config)
-    return config
-
-
-def check_consistency(config: ThresherConfig) -> None:
-    """Rules that span several keys, checked before any work starts."""
-    for key in ("checkpoint", "embeddings", "relevant_filenames_file"):
-        if getattr(config, key):
-            config.shared_path(getattr(config, key), key)  # inside shared_dir, and there
-    if config.enable_training and config.datapool.name:
+def inside_shared(base: UPath, relative: str, key: str) -> UPath:
+    """`relative` under the shared_dir `base`; raises ConfigError for a path that escapes it or does not exist."""
+    if is_local(base):
+        path = (base / relative).resolve()  # also follows symlinks out of shared_dir
+        inside = path.is_relative_to(base)
+    else:
+        normal = posixpath.normpath(relative)
+        path = base / normal
+        inside = not (normal == ".." or normal.startswith(("../", "/")) or "://" in relative)
+    if not inside:
+        raise ConfigError(f"{key}={relative!r} points outside shared_dir ({describe(base)}); give a path inside it.")
+    if not path.exists():
         raise ConfigError(
-            "enable_training=True cannot be combined with datapool.name: a datapool's embeddings must all come from "
-            "one model, and training would change it for this run only. Train once without the datapool, then use "
-            "the run's lightly_epoch_<N>.ckpt as checkpoint= (relative to shared_dir) for every datapool run."
+            f"{key}={relative!r}: {describe(path)} does not exist (paths are relative to shared_dir={describe(base)})."
         )
-    if config.enable_training and config.lightly.trainer.max_epochs == 0:
-        raise ConfigError("enable_training=True needs lightly.trainer.max_epochs >= 1 (or enable_training=False).")
-    if config.selected_sequence_length > 1 and config.datapool.name:
-        raise ConfigError(
-            "selected_sequence_length > 1 cannot be combined with datapool.name yet; "
-            "select sequences without a datapool, or frames (selected_sequence_length=1) with one."
-        )
-    stop = config.stopping_condition
-    if stop.samples is None and stop.radius is None:
-        raise ConfigError(
-            "Set a stopping condition: stopping_condition.n_samples (count, or fraction in (0, 1]) "
-            "and/or stopping_condition.min_distance."
-        )
-    n = stop.n_samples
-    if isinstance(n, float) and not 0 < n <= 1:
-        raise ConfigError(
-            f"stopping_condition.n_samples={n}: a float must be a fraction in (0, 1]; use an int for a count."
-        )
-    if isinstance(n, int) and n < 0 and n != -1:
-        raise ConfigError(f"stopping_condition.n_samples={n}: use a count >= 0, a fraction in (0, 1], or -1.")
-    if stop.radius is not None and not (math.isfinite(stop.radius) and stop.radius >= 0):
-        raise ConfigError(f"stopping_condition.min_distance={stop.min_distance}: use a distance >= 0 or -1.")
-    if config.normalize_embeddings and stop.min_distance > 2:
-        raise ConfigError(
-            f"stopping_condition.min_distance={stop.min_distance}: normalised embeddings are at most 2 apart, "
-            "so nothing past the first sample could be selected; use a value in [0, 2]."
-        )
-    if config.method == "random" and stop.radius is not None:
-        raise ConfigError(
-            "stopping_condition.min_distance needs method=coreset or typical_coreset; random selection ignores "
-            "distances."
-        )
-    if config.enable_training and config.embeddings:
-        raise ConfigError("enable_training=True needs images to train on; it cannot be combined with embeddings=.")
-    length = config.selected_sequence_length
-    if length > 1 and isinstance(n, int) and n != -1 and n % length:
-        raise ConfigError(
-            f"stopping_condition.n_samples={n} counts frames and must be a multiple of "
-            f"selected_sequence_length={length}, "
-            f"e.g. {max(length, n - n % length)}."
-        )
+    return path

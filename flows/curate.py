@@ -26,7 +26,7 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
 from flows.cluster import ClusterPlan, cluster_plan
-from flows.config import ThresherConfig, validate_config
+from flows.config import ThresherConfig
 from flows.options import model_spec
 from flows.overrides import flow_signature
 from flows.run import RunLog, start_run
@@ -50,6 +50,7 @@ from flows.stages import (
     update_pool,
     write,
 )
+from flows.validation import validate_config
 from tasks.datapool import PoolLock, check_compatible, read_pool
 from tasks.storage import describe
 

@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING
 from flows.config import ThresherConfig
 from tasks.decoding import CheckOptions
 from tasks.embedding import EmbedOptions, ModelSpec
+from tasks.predictions.scores import ScorerOptions
 from tasks.report.settings import ReportSettings
+from tasks.selection.form import SelectionForm
+from tasks.selection.inputs import InputSources
 from tasks.selection.tasks import SelectOptions
 
 if TYPE_CHECKING:
@@ -76,14 +79,47 @@ def train_options(config: ThresherConfig) -> TrainOptions:
 
 def select_options(config: ThresherConfig) -> SelectOptions:
     stop = config.stopping_condition
+    form = selection_form(config)
     return SelectOptions(
         method=config.method,
-        n_samples=stop.samples,
-        min_distance=stop.radius,
+        n_samples=stop.samples if form is None else form.samples,
+        min_distance=stop.radius if form is None else form.min_distance,
         normalize=config.normalize_embeddings,
         seed=config.lightly.seed,
         device=config.selection.device,
         sequence_length=config.selected_sequence_length,
+        form=form,
+        sources=None if form is None else input_sources(config),
+    )
+
+
+def selection_form(config: ThresherConfig) -> SelectionForm | None:
+    """The strategies a run selects by: its selection_config, or method=coral's (the Worker's first
+    active-learning method: coverage weighted by a prediction task's score); None for the other methods."""
+    if config.selection_config is not None or config.method != "coral":
+        return config.selection_config
+    stop, learning = config.stopping_condition, config.active_learning
+    size = {"proportion_samples": stop.samples} if isinstance(stop.samples, float) else {"n_samples": stop.samples}
+    diversity = {"type": "DIVERSITY", "stopping_condition_minimum_distance": stop.radius}
+    scores = {"type": "SCORES", "task": learning.task_name, "score": learning.score_name}
+    return SelectionForm.model_validate(
+        {
+            **size,
+            "strategies": [
+                {"input": {"type": "EMBEDDINGS"}, "strategy": diversity},
+                {"input": scores, "strategy": {"type": "WEIGHTS"}},
+            ],
+        }
+    )
+
+
+def input_sources(config: ThresherConfig) -> InputSources:
+    return InputSources(
+        lightly_root=config.location(config.lightly_dir or config.input_dir),
+        input_root=config.location(config.input_dir),
+        shared_base=config.shared_base(),
+        seed=config.lightly.seed,
+        scorer=ScorerOptions(**config.scorer_config.model_dump()),
     )
 
 

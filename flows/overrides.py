@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import json
 import logging
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, SecretStr
 
-from flows.config import ConfigError, ThresherConfig, validate_config
+from flows.config import ConfigError, ThresherConfig
+from flows.validation import validate_config
 from tasks.storage import flatten
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,8 @@ NOT_APPLICABLE = {
     "pretagging_debug": "Lightly's pretagging detector is proprietary",
     "pretagging_config": "Lightly's pretagging detector is proprietary",
     "append_weak_labels": "weak labels come from Lightly's proprietary pretagging",
-    "scorer": "active-learning scorers need Lightly Platform predictions",
-    "scorer_config": "active-learning scorers need Lightly Platform predictions",
+    "scorer": "it named the scorer of Lightly's proprietary pretagging; scores come from your predictions "
+    "(active_learning.*, selection_config SCORES inputs)",
     "datapool.dataset_id": "datapools live in shared_dir, not on the Lightly Platform",
     "datasource.dataset_id": "the datasource is input_dir, not a Lightly Platform dataset",
 }
@@ -110,10 +112,12 @@ def explain_not_applicable(overrides: list[str]) -> None:
 def overrides_of(config: ThresherConfig) -> list[str]:
     """The `key=value` overrides that rebuild this config from the defaults (secrets left out)."""
     data = config.model_dump(mode="json", exclude_defaults=True, exclude={"token"})
+    # selection_config is one value (its strategies are a list), written as JSON text.
+    form = data.pop("selection_config", None)
     return [
         f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
         for key, value in flatten(data)
-    ]
+    ] + ([f"selection_config={json.dumps(form)}"] if form else [])
 
 
 def flow_signature() -> inspect.Signature:

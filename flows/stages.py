@@ -279,7 +279,9 @@ def select(run: Run, log: RunLog, centers: UPath | None) -> dict:
     if options.sequence_length > 1:
         selection = select_sequences(run.embeddings_path, run.videos_path, options, run.selection_path)
     else:
-        selection = select_samples(run.embeddings_path, options, run.selection_path, centers)
+        samples = None if run.config.embeddings else run.samples_path
+        scores = run.run_dir / "data" / "active_learning_scores.parquet"
+        selection = select_samples(run.embeddings_path, options, run.selection_path, centers, samples, scores)
     log.timed("select", selection["n_candidates"], start)
     return selection
 

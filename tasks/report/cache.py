@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
+from pydantic import BaseModel
 from upath import UPath
 
 from tasks.caching import CODE_VERSION
@@ -65,6 +66,10 @@ def content_key(*parts: object) -> str:
             digest.update(np.ascontiguousarray(value).data)
         elif isinstance(value, Thumbnails):
             feed(value.identity())
+        elif isinstance(value, BaseModel):  # selection_config
+            feed(value.model_dump(mode="json"))
+        elif isinstance(value, UPath):  # where selection_config's inputs are read
+            feed(str(value))
         elif is_dataclass(value):
             feed({field.name: getattr(value, field.name) for field in fields(value)})
         elif isinstance(value, dict):

@@ -167,8 +167,9 @@ def probe_budgets(k: int, n: int, d: int, sequences: bool) -> tuple[list[int], l
 def rerun(vectors: np.ndarray, budgets: list[int], run: RunSelection) -> dict[int, np.ndarray]:
     """The run's method selecting the largest budget afresh, once: a greedy selection of any smaller
     size is a prefix of it (and a prefix of a random subset is a random subset). A budget that
-    `min_distance` stops short of is left out."""
-    if not budgets:
+    `min_distance` stops short of is left out, and all are for a selection by strategies (selecting
+    again would read their inputs again)."""
+    if not budgets or run.options.form is not None:
         return {}
     options = run.options
     picks = select(

@@ -68,6 +68,18 @@ Input = Annotated[
     EmbeddingsInput | ScoresInput | MetadataInput | PredictionsInput | RandomInput, Field(discriminator="type")
 ]
 
+
+def input_label(given: Input) -> str:
+    """An input as the report names it, e.g. 'SCORES weather.uncertainty_margin'."""
+    detail = {
+        "EMBEDDINGS": getattr(given, "query", None) and f"query {given.query}",
+        "SCORES": getattr(given, "score", None) and f"{given.task}.{given.score}",
+        "METADATA": getattr(given, "key", None),
+        "PREDICTIONS": getattr(given, "name", None) and f"{given.task}.{given.name}",
+    }.get(given.type)
+    return f"{given.type} {detail}" if detail else given.type
+
+
 Strength = Annotated[float, Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH)]
 
 
@@ -185,6 +197,12 @@ class SelectionForm(_Form):
         if self.proportion_samples is not None:
             return float(self.proportion_samples)
         return None if self.n_samples in (None, -1) else self.n_samples
+
+    @property
+    def min_distance(self) -> float | None:
+        """DIVERSITY's stopping_condition_minimum_distance (the config allows one DIVERSITY at most)."""
+        limits = [getattr(entry.strategy, "stopping_condition_minimum_distance", None) for entry in self.strategies]
+        return next((limit for limit in limits if limit is not None), None)
 
     @property
     def stops_by_itself(self) -> bool:

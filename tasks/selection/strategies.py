@@ -15,7 +15,7 @@ whose cost per pick is k-center's. DIVERSITY alone is plain k-center greedy, as 
     >>> x = np.array([[0.0, 0.0], [0.0, 0.1], [3.0, 0.0], [3.0, 0.1]], dtype=np.float32)
     >>> score = Scored(values=np.array([1.0, 4.0, 2.0, 3.0]))
     >>> plan = [Planned("WEIGHTS", 1.0, score)]
-    >>> combine(x, plan, 2, None, None, seed=0).indices.tolist()
+    >>> combine(x, plan, 2, None, None, seed=0)[0].indices.tolist()
     [1, 3]
 """
 
@@ -194,14 +194,16 @@ def combine(
     initial_centers: np.ndarray | None,
     seed: int = 0,
     device: str = "auto",
-) -> SelectionResult:
+) -> tuple[SelectionResult, dict[int, np.ndarray]]:
     """Select by the strategies of `plan` from the rows of `vectors` (see the module doc); `min_distance`
-    is DIVERSITY's stopping_condition_minimum_distance, `initial_centers` the datapool's rows."""
+    is DIVERSITY's stopping_condition_minimum_distance, `initial_centers` the datapool's rows.
+    Also returns the fixed scores of plan's steps by index, for every row (NaN: removed by a threshold)."""
     keep = np.flatnonzero(threshold_mask(plan, len(vectors)))
-    plan = [subset(step, keep) for step in plan if step.kind != "THRESHOLD"]
+    steps = [i for i, step in enumerate(plan) if step.kind != "THRESHOLD"]
+    plan = [subset(plan[i], keep) for i in steps]
     x = np.ascontiguousarray(vectors[keep], dtype=np.float32)
     if len(x) == 0 or n_samples == 0:
-        return result([], [], [])
+        return result([], [], []), {}
     diversity = [step for step in plan if step.kind == "DIVERSITY"]
     exponent = 2.0 / diversity[0].strength if diversity else 1.0
     fixed = {i: fixed_scores(step, x, seed, device) for i, step in enumerate(plan)}
@@ -224,7 +226,44 @@ def combine(
         distance=bool(diversity),
         steering=None if plain else steering,
     )
-    return SelectionResult(keep[picks.indices], picks.distances, picks.radii)
+    scores = {}
+    for i, score in fixed.items():
+        if score is not None:
+            scores[steps[i]] = np.full(len(vectors), np.nan)
+            scores[steps[i]][keep] = score
+    return SelectionResult(keep[picks.indices], picks.distances, picks.radii), scores
+
+
+def explain(plan: list[Planned], scores: dict[int, np.ndarray], picked: np.ndarray, bins: int = 20) -> list[dict]:
+    """What each strategy did, for the report: how many candidates each THRESHOLD removed, BALANCE's
+    class shares before and after against its target, and the other inputs' distributions (a
+    histogram over the candidates and the selection, with their means)."""
+    out = []
+    for i, step in enumerate(plan):
+        entry: dict = {"type": step.kind, "strength": step.strength}
+        values = step.input.values if step.input.values is not None else scores.get(i)
+        if step.kind == "THRESHOLD":
+            entry["n_removed"] = int(len(values) - threshold_mask([step], len(values)).sum())
+        if step.kind == "BALANCE":
+            classes = np.nan_to_num(step.input.classes)
+            entry["classes"] = list(step.input.class_names)
+            entry["target"] = target_shares(step).round(4).tolist()
+            for name, rows in (("before", slice(None)), ("after", picked)):
+                total = classes[rows].sum(axis=0)
+                entry[name] = (total / max(float(total.sum()), 1e-12)).round(4).tolist()
+        elif values is not None and np.isfinite(values).any():
+            finite = values[np.isfinite(values)]
+            edges = np.linspace(finite.min(), finite.max(), bins + 1)
+            chosen = values[picked][np.isfinite(values[picked])]
+            entry["histogram"] = {
+                "edges": edges.tolist(),
+                "before": np.histogram(finite, edges)[0].tolist(),
+                "after": np.histogram(chosen, edges)[0].tolist(),
+            }
+            entry["mean_before"] = float(finite.mean())
+            entry["mean_after"] = float(chosen.mean()) if chosen.size else None
+        out.append(entry)
+    return out
 
 
 def subset(step: Planned, rows: np.ndarray) -> Planned:

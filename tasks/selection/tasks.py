@@ -16,7 +16,12 @@ from prefect import task
 from upath import UPath
 
 from tasks.gathering import load_embeddings
+from tasks.predictions.formats import Problem
+from tasks.predictions.scores import scores_table, write_scores_csv
+from tasks.selection.form import SelectionForm, input_label
+from tasks.selection.inputs import InputSources, resolve
 from tasks.selection.methods import SelectionResult, select
+from tasks.selection.strategies import combine, explain
 from tasks.storage import read_parquet, read_table, write_parquet
 from tasks.video.sequences import frame_infos, sequences
 
@@ -42,6 +47,9 @@ class SelectOptions:
     seed: int
     device: str
     sequence_length: int
+    # A selection_config (or method=coral) selects by its strategies on the inputs `sources` locate.
+    form: SelectionForm | None = None
+    sources: InputSources | None = None
 
     def count(self, n_total: int) -> int | None:
         """The row count `n_samples` asks for among `n_total` rows: a fraction rounded, a count capped.
@@ -74,50 +82,78 @@ def selection_table(names: list[str], distances: np.ndarray, radii: np.ndarray |
 
 
 def choose(
-    candidates_path: UPath, options: SelectOptions, centers_path: UPath | None = None
+    candidates_path: UPath,
+    options: SelectOptions,
+    centers_path: UPath | None = None,
+    samples_path: UPath | None = None,
+    scores_path: UPath | None = None,
 ) -> tuple[list[str], SelectionResult, dict]:
     """Select from a gathered embeddings table: its filenames, the picks and a summary of the selection.
 
-    centers_path: a table of the same layout whose rows count as already selected (the datapool)."""
+    centers_path: a table of the same layout whose rows count as already selected (the datapool);
+    samples_path: the run's samples table, whose check-stage measures are METADATA lightly.* inputs;
+    scores_path: where the active-learning scores that SCORES inputs use are written (Parquet, and
+    CSV beside it)."""
     filenames, _, vectors = load_embeddings(candidates_path, normalize=options.normalize)
     centers = load_embeddings(centers_path, normalize=options.normalize)[2] if centers_path else None
+    centers = centers if centers is not None and len(centers) else None
     count = options.count(len(filenames))
-    if len(filenames):
-        result = select(
-            vectors,
-            options.method,
-            count,
-            options.min_distance,
-            centers if centers is not None and len(centers) else None,
-            options.seed,
-            options.device,
-        )
-    else:
+    extra: dict = {}
+    if not len(filenames):
         result = SelectionResult(np.empty(0, np.int64), np.empty(0, np.float32))
+    elif options.form is None:
+        result = select(vectors, options.method, count, options.min_distance, centers, options.seed, options.device)
+    else:
+        inputs = resolve(options.form, options.sources, filenames, vectors, samples_path)
+        result, scores = combine(
+            vectors, inputs.plan, count, options.min_distance, centers, options.seed, options.device
+        )
+        described = explain(inputs.plan, scores, result.indices)
+        for entry, given in zip(described, options.form.strategies):
+            entry["input"] = input_label(given.input)
+        extra = {"strategies": described, "input_problems": problem_summary(inputs.problems)}
+        if inputs.scores and scores_path is not None:
+            table = scores_table(filenames, inputs.scores)
+            write_parquet(table, scores_path)
+            write_scores_csv(table, scores_path.with_suffix(".csv"))
     finite = result.distances[np.isfinite(result.distances)]
     reached_count = count is not None and len(result.indices) >= count
     limit = options.min_distance
+    stopped_by = "n_samples" if reached_count else "min_distance" if limit is not None else "all selected"
+    if stopped_by == "all selected" and options.form is not None and options.form.stops_by_itself:
+        stopped_by = "a strategy's stopping condition"
     return (
         filenames,
         result,
         {
-            "method": options.method,
+            "method": "selection_config" if options.form is not None and options.method != "coral" else options.method,
             "n_candidates": len(filenames),
             "n_selected": int(len(result.indices)),
             "n_samples_target": count,
             "min_distance": limit,
-            "stopped_by": "n_samples" if reached_count else "min_distance" if limit is not None else "all selected",
+            "stopped_by": stopped_by,
             "last_pick_distance": float(finite[-1]) if finite.size else None,
+            **extra,
         },
     )
 
 
+def problem_summary(problems: list[Problem], examples: int = 20) -> dict:
+    """How many predictions or metadata files could not be used, and the first few by name."""
+    return {"n_problems": len(problems), "examples": [{"filename": f, "problem": p} for f, p in problems[:examples]]}
+
+
 @task(name="select")
 def select_samples(
-    embeddings_path: UPath, options: SelectOptions, out_path: UPath, centers_path: UPath | None = None
+    embeddings_path: UPath,
+    options: SelectOptions,
+    out_path: UPath,
+    centers_path: UPath | None = None,
+    samples_path: UPath | None = None,
+    scores_path: UPath | None = None,
 ) -> dict:
     """Select from a gathered embeddings table into a SELECTION_SCHEMA table; returns a summary (see `choose`)."""
-    filenames, result, summary = choose(embeddings_path, options, centers_path)
+    filenames, result, summary = choose(embeddings_path, options, centers_path, samples_path, scores_path)
     write_parquet(selection_table([filenames[i] for i in result.indices], result.distances, result.radii), out_path)
     return summary
 

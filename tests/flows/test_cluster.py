@@ -3,8 +3,8 @@ import os
 import pytest
 
 from flows.cluster import cluster_plan, load_cluster_spec
-from flows.config import validate_config
 from flows.overrides import parse_overrides
+from flows.validation import validate_config
 
 
 def test_local_spec_is_one_single_threaded_process_per_core():

@@ -1,11 +1,13 @@
+import json
 import logging
 
 import pytest
 import yaml
 
 from flows.cli import keys_help
-from flows.config import ConfigError, SecretStr, validate_config
+from flows.config import ConfigError, SecretStr
 from flows.overrides import all_keys, config_from_overrides, dump_config, overrides_of, parse_overrides
+from flows.validation import validate_config
 
 BASE = ["input_dir=in", "output_dir=out"]
 
@@ -42,7 +44,7 @@ def test_unknown_key_names_the_nearest_valid_keys():
         ("stopping_condition.n_samples=1.5", "a float must be a fraction in (0, 1]"),
         ("stopping_condition.n_samples=-3", "use a count >= 0"),
         ("stopping_condition.min_distance=2.5", "normalised embeddings are at most 2 apart"),
-        ("method=kmeans", "method='kmeans': Input should be 'typical_coreset', 'coreset' or 'random'"),
+        ("method=kmeans", "method='kmeans': Input should be 'typical_coreset', 'coreset', 'random' or 'coral'"),
         ("n_example_images=3", "must be an even number"),
         ("output_image_size=0", "output_image_size=0"),
         ("lightly.trainer.precision=8", "lightly.trainer.precision=8"),
@@ -129,3 +131,118 @@ def test_help_lists_every_key_with_default():
     for key in all_keys():
         assert f"  {key} " in text
     assert "stopping_condition.n_samples = -1" in text
+
+
+# The seed example's selection_config (Lightly's datapool page), verbatim.
+SEED_FORM = {
+    "n_samples": 100,
+    "strategies": [
+        {
+            "input": {"type": "EMBEDDINGS"},
+            "strategy": {"type": "DIVERSITY", "stopping_condition_minimum_distance": 0.1},
+        }
+    ],
+}
+
+
+def test_selection_config_as_json_yaml_or_a_shared_file(tmp_path):
+    (tmp_path / "form.yaml").write_text(yaml.safe_dump(SEED_FORM))
+    given = [
+        f"selection_config={json.dumps(SEED_FORM)}",
+        "selection_config={n_samples: 100, strategies: [{input: {type: EMBEDDINGS}, strategy: "
+        "{type: DIVERSITY, stopping_condition_minimum_distance: 0.1}}]}",
+        "selection_config=@form.yaml",
+    ]
+    forms = [config_from_overrides([*BASE, f"shared_dir={tmp_path}", item]).selection_config for item in given]
+    assert forms[0] == forms[1] == forms[2]
+    assert forms[0].samples == 100 and forms[0].min_distance == 0.1
+    config = config_from_overrides([*BASE, f"selection_config={json.dumps(SEED_FORM)}"])
+    assert validate_config(parse_overrides(overrides_of(config))) == config.model_copy(update={"token": SecretStr("")})
+
+
+def strategy(input_: dict, strategy_: dict) -> dict:
+    return {"input": input_, "strategy": strategy_}
+
+
+DIVERSE = strategy({"type": "EMBEDDINGS"}, {"type": "DIVERSITY"})
+
+
+@pytest.mark.parametrize(
+    "form, message",
+    [
+        ({"n_samples": 5, "strategies": []}, "selection_config.strategies=[]: List should have at least 1 item"),
+        (
+            {"n_samples": 5, "strategies": [strategy({"type": "EMBEDDINGS"}, {"type": "DIVERSE"})]},
+            "selection_config.strategies[0].strategy={'type': 'DIVERSE'}: Input tag 'DIVERSE'",
+        ),
+        (
+            {"n_samples": 5, "strategies": [DIVERSE, strategy({"type": "SCORES"}, {"type": "WEIGHTS"})]},
+            "selection_config.strategies[1].input.task: required",
+        ),
+        (
+            {"n_samples": 5, "strategies": [strategy({"type": "EMBEDDINGS"}, {"type": "DIVERSITY", "strength": "a"})]},
+            "selection_config.strategies[0].strategy.strength='a': Input should be a valid number",
+        ),
+        (
+            {"n_samples": 5, "strategies": [strategy({"type": "METADATA", "key": "x"}, {"type": "DIVERSITY"})]},
+            "DIVERSITY cannot use input METADATA; it takes EMBEDDINGS",
+        ),
+        ({"strategies": [DIVERSE]}, "set n_samples or proportion_samples, or a strategy's stopping condition"),
+        ({"n_samples": 5, "strategies": [DIVERSE, DIVERSE]}, "strategies[1]: one DIVERSITY strategy at most"),
+        (
+            {"n_samples": 5, "strategies": [strategy({"type": "EMBEDDINGS"}, {"type": "SIMILARITY"})]},
+            "SIMILARITY needs input.query",
+        ),
+        (
+            {
+                "n_samples": 5,
+                "strategies": [
+                    strategy(
+                        {"type": "METADATA", "key": "weather"},
+                        {"type": "THRESHOLD", "threshold": 1, "operation": "BIGGER"},
+                    )
+                ],
+            },
+            "selection_config.strategies[0].input.key='weather' is not in",
+        ),
+        (
+            {
+                "n_samples": 5,
+                "strategies": [strategy({"type": "METADATA", "key": "lightly.blur"}, {"type": "WEIGHTS"})],
+            },
+            "selection_config.strategies[0].input.key='lightly.blur': the lightly.* keys are lightly.sharpness",
+        ),
+        (
+            {
+                "n_samples": 5,
+                "strategies": [strategy({"type": "SCORES", "task": "t", "score": "s"}, {"type": "WEIGHTS"})],
+            },
+            ".lightly/predictions/tasks.json does not exist",
+        ),
+        (
+            {"n_samples": 5, "strategies": [strategy({"type": "METADATA", "key": "lightly.snr"}, {"type": "BALANCE"})]},
+            None,
+        ),
+    ],
+)
+def test_bad_selection_configs_name_the_strategy_and_key(form, message):
+    override = f"selection_config={json.dumps(form)}"
+    if message is None:  # BALANCE defaults to a uniform target: valid
+        assert (
+            config_from_overrides([*BASE, override]).selection_config.strategies[0].strategy.distribution == "UNIFORM"
+        )
+        return
+    with pytest.raises(ConfigError) as error:
+        config_from_overrides([*BASE, override])
+    assert message in str(error.value)
+
+
+def test_selection_config_replaces_the_plain_keys(tmp_path):
+    form = f"selection_config={json.dumps(SEED_FORM)}"
+    for plain in ("stopping_condition.n_samples=3", "method=coreset"):
+        with pytest.raises(ConfigError, match="selection_config replaces method and stopping_condition"):
+            config_from_overrides([*BASE, form, plain])
+    with pytest.raises(ConfigError, match=r"selection_config='@nope.yaml'.*does not exist"):
+        config_from_overrides([*BASE, f"shared_dir={tmp_path}", "selection_config=@nope.yaml"])
+    with pytest.raises(ConfigError, match="method=coral weighs samples by a prediction task"):
+        config_from_overrides([*BASE, "method=coral", "stopping_condition.n_samples=3"])

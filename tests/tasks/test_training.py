@@ -10,7 +10,8 @@ import torch
 from lightly.loss import NTXentLoss
 from PIL import Image
 
-from flows.config import ConfigError, validate_config
+from flows.config import ConfigError
+from flows.validation import validate_config
 from tasks.embedding import ModelSpec, build_backbone, embed_sources, load_backbone, load_checkpoint
 from tasks.listing import InputFile, list_images
 from tasks.sharding import frame_ranges

@@ -1,0 +1,145 @@
+"""End to end: selection_config's strategies on real files with Lightly-format predictions, through
+the CLI on a real Prefect server and Dask cluster; the seed example's selection_config verbatim;
+and the same inputs from an S3 bucket (moto)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from flows.cli import main
+from tasks.image_metadata import pixel_metadata, sampled
+from tests.images import picture, save
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+FAST = ["lightly.model.name=resnet-18", "lightly.collate.input_size=32", "n_example_images=2"]
+N_A, N_B, N_BLURRED, N_SELECT = 54, 6, 6, 12
+
+
+def entropy(p: np.ndarray) -> float:
+    return float(-(p * np.log(np.clip(p, 1e-12, 1))).sum() / np.log(len(p)))
+
+
+def write_dataset(root: Path) -> dict:
+    """A 90/10 split of two classes (by their predictions), blurred copies of six images, and one
+    sample each with a missing and a malformed prediction file. Returns what the test checks against."""
+    rng = np.random.default_rng(0)
+    tasks = root / ".lightly" / "predictions"
+    (tasks / "kind").mkdir(parents=True)
+    (tasks / "tasks.json").write_text(json.dumps(["kind"]))
+    schema = {"task_type": "classification", "categories": [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}]}
+    (tasks / "kind" / "schema.json").write_text(json.dumps(schema))
+    truth, sharpness = {}, {"sharp": [], "blurred": []}
+    for i in range(N_A + N_B + N_BLURRED):
+        if i < N_A + N_B:
+            name, image = f"img_{i:03d}.jpg", picture(i)
+        else:  # a blurred copy of an earlier image
+            name, image = f"blur_{i:03d}.jpg", picture(i - N_A - N_B).filter(ImageFilter.GaussianBlur(3))
+        save(image, root / name, format="JPEG", quality=95)
+        decoded = Image.open(root / name).convert("RGB")
+        sharpness["blurred" if name.startswith("blur") else "sharp"].append(
+            pixel_metadata(sampled(decoded))["sharpness"]
+        )
+        label = int(N_A <= i < N_A + N_B)
+        confidence = rng.uniform(0.5, 1.0)
+        p = np.array([confidence, 1 - confidence] if label == 0 else [1 - confidence, confidence])
+        truth[name] = (label, entropy(p))
+        prediction = {"predictions": [{"category_id": int(np.argmax(p)), "probabilities": p.round(6).tolist()}]}
+        (tasks / "kind" / f"{name.rsplit('.', 1)[0]}.json").write_text(json.dumps(prediction))
+    (tasks / "kind" / "img_001.json").unlink()
+    (tasks / "kind" / "img_002.json").write_text("{not json")
+    threshold = (max(sharpness["blurred"]) + min(sharpness["sharp"])) / 2
+    assert max(sharpness["blurred"]) < threshold < min(sharpness["sharp"])
+    return {"truth": truth, "threshold": threshold}
+
+
+def strategies_form(threshold: float) -> dict:
+    return {
+        "n_samples": N_SELECT,
+        "strategies": [
+            {
+                "input": {"type": "METADATA", "key": "lightly.sharpness"},
+                "strategy": {"type": "THRESHOLD", "threshold": threshold, "operation": "BIGGER"},
+            },
+            {
+                "input": {"type": "PREDICTIONS", "task": "kind", "name": "CLASS_DISTRIBUTION"},
+                "strategy": {"type": "BALANCE", "target": {"a": 0.5, "b": 0.5}},
+            },
+            {
+                "input": {"type": "SCORES", "task": "kind", "score": "uncertainty_entropy"},
+                "strategy": {"type": "WEIGHTS", "strength": 1.0},
+            },
+            {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}},
+        ],
+    }
+
+
+def run(input_dir: str, out: Path, name: str, *overrides: str) -> dict:
+    # An in-process cluster: it shares this process's environment, where the S3 fixture put its credentials.
+    code = main(
+        ["run", "dask.cluster=local-threads", f"input_dir={input_dir}", f"output_dir={out}",
+         f"run_directory={name}", f"shared_dir={out}", *FAST, *overrides]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads((out / name / "report.json").read_text())
+    return {"sampled": (out / name / "filenames" / "sampled_filenames.txt").read_text().split(), "report": report}
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("strategies")
+    planted = write_dataset(root / "in")
+    form = json.dumps(strategies_form(planted["threshold"]))
+    result = run(str(root / "in"), root / "out", "local", f"selection_config={form}")
+    return {**result, **planted, "root": root, "form": form}
+
+
+def test_threshold_balance_and_weights_do_what_they_say(local_run):
+    sampled, truth = local_run["sampled"], local_run["truth"]
+    assert len(sampled) == N_SELECT
+    assert not [name for name in sampled if name.startswith("blur")]  # THRESHOLD on lightly.sharpness
+    share_b = np.mean([truth[name][0] for name in sampled])
+    assert abs(share_b - 0.5) <= 0.05  # BALANCE: from 90/10 to within 5 points of 50/50
+    candidates = [name for name in truth if not name.startswith("blur") and name not in ("img_001.jpg", "img_002.jpg")]
+    selected_entropy = np.mean([truth[name][1] for name in sampled if name in candidates])
+    assert selected_entropy > np.mean([truth[name][1] for name in candidates])  # a random subset's expectation
+
+    selection = local_run["report"]["selection"]
+    assert selection["method"] == "selection_config"
+    threshold, balance, weights, _ = selection["strategies"]
+    assert threshold["n_removed"] == N_BLURRED and threshold["input"] == "METADATA lightly.sharpness"
+    assert balance["before"][1] < 0.15 and abs(balance["after"][1] - 0.5) <= 0.05 and balance["target"] == [0.5, 0.5]
+    assert weights["mean_after"] > weights["mean_before"]
+    problems = {p["filename"]: p["problem"] for p in selection["input_problems"]["examples"]}
+    assert set(problems) == {"img_001.jpg", "img_002.jpg"}
+    html = (local_run["root"] / "out" / "local" / "report.html").read_text()
+    assert "Strategies" in html and "strategy_1.png" in html
+
+
+def test_the_seed_examples_selection_config_verbatim(tmp_path):
+    form = (
+        '{"n_samples": 100, "strategies": [{"input": {"type": "EMBEDDINGS"}, '
+        '"strategy": {"type": "DIVERSITY", "stopping_condition_minimum_distance": 0.2}}]}'
+    )
+    result = run("examples/images", tmp_path / "out", "seed", f"selection_config={form}")
+    selection = result["report"]["selection"]
+    assert selection["stopped_by"] == "min_distance" and 0 < selection["n_selected"] < selection["n_candidates"]
+    assert selection["last_pick_distance"] >= 0.2
+    assert result["report"]["selection"]["strategies"][0]["type"] == "DIVERSITY"
+
+
+def test_the_same_inputs_from_s3_give_the_same_selection(local_run, s3_store, tmp_path):
+    s3_store.upload(local_run["root"] / "in", "in")
+    result = run(
+        f"{s3_store.url}/in",
+        tmp_path / "out",
+        "s3",
+        f"storage_options.s3.endpoint_url={s3_store.storage_options['endpoint_url']}",
+        f"selection_config={local_run['form']}",
+    )
+    assert result["sampled"] == local_run["sampled"]
