@@ -211,6 +211,29 @@ def plot_datapool_growth(history: list[dict], path: UPath) -> None:
     _save(figure, path)
 
 
+def plot_strategy(entry: dict, path: UPath) -> None:
+    """What one selection_config strategy did: BALANCE's class shares before and after selection
+    against its target, or the input's distribution over the candidates and the selection."""
+    figure, ax = _figure()
+    if "classes" in entry:
+        x = np.arange(len(entry["classes"]))
+        ax.bar(x - 0.27, entry["before"], 0.27, color=COLOURS["removed"], label="candidates")
+        ax.bar(x, entry["after"], 0.27, color=COLOURS["selected"], label="selected")
+        ax.bar(x + 0.27, entry["target"], 0.27, color=COLOURS["datapool"], label="target")
+        ax.set_xticks(x, [_shorten(c, 14) for c in entry["classes"]], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("share of samples")
+    else:
+        edges = np.asarray(entry["histogram"]["edges"])
+        for key, colour, label in (("before", "removed", "candidates"), ("after", "selected", "selected")):
+            counts = np.asarray(entry["histogram"][key], float)
+            ax.stairs(counts / max(counts.sum(), 1.0), edges, color=COLOURS[colour], label=label, fill=key == "before")
+        ax.set_ylabel("share of samples")
+        ax.set_xlabel(entry["input"])
+    ax.set_title(f"{entry['type']} (strength {entry['strength']:g})", fontsize=10)
+    ax.legend(fontsize=8)
+    _save(figure, path)
+
+
 def plot_probe(probe: dict, path: UPath) -> None:
     """Probe accuracy against the number of training samples: the selection's, and the random
     subsets' mean with a band of one standard deviation."""
@@ -333,6 +356,11 @@ def summary_plots(report: dict, previews: Thumbnails) -> tuple[dict, list[Plot]]
         for i, pair in enumerate(report["example_pairs"])
     ]
     names |= quality_plots(report["selection_quality"], previews, plots)
+    names["strategies"] = {
+        str(i): _add(plots, f"strategy_{i}", plot_strategy, entry)
+        for i, entry in enumerate(report["selection"].get("strategies", []))
+        if "classes" in entry or "histogram" in entry
+    }
     if report.get("video_timelines"):
         names["video_timelines"] = _add(plots, "video_timelines", plot_video_timelines, report["video_timelines"])
     if report.get("datapool_history"):
