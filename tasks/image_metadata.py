@@ -21,8 +21,9 @@ Cost: every statistic is estimated from the pixels of every STRIDE-th row and co
 of them (the Laplacian still takes its neighbours at full resolution, so sharpness keeps its
 meaning: downscaling first would measure a coarser scale, where blur barely shows). Images and
 video frames are sampled the same way. What remains is one grey conversion at full resolution
-(about 0.2 ms of the 0.45 ms this takes on a 640x480 image, to a check of about 3 ms:
-benchmarks/check.py measures +15 to 20%).
+(about 0.2 ms of the 0.45 ms this takes on a 640x480 image, to a check of about 3.5 ms:
+benchmarks/check.py measures +13 to 19%; on the tiny example images, 160 pixels wide, the fixed
+cost of about 0.2 ms makes it +40%).
 
 `lightly.width`, `lightly.height` and `lightly.sizeInBytes` are the check's `width`, `height`
 and `size` (of a video frame: its video file's size).
