@@ -30,7 +30,7 @@ from PIL import Image, ImageFile, ImageOps
 from prefect import task
 from upath import UPath
 
-from tasks.image_metadata import METRICS_SCHEMA, pixel_metadata, sampled
+from tasks.image_metadata import METRICS_SCHEMA, image_metadata
 from tasks.listing import InputFile
 from tasks.sharding import Source
 from tasks.storage import write_parquet
@@ -154,7 +154,7 @@ def check_image(data: bytes, extension: str | None, options: CheckOptions) -> di
         try:
             image = open_image(data, options.max_pixels, extension, options.decode_timeout)
             found["width"], found["height"] = image.size
-            found |= pixel_metadata(sampled(image))
+            found |= image_metadata(image)
         except CorruptImage as error:
             found["error"] = str(error)
     elif not data:

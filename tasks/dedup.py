@@ -78,7 +78,7 @@ def ok_samples(filenames: pa.Array, labels: pa.Array) -> pa.Table:
     """SAMPLES_SCHEMA rows of samples that are all ok and whose files were never read (e.g. those
     of an embeddings file): no size, no pixels, so no metadata."""
     n = len(filenames)
-    nulls = [pa.nulls(n, field.type) for field in SAMPLES_SCHEMA][3:]
+    nulls = [pa.nulls(n, field.type) for field in list(SAMPLES_SCHEMA)[3:]]
     return pa.Table.from_arrays([filenames, labels, pa.array(["ok"] * n, pa.string()), *nulls], schema=SAMPLES_SCHEMA)
 
 

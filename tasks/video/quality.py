@@ -16,7 +16,7 @@ import av
 import numpy as np
 import xxhash
 
-from tasks.image_metadata import pixel_metadata, sampled_size
+from tasks.image_metadata import frame_metadata
 
 MACROBLOCK = 16
 # A block edge counts as broken when it is this many times sharper than the block's inside, and
@@ -95,8 +95,4 @@ def check_frame(frame: av.VideoFrame, threshold: float | None) -> dict:
                 f"corrupt frame: corruption score {score:.2f} > corruptness_check.corruption_threshold={threshold}"
             )
             return found
-    # The frame in RGB at the image metadata's sampling: point sampling, like an image's, and
-    # converted at a quarter of the pixels.
-    width, height = sampled_size(frame.width, frame.height)
-    rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation="POINT").to_image()
-    return found | pixel_metadata(rgb)
+    return found | frame_metadata(frame)

@@ -27,7 +27,7 @@ def test_a_blurred_copy_is_clearly_less_sharp(tmp_path):
     save(original, tmp_path / "sharp.png")
     save(original.filter(ImageFilter.GaussianBlur(2)), tmp_path / "blurred.png")
     sharp, blurred = _checked(tmp_path, ["sharp.png", "blurred.png"])
-    assert blurred["sharpness"] < 0.5 * sharp["sharpness"]  # 0.31 of it
+    assert blurred["sharpness"] < 0.1 * sharp["sharpness"]  # 0.04 of it
 
 
 def test_flat_and_pure_colour_images(tmp_path):
@@ -69,6 +69,7 @@ def test_video_frames_get_the_metadata_of_their_pictures(tmp_path):
     [image] = _checked(tmp_path, ["first.png"])
     for name in ("mean_red", "mean_green", "mean_blue"):  # the codec changes colours a little
         assert rows[0][name] == pytest.approx(image[name], abs=6)
+    assert rows[0]["contrast"] == pytest.approx(image["contrast"], rel=0.1)  # FFmpeg's gray8 is full range
     assert rows[0]["sharpness"] > 0
 
 
