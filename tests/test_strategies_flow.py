@@ -8,11 +8,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageFilter
 
 from flows.cli import main
-from tasks.image_metadata import pixel_metadata, sampled
+from tasks.image_metadata import image_metadata
 from tests.images import picture, save
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -41,10 +42,8 @@ def write_dataset(root: Path) -> dict:
         else:  # a blurred copy of an earlier image
             name, image = f"blur_{i:03d}.jpg", picture(i - N_A - N_B).filter(ImageFilter.GaussianBlur(3))
         save(image, root / name, format="JPEG", quality=95)
-        decoded = Image.open(root / name).convert("RGB")
-        sharpness["blurred" if name.startswith("blur") else "sharp"].append(
-            pixel_metadata(sampled(decoded))["sharpness"]
-        )
+        measured = image_metadata(Image.open(root / name).convert("RGB"))["sharpness"]
+        sharpness["blurred" if name.startswith("blur") else "sharp"].append(measured)
         label = int(N_A <= i < N_A + N_B)
         confidence = rng.uniform(0.5, 1.0)
         p = np.array([confidence, 1 - confidence] if label == 0 else [1 - confidence, confidence])
@@ -143,3 +142,24 @@ def test_the_same_inputs_from_s3_give_the_same_selection(local_run, s3_store, tm
         f"selection_config={local_run['form']}",
     )
     assert result["sampled"] == local_run["sampled"]
+
+
+def test_method_coral_weighs_coverage_by_an_active_learning_score(local_run, tmp_path):
+    keys = ["method=coral", "active_learning.task_name=kind", "active_learning.score_name=uncertainty_entropy"]
+    result = run(
+        str(local_run["root"] / "in"), tmp_path / "out", "coral", *keys, f"stopping_condition.n_samples={N_SELECT}"
+    )
+    selection = result["report"]["selection"]
+    assert selection["method"] == "coral" and selection["n_selected"] == N_SELECT
+    _, weights = selection["strategies"]
+    assert weights["input"] == "SCORES kind.uncertainty_entropy" and weights["mean_after"] > weights["mean_before"]
+    scores = pq.read_table(tmp_path / "out" / "coral" / "data" / "active_learning_scores.parquet")
+    assert scores.column_names == ["filenames", "kind.uncertainty_least_confidence", "kind.uncertainty_margin",
+                                   "kind.uncertainty_entropy"]  # fmt: skip
+    entropy_of = dict(
+        zip(scores.column("filenames").to_pylist(), scores.column("kind.uncertainty_entropy").to_pylist())
+    )
+    assert entropy_of["img_001.jpg"] is None  # its prediction file is missing
+    assert entropy_of["img_003.jpg"] == pytest.approx(local_run["truth"]["img_003.jpg"][1], abs=1e-5)
+    csv = (tmp_path / "out" / "coral" / "data" / "active_learning_scores.csv").read_text().splitlines()
+    assert csv[0].startswith('"filenames"') and len(csv) == 1 + len(scores)
