@@ -2,7 +2,10 @@
 
 Each case runs in its own subprocess, so its peak RSS is its own. A case times a fixed number of
 greedy steps (not a full run), the machine's read bandwidth on the same matrix, and the
-straightforward `np.linalg.norm(X - c, axis=1)` step on the same data.
+straightforward `np.linalg.norm(X - c, axis=1)` step on the same data. It also times the same
+steps through selection_config's combination (tasks/selection/strategies.py): a lone DIVERSITY
+strategy (`cfg/kc`: its time over plain k-center's, which must stay within 1.10), and DIVERSITY
+with WEIGHTS and a BALANCE over 10 classes (`+W+B ms`), which reweighs every row after each pick.
 
     python benchmarks/selection.py                       # N in 1e4,1e5,1e6 x d in 128,512, CPU
     python benchmarks/selection.py --sizes 1e5 --dims 512 --steps 30 --backends cpu,cuda
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.selection.backends import Backend, TorchBackend, resolve_backend  # noqa: E402
 from tasks.selection.methods import coreset  # noqa: E402
+from tasks.selection.strategies import Planned, Scored, combine  # noqa: E402
 
 
 def make_embeddings(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -50,16 +54,30 @@ def read_bandwidth(x: np.ndarray, repeats: int = 5) -> float:
     return x.nbytes / best / 1e9
 
 
-def seconds_per_step(x: np.ndarray, steps: int, backend: Backend) -> float:
-    """Greedy time per step: (k picks − 1 pick) / (k − 1), which cancels the O(N·d) setup."""
-    coreset(x, 2, None, None, 0, backend)  # warm-up: BLAS threads, allocator, GPU context
+def seconds_per_step(x: np.ndarray, steps: int, backend: Backend, plan: list[Planned] | None = None) -> float:
+    """Greedy time per step: (k picks − 1 pick) / (k − 1), which cancels the O(N·d) setup; with
+    `plan`, the steps of selection_config's combination of those strategies."""
 
     def run(k: int) -> float:
         start = time.perf_counter()
-        coreset(x, k, None, None, 0, backend)
+        if plan is None:
+            coreset(x, k, None, None, 0, backend)
+        else:
+            combine(x, plan, k, None, None, 0, backend.name if backend.is_gpu else "cpu")
         return time.perf_counter() - start
 
+    run(2)  # warm-up: BLAS threads, allocator, GPU context
     return (run(steps + 1) - run(1)) / steps
+
+
+def strategy_plans(n: int) -> tuple[list[Planned], list[Planned]]:
+    """A lone DIVERSITY, and DIVERSITY with WEIGHTS on random scores and a BALANCE over 10 classes."""
+    rng = np.random.default_rng(1)
+    classes = np.eye(10)[rng.integers(0, 10, n)]
+    balance = Planned("BALANCE", 1.0, Scored(classes=classes, class_names=tuple("abcdefghij")),
+                      {"distribution": "UNIFORM", "target": None})  # fmt: skip
+    weights = Planned("WEIGHTS", 1.0, Scored(values=rng.random(n)))
+    return [Planned("DIVERSITY", 1.0)], [Planned("DIVERSITY", 1.0), weights, balance]
 
 
 def naive_seconds_per_step(x: np.ndarray, steps: int) -> float:
@@ -85,6 +103,13 @@ def run_case(n: int, d: int, steps: int, ref_steps: int, backend_name: str) -> d
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     step = seconds_per_step(x, steps, backend)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    alone, mixed = strategy_plans(n)
+    # The ratio of two equal codes is noise unless both are timed alike: best of three, in turn.
+    plain, configured = np.inf, np.inf
+    for _ in range(3):
+        plain = min(plain, seconds_per_step(x, steps, backend))
+        configured = min(configured, seconds_per_step(x, steps, backend, alone))
+    combined = seconds_per_step(x, steps, backend, mixed)
     step_bytes = x.nbytes + 12 * n  # matrix, plus min-distance read/write and norms
     naive = naive_seconds_per_step(x, ref_steps) if ref_steps and not backend.is_gpu else None
     return {
@@ -97,6 +122,8 @@ def run_case(n: int, d: int, steps: int, ref_steps: int, backend_name: str) -> d
         "x_bound": step / (step_bytes / bandwidth / 1e9),
         "naive_ms_per_step": None if naive is None else naive * 1e3,
         "speedup": None if naive is None else naive / step,
+        "config_over_kcenter": configured / plain,
+        "combined_ms_per_step": combined * 1e3,
         "matrix_mib": x.nbytes / 2**20,
         "peak_over_matrix": (x.nbytes + max(0, peak_rss - base_rss)) / x.nbytes,
     }
@@ -108,13 +135,14 @@ def format_row(r: dict) -> str:
     return (
         f"{r['backend']:>10} {r['n']:>9,} {r['d']:>4} {r['ms_per_step']:9.2f} {r['gb_per_s']:7.1f} "
         f"{r['read_gb_per_s']:7.1f} {r['x_bound']:6.2f} {naive:>9} {speedup:>7} "
-        f"{r['matrix_mib']:8.0f} {r['peak_over_matrix']:6.2f}"
+        f"{r['matrix_mib']:8.0f} {r['peak_over_matrix']:6.2f} {r['config_over_kcenter']:6.2f} "
+        f"{r['combined_ms_per_step']:9.2f}"
     )
 
 
 HEADER = (
     f"{'backend':>10} {'N':>9} {'d':>4} {'ms/step':>9} {'GB/s':>7} {'read':>7} {'xbound':>6} "
-    f"{'naive ms':>9} {'speedup':>7} {'X MiB':>8} {'peak/X':>6}"
+    f"{'naive ms':>9} {'speedup':>7} {'X MiB':>8} {'peak/X':>6} {'cfg/kc':>6} {'+W+B ms':>9}"
 )
 
 
