@@ -5,6 +5,7 @@ and the same inputs from an S3 bucket (moto)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 
 FAST = ["lightly.model.name=resnet-18", "lightly.collate.input_size=32", "n_example_images=2"]
 N_A, N_B, N_BLURRED, N_SELECT = 54, 6, 6, 12
+NIGHT = {f"img_{i:03d}.jpg" for i in range(8, N_A, 9)}  # six of class a, by their custom metadata
 
 
 def entropy(p: np.ndarray) -> float:
@@ -27,9 +29,18 @@ def entropy(p: np.ndarray) -> float:
 
 
 def write_dataset(root: Path) -> dict:
-    """A 90/10 split of two classes (by their predictions), blurred copies of six images, and one
-    sample each with a missing and a malformed prediction file. Returns what the test checks against."""
+    """A 90/10 split of two classes (by their predictions), blurred copies of six images, one sample
+    each with a missing and a malformed prediction file, and six night images by their custom
+    metadata (the others take the schema's default). Returns what the test checks against."""
     rng = np.random.default_rng(0)
+    metadata = root / ".lightly" / "metadata"
+    metadata.mkdir(parents=True)
+    night = {"name": "Night", "path": "scene.night", "defaultValue": False, "valueDataType": "CATEGORICAL_BOOLEAN"}
+    (metadata / "schema.json").write_text(json.dumps([night]))
+    for name in NIGHT:
+        (metadata / f"{name[:-4]}.json").write_text(
+            json.dumps({"type": "image", "metadata": {"scene": {"night": True}}})
+        )
     tasks = root / ".lightly" / "predictions"
     (tasks / "kind").mkdir(parents=True)
     (tasks / "tasks.json").write_text(json.dumps(["kind"]))
@@ -74,6 +85,10 @@ def strategies_form(threshold: float) -> dict:
                 "strategy": {"type": "WEIGHTS", "strength": 1.0},
             },
             {"input": {"type": "EMBEDDINGS"}, "strategy": {"type": "DIVERSITY"}},
+            {
+                "input": {"type": "METADATA", "key": "scene.night"},
+                "strategy": {"type": "THRESHOLD", "threshold": 0.5, "operation": "SMALLER"},
+            },
         ],
     }
 
@@ -102,16 +117,19 @@ def test_threshold_balance_and_weights_do_what_they_say(local_run):
     sampled, truth = local_run["sampled"], local_run["truth"]
     assert len(sampled) == N_SELECT
     assert not [name for name in sampled if name.startswith("blur")]  # THRESHOLD on lightly.sharpness
+    assert not NIGHT & set(sampled)  # THRESHOLD on custom metadata
     share_b = np.mean([truth[name][0] for name in sampled])
     assert abs(share_b - 0.5) <= 0.05  # BALANCE: from 90/10 to within 5 points of 50/50
-    candidates = [name for name in truth if not name.startswith("blur") and name not in ("img_001.jpg", "img_002.jpg")]
+    unscored = {"img_001.jpg", "img_002.jpg"}
+    candidates = [name for name in truth if not name.startswith("blur") and name not in unscored | NIGHT]
     selected_entropy = np.mean([truth[name][1] for name in sampled if name in candidates])
     assert selected_entropy > np.mean([truth[name][1] for name in candidates])  # a random subset's expectation
 
     selection = local_run["report"]["selection"]
     assert selection["method"] == "selection_config"
-    threshold, balance, weights, _ = selection["strategies"]
+    threshold, balance, weights, _, night = selection["strategies"]
     assert threshold["n_removed"] == N_BLURRED and threshold["input"] == "METADATA lightly.sharpness"
+    assert night["n_removed"] == len(NIGHT) and night["input"] == "METADATA scene.night"
     assert balance["before"][1] < 0.15 and abs(balance["after"][1] - 0.5) <= 0.05 and balance["target"] == [0.5, 0.5]
     assert weights["mean_after"] > weights["mean_before"]
     problems = {p["filename"]: p["problem"] for p in selection["input_problems"]["examples"]}
@@ -120,16 +138,24 @@ def test_threshold_balance_and_weights_do_what_they_say(local_run):
     assert "Strategies" in html and "strategy_1.png" in html
 
 
-def test_the_seed_examples_selection_config_verbatim(tmp_path):
-    form = (
-        '{"n_samples": 100, "strategies": [{"input": {"type": "EMBEDDINGS"}, '
-        '"strategy": {"type": "DIVERSITY", "stopping_condition_minimum_distance": 0.2}}]}'
-    )
-    result = run("examples/images", tmp_path / "out", "seed", f"selection_config={form}")
-    selection = result["report"]["selection"]
+def test_the_seed_examples_selection_configs_verbatim(tmp_path):
+    """Lightly's datapool example: a first run at minimum distance 0.1, then, with more data in the
+    input, a second at 0.2 that counts the pool's samples as selected."""
+    (tmp_path / "in").mkdir()
+    shutil.copytree("examples/images/objects", tmp_path / "in" / "objects")
+    pool = ["datapool.name=pool"]
+    for run_name, limit in (("first", 0.1), ("second", 0.2)):
+        form = (
+            '{"n_samples": 100, "strategies": [{"input": {"type": "EMBEDDINGS"}, '
+            f'"strategy": {{"type": "DIVERSITY", "stopping_condition_minimum_distance": {limit}}}}}]}}'
+        )
+        result = run(str(tmp_path / "in"), tmp_path / "out", run_name, f"selection_config={form}", *pool)
+        selection = result["report"]["selection"]
+        assert selection["min_distance"] == limit and selection["strategies"][0]["type"] == "DIVERSITY"
+        shutil.copytree("examples/images/textures", tmp_path / "in" / "textures", dirs_exist_ok=True)
     assert selection["stopped_by"] == "min_distance" and 0 < selection["n_selected"] < selection["n_candidates"]
+    assert all(name.startswith("textures/") for name in result["sampled"])  # objects/ were processed before
     assert selection["last_pick_distance"] >= 0.2
-    assert result["report"]["selection"]["strategies"][0]["type"] == "DIVERSITY"
 
 
 def test_the_same_inputs_from_s3_give_the_same_selection(local_run, s3_store, tmp_path):

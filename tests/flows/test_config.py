@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 
 import pytest
 import yaml
@@ -246,3 +247,24 @@ def test_selection_config_replaces_the_plain_keys(tmp_path):
         config_from_overrides([*BASE, f"shared_dir={tmp_path}", "selection_config=@nope.yaml"])
     with pytest.raises(ConfigError, match="method=coral weighs samples by a prediction task"):
         config_from_overrides([*BASE, "method=coral", "stopping_condition.n_samples=3"])
+
+
+def test_a_prediction_task_or_category_that_does_not_exist_stops_before_any_work(tmp_path):
+    tasks = tmp_path / ".lightly" / "predictions"
+    (tasks / "kind").mkdir(parents=True)
+    (tasks / "tasks.json").write_text('["kind"]')
+    (tasks / "kind" / "schema.json").write_text(
+        json.dumps({"task_type": "object-detection", "categories": [{"id": 0, "name": "car"}]})
+    )
+    scores = strategy({"type": "SCORES", "task": "weather", "score": "uncertainty_margin"}, {"type": "WEIGHTS"})
+    count = strategy({"type": "PREDICTIONS", "task": "kind", "name": "CATEGORY_COUNT", "categories": ["bus"]},
+                     {"type": "WEIGHTS"})  # fmt: skip
+    for entry, message in (
+        (scores, "selection_config.strategies[0].input.task='weather' is not in"),
+        (count, "selection_config.strategies[0].input.categories: task 'kind' has no categories ['bus']"),
+    ):
+        form = json.dumps({"n_samples": 3, "strategies": [entry]})
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            config_from_overrides(
+                ["input_dir=in", "output_dir=out", f"lightly_dir={tmp_path}", f"selection_config={form}"]
+            )
