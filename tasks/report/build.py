@@ -15,7 +15,7 @@ from upath import UPath
 
 from tasks.gathering import load_embeddings
 from tasks.report.cache import ReportCache
-from tasks.report.numbers import file_lists, machine, savings, selection_numbers, stage_table
+from tasks.report.numbers import file_lists, image_measures, machine, savings, selection_numbers, stage_table
 from tasks.report.plots import summary_plots, view_plots
 from tasks.report.previews import Thumbnails
 from tasks.report.quality import Picks, RunSelection, selection_quality
@@ -66,6 +66,7 @@ def build_report(inputs: ReportInputs, executor: Executor = InProcess(), started
         **numbers,
         "selection_quality": quality,
         "files": file_lists(inputs.samples_path),
+        "image_measures": image_measures(inputs.samples_path, filenames, selected),
         "video_timelines": inputs.video_timelines,
         "datapool_history": inputs.datapool_history,
         "config": inputs.config,

@@ -21,10 +21,12 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from upath import UPath
 
 from tasks.report.settings import LIST_LIMIT, ReportSettings
+from tasks.selection.strategies import distribution
 from tasks.storage import read_parquet
 
 SAMPLED_PAIRS = 2_000_000
@@ -222,6 +224,41 @@ def example_pairs(
         {"retained": filenames[queries[i]], "removed": filenames[nearest[i]], "distance": float(distances[i])}
         for i in picks
     ]
+
+
+# The check stage's image measures shown in the report: column, label, and whether to show log10.
+IMAGE_MEASURES = (
+    ("sharpness", "log10 sharpness", True),
+    ("contrast", "RMS contrast", False),
+    ("brightness", "mean of R, G, B", False),
+    ("size", "log10 file bytes", True),
+)
+
+
+def image_measures(samples_path: UPath, filenames: list[str], selected: np.ndarray) -> list[dict]:
+    """The distributions of the check stage's measures (tasks/image_metadata.py) over the candidates
+    and the selection; empty when the run has none (embeddings from a file, no full decode)."""
+    samples = read_parquet([samples_path])
+    if "sharpness" not in samples.column_names:
+        return []
+    row = {name: i for i, name in enumerate(samples.column("filename").to_pylist())}
+    rows = pa.array([row.get(name) for name in filenames], pa.int64())
+    table = samples.take(rows)
+
+    def column(name: str) -> np.ndarray:
+        return pc.cast(table.column(name), pa.float64()).to_numpy(zero_copy_only=False)
+
+    columns = {"brightness": (column("mean_red") + column("mean_green") + column("mean_blue")) / 3}
+    out = []
+    for key, label, log in IMAGE_MEASURES:
+        values = columns[key] if key in columns else column(key)
+        if log:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                values = np.where(values > 0, np.log10(values), np.nan)
+        shown = distribution(values, np.flatnonzero(selected))
+        if shown is not None:
+            out.append({"key": key, "input": label, **shown})
+    return out
 
 
 def file_lists(samples_path: UPath) -> dict:

@@ -223,14 +223,32 @@ def plot_strategy(entry: dict, path: UPath) -> None:
         ax.set_xticks(x, [_shorten(c, 14) for c in entry["classes"]], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("share of samples")
     else:
-        edges = np.asarray(entry["histogram"]["edges"])
-        for key, colour, label in (("before", "removed", "candidates"), ("after", "selected", "selected")):
-            counts = np.asarray(entry["histogram"][key], float)
-            ax.stairs(counts / max(counts.sum(), 1.0), edges, color=COLOURS[colour], label=label, fill=key == "before")
-        ax.set_ylabel("share of samples")
-        ax.set_xlabel(entry["input"])
+        _distribution(ax, entry)
     ax.set_title(f"{entry['type']} (strength {entry['strength']:g})", fontsize=10)
     ax.legend(fontsize=8)
+    _save(figure, path)
+
+
+def _distribution(ax: Axes, entry: dict) -> None:
+    """A value's histogram over the candidates (filled) and over the selection, as shares of each."""
+    edges = np.asarray(entry["histogram"]["edges"])
+    for key, colour, label in (("before", "removed", "candidates"), ("after", "selected", "selected")):
+        counts = np.asarray(entry["histogram"][key], float)
+        ax.stairs(counts / max(counts.sum(), 1.0), edges, color=COLOURS[colour], label=label, fill=key == "before")
+    ax.set_ylabel("share of samples")
+    ax.set_xlabel(entry["input"], fontsize=8)
+
+
+def plot_image_measures(measures: list[dict], path: UPath) -> None:
+    """The check stage's image measures over the candidates and the selection, one panel each."""
+    figure = Figure(figsize=(FULL_WIDTH, 2.4), dpi=DPI, layout="constrained")
+    axes = figure.subplots(1, len(measures), squeeze=False)[0]
+    for ax, entry in zip(axes, measures):
+        _distribution(ax, entry)
+        ax.tick_params(labelsize=7)
+        if ax is not axes[0]:
+            ax.set_ylabel("")
+    axes[0].legend(fontsize=7)
     _save(figure, path)
 
 
@@ -356,11 +374,15 @@ def summary_plots(report: dict, previews: Thumbnails) -> tuple[dict, list[Plot]]
         for i, pair in enumerate(report["example_pairs"])
     ]
     names |= quality_plots(report["selection_quality"], previews, plots)
-    names["strategies"] = {
+    if report["image_measures"]:
+        names["image_measures"] = _add(plots, "image_measures", plot_image_measures, report["image_measures"])
+    strategies = {
         str(i): _add(plots, f"strategy_{i}", plot_strategy, entry)
         for i, entry in enumerate(report["selection"].get("strategies", []))
         if "classes" in entry or "histogram" in entry
     }
+    if strategies:
+        names["strategies"] = strategies
     if report.get("video_timelines"):
         names["video_timelines"] = _add(plots, "video_timelines", plot_video_timelines, report["video_timelines"])
     if report.get("datapool_history"):

@@ -251,19 +251,29 @@ def explain(plan: list[Planned], scores: dict[int, np.ndarray], picked: np.ndarr
             for name, rows in (("before", slice(None)), ("after", picked)):
                 total = classes[rows].sum(axis=0)
                 entry[name] = (total / max(float(total.sum()), 1e-12)).round(4).tolist()
-        elif values is not None and np.isfinite(values).any():
-            finite = values[np.isfinite(values)]
-            edges = np.linspace(finite.min(), finite.max(), bins + 1)
-            chosen = values[picked][np.isfinite(values[picked])]
-            entry["histogram"] = {
-                "edges": edges.tolist(),
-                "before": np.histogram(finite, edges)[0].tolist(),
-                "after": np.histogram(chosen, edges)[0].tolist(),
-            }
-            entry["mean_before"] = float(finite.mean())
-            entry["mean_after"] = float(chosen.mean()) if chosen.size else None
+        elif values is not None:
+            entry |= distribution(values, picked, bins) or {}
         out.append(entry)
     return out
+
+
+def distribution(values: np.ndarray, picked: np.ndarray, bins: int = 20) -> dict | None:
+    """A histogram of the finite `values` over all rows and over the `picked` ones, with their means;
+    None when no value is finite."""
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return None
+    edges = np.linspace(finite.min(), finite.max(), bins + 1)
+    chosen = values[picked][np.isfinite(values[picked])]
+    return {
+        "histogram": {
+            "edges": edges.tolist(),
+            "before": np.histogram(finite, edges)[0].tolist(),
+            "after": np.histogram(chosen, edges)[0].tolist(),
+        },
+        "mean_before": float(finite.mean()),
+        "mean_after": float(chosen.mean()) if chosen.size else None,
+    }
 
 
 def subset(step: Planned, rows: np.ndarray) -> Planned:

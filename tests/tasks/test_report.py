@@ -335,7 +335,9 @@ def test_views_started_before_the_selection_give_the_same_report(inputs, run, tm
 
 
 def _plot_files(plots: dict) -> list[str]:
-    return [name for value in plots.values() for name in (value if isinstance(value, list) else [value])]
+    """Every plot file a report names: one per key, a list, or a dict of them (strategies by index)."""
+    values = [value.values() if isinstance(value, dict) else value for value in plots.values()]
+    return [name for value in values for name in (value if not isinstance(value, str) else [value])]
 
 
 def test_every_referenced_plot_exists_and_is_a_valid_png(run):
