@@ -116,7 +116,6 @@ def selection_form(config: ThresherConfig) -> SelectionForm | None:
 def input_sources(config: ThresherConfig) -> InputSources:
     return InputSources(
         lightly_root=config.location(config.lightly_dir or config.input_dir),
-        input_root=config.location(config.input_dir),
         shared_base=config.shared_base(),
         seed=config.lightly.seed,
         scorer=ScorerOptions(**config.scorer_config.model_dump()),

@@ -160,6 +160,12 @@ def check_selection_config(config: ThresherConfig) -> None:
                 "embeddings are at most 2 apart, so nothing past the first sample could be selected; use a value "
                 "in [0, 2]."
             )
+    measured = [i for i, entry in enumerate(form.strategies) if getattr(entry.input, "key", "").startswith("lightly.")]
+    if config.embeddings and measured:
+        raise ConfigError(
+            f"selection_config.strategies[{measured[0]}].input.key: the lightly.* metadata is measured by the check "
+            "stage, which a run from embeddings= skips; select from images, or use your own .lightly/metadata."
+        )
     try:
         check_inputs(form, input_sources(config))
     except ValueError as error:

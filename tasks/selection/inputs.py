@@ -41,8 +41,7 @@ class InputSources:
     """Where the inputs live, and the settings that shape them (the flow builds this from its config)."""
 
     lightly_root: UPath  # the folder that holds .lightly/ (lightly_dir, or input_dir)
-    input_root: UPath
-    shared_base: UPath
+    shared_base: UPath  # where SIMILARITY's query files are
     seed: int
     scorer: ScorerOptions
 
@@ -98,7 +97,7 @@ class Readers:
         return self._predictions[name]
 
     @cached_property
-    def samples(self) -> dict[str, pa.Table] | None:
+    def samples(self) -> pa.Table | None:
         """The run's samples table as rows in candidate order (None for a run from embeddings=)."""
         if self.samples_path is None:
             return None
@@ -120,19 +119,8 @@ class Readers:
         return values
 
     def metadata(self, key: str) -> np.ndarray:
-        if key.startswith("lightly."):
-            if self.samples is None:
-                raise ValueError(
-                    f"METADATA {key}: lightly.* values are measured by the check stage, which a run from "
-                    "embeddings= skips"
-                )
-            return sample_metadata(self.samples, key)
-        if key not in self.custom_metadata:
-            raise ValueError(
-                f"METADATA key {key!r} is not in {self.sources.lightly_root}/.lightly/metadata/schema.json "
-                f"(its keys: {', '.join(sorted(self.custom_metadata)) or 'none'}), nor a lightly.* key"
-            )
-        return self.custom_metadata[key]
+        # check_inputs made sure that the key exists, and the config that a lightly.* key comes with a check stage.
+        return sample_metadata(self.samples, key) if key.startswith("lightly.") else self.custom_metadata[key]
 
     def query_rows(self, query: str) -> np.ndarray:
         """SIMILARITY's query set as candidate rows: the names listed in the shared_dir file `query`,
