@@ -112,11 +112,7 @@ def check_stopping_condition(config: ThresherConfig) -> None:
         raise ConfigError(f"stopping_condition.n_samples={n}: use a count >= 0, a fraction in (0, 1], or -1.")
     if stop.radius is not None and not (math.isfinite(stop.radius) and stop.radius >= 0):
         raise ConfigError(f"stopping_condition.min_distance={stop.min_distance}: use a distance >= 0 or -1.")
-    if config.normalize_embeddings and stop.min_distance > 2:
-        raise ConfigError(
-            f"stopping_condition.min_distance={stop.min_distance}: normalised embeddings are at most 2 apart, "
-            "so nothing past the first sample could be selected; use a value in [0, 2]."
-        )
+    check_reachable(config, "stopping_condition.min_distance", stop.radius)
     if config.method == "random" and stop.radius is not None:
         raise ConfigError(
             "stopping_condition.min_distance needs method=coreset, typical_coreset or coral; random selection ignores "
@@ -128,6 +124,14 @@ def check_stopping_condition(config: ThresherConfig) -> None:
             f"stopping_condition.n_samples={n} counts frames and must be a multiple of "
             f"selected_sequence_length={length}, "
             f"e.g. {max(length, n - n % length)}."
+        )
+
+
+def check_reachable(config: ThresherConfig, key: str, min_distance: float | None) -> None:
+    if config.normalize_embeddings and min_distance is not None and min_distance > 2:
+        raise ConfigError(
+            f"{key}={min_distance}: normalised embeddings are at most 2 apart, so nothing past the first sample "
+            "could be selected; use a value in [0, 2]."
         )
 
 
@@ -154,12 +158,7 @@ def check_selection_config(config: ThresherConfig) -> None:
         )
     for i in diversity:
         limit = form.strategies[i].strategy.stopping_condition_minimum_distance
-        if config.normalize_embeddings and limit is not None and limit > 2:
-            raise ConfigError(
-                f"selection_config.strategies[{i}].strategy.stopping_condition_minimum_distance={limit}: normalised "
-                "embeddings are at most 2 apart, so nothing past the first sample could be selected; use a value "
-                "in [0, 2]."
-            )
+        check_reachable(config, f"selection_config.strategies[{i}].strategy.stopping_condition_minimum_distance", limit)
     measured = [i for i, entry in enumerate(form.strategies) if getattr(entry.input, "key", "").startswith("lightly.")]
     if config.embeddings and measured:
         raise ConfigError(

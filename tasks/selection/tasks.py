@@ -104,18 +104,7 @@ def choose(
     elif options.form is None:
         result = select(vectors, options.method, count, options.min_distance, centers, options.seed, options.device)
     else:
-        inputs = resolve(options.form, options.sources, filenames, vectors, samples_path)
-        result, scores = combine(
-            vectors, inputs.plan, count, options.min_distance, centers, options.seed, options.device
-        )
-        described = explain(inputs.plan, scores, result.indices)
-        for entry, given in zip(described, options.form.strategies):
-            entry["input"] = input_label(given.input)
-        extra = {"strategies": described, "input_problems": problem_summary(inputs.problems)}
-        if inputs.scores and scores_path is not None:
-            table = scores_table(filenames, inputs.scores)
-            write_parquet(table, scores_path)
-            write_scores_csv(table, scores_path.with_suffix(".csv"))
+        result, extra = by_strategies(filenames, vectors, options, count, centers, samples_path, scores_path)
     finite = result.distances[np.isfinite(result.distances)]
     reached_count = count is not None and len(result.indices) >= count
     limit = options.min_distance
@@ -136,6 +125,28 @@ def choose(
             **extra,
         },
     )
+
+
+def by_strategies(
+    filenames: list[str],
+    vectors: np.ndarray,
+    options: SelectOptions,
+    count: int | None,
+    centers: np.ndarray | None,
+    samples_path: UPath | None,
+    scores_path: UPath | None,
+) -> tuple[SelectionResult, dict]:
+    """The selection of `options.form`, and what each strategy did (see `choose`)."""
+    inputs = resolve(options.form, options.sources, filenames, vectors, samples_path)
+    result, scores = combine(vectors, inputs.plan, count, options.min_distance, centers, options.seed, options.device)
+    described = explain(inputs.plan, scores, result.indices)
+    for entry, given in zip(described, options.form.strategies):
+        entry["input"] = input_label(given.input)
+    if inputs.scores and scores_path is not None:
+        table = scores_table(filenames, inputs.scores)
+        write_parquet(table, scores_path)
+        write_scores_csv(table, scores_path.with_suffix(".csv"))
+    return result, {"strategies": described, "input_problems": problem_summary(inputs.problems)}
 
 
 def problem_summary(problems: list[Problem], examples: int = 20) -> dict:
