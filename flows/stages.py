@@ -48,6 +48,7 @@ from tasks.outputs import write_outputs
 from tasks.report.build import write_report
 from tasks.report.settings import ReportInputs
 from tasks.report.views import StartedViews, start_views
+from tasks.selection.inputs import RunTables
 from tasks.selection.tasks import select_samples, select_sequences, selected_filenames
 from tasks.sharding import Source, count_samples, stable_shards, video_shards
 from tasks.storage import describe, read_parquet, write_parquet
@@ -279,9 +280,12 @@ def select(run: Run, log: RunLog, centers: UPath | None) -> dict:
     if options.sequence_length > 1:
         selection = select_sequences(run.embeddings_path, run.videos_path, options, run.selection_path)
     else:
-        samples = None if run.config.embeddings else run.samples_path
-        scores = run.run_dir / "data" / "active_learning_scores.parquet"
-        selection = select_samples(run.embeddings_path, options, run.selection_path, centers, samples, scores)
+        tables = RunTables(
+            samples=None if run.config.embeddings else run.samples_path,
+            videos=run.videos_path,
+            scores=run.run_dir / "data" / "active_learning_scores.parquet",
+        )
+        selection = select_samples(run.embeddings_path, options, run.selection_path, centers, tables)
     log.timed("select", selection["n_candidates"], start)
     return selection
 

@@ -34,6 +34,7 @@ from tasks.selection.form import (
 )
 from tasks.selection.strategies import Planned, Scored
 from tasks.storage import read_table
+from tasks.video.sequences import frame_infos
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,17 @@ class InputSources:
     scorer: ScorerOptions
 
 
+@dataclass(frozen=True)
+class RunTables:
+    """The run's tables that strategies read and write: the samples (the check stage's measures; None
+    for a run from embeddings=), the videos (whose frames take their video's metadata) and where the
+    active-learning scores go (None: not written)."""
+
+    samples: UPath | None = None
+    videos: UPath | None = None
+    scores: UPath | None = None
+
+
 @dataclass
 class Readers:
     """The inputs of one selection, each file read once however many strategies use it."""
@@ -53,7 +65,7 @@ class Readers:
     sources: InputSources
     filenames: list[str]
     vectors: np.ndarray
-    samples_path: UPath | None
+    tables: RunTables
     problems: list[Problem] = field(default_factory=list)
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # every score of the tasks used, by task.score
     _predictions: dict = field(default_factory=dict)
@@ -99,9 +111,9 @@ class Readers:
     @cached_property
     def samples(self) -> pa.Table | None:
         """The run's samples table as rows in candidate order (None for a run from embeddings=)."""
-        if self.samples_path is None:
+        if self.tables.samples is None:
             return None
-        table = read_table(self.samples_path)
+        table = read_table(self.tables.samples)
         row = {name: i for i, name in enumerate(table.column("filename").to_pylist())}
         return table.take(pa.array([row.get(name) for name in self.filenames], pa.int64()))
 
@@ -114,7 +126,9 @@ class Readers:
 
     @cached_property
     def custom_metadata(self) -> dict[str, np.ndarray]:
-        values, problems = read_metadata(self.sources.lightly_root, self.filenames)
+        frames = frame_infos(read_table(self.tables.videos)) if self.tables.videos is not None else {}
+        videos = [frames[name].video if name in frames else None for name in self.filenames]
+        values, problems = read_metadata(self.sources.lightly_root, self.filenames, videos)
         self.problems += problems
         return values
 
@@ -197,11 +211,11 @@ class Resolved:
 
 
 def resolve(
-    form: SelectionForm, sources: InputSources, filenames: list[str], vectors: np.ndarray, samples_path: UPath | None
+    form: SelectionForm, sources: InputSources, filenames: list[str], vectors: np.ndarray, tables: RunTables
 ) -> Resolved:
     """Resolve every strategy's input (see the module doc). Raises ValueError naming the strategy
     for an input that cannot be resolved at all (an unknown task, key or score)."""
-    readers = Readers(sources, filenames, vectors, samples_path)
+    readers = Readers(sources, filenames, vectors, tables)
     plan = []
     for i, entry in enumerate(form.strategies):
         strategy = entry.strategy

@@ -19,7 +19,7 @@ from tasks.gathering import load_embeddings
 from tasks.predictions.formats import Problem
 from tasks.predictions.scores import scores_table, write_scores_csv
 from tasks.selection.form import SelectionForm, input_label
-from tasks.selection.inputs import InputSources, resolve
+from tasks.selection.inputs import InputSources, RunTables, resolve
 from tasks.selection.methods import SelectionResult, select
 from tasks.selection.strategies import combine, explain
 from tasks.storage import read_parquet, read_table, write_parquet
@@ -85,15 +85,12 @@ def choose(
     candidates_path: UPath,
     options: SelectOptions,
     centers_path: UPath | None = None,
-    samples_path: UPath | None = None,
-    scores_path: UPath | None = None,
+    tables: RunTables = RunTables(),
 ) -> tuple[list[str], SelectionResult, dict]:
     """Select from a gathered embeddings table: its filenames, the picks and a summary of the selection.
 
     centers_path: a table of the same layout whose rows count as already selected (the datapool);
-    samples_path: the run's samples table, whose check-stage measures are METADATA lightly.* inputs;
-    scores_path: where the active-learning scores that SCORES inputs use are written (Parquet, and
-    CSV beside it)."""
+    tables: the run's tables that the strategies of `options.form` read and write."""
     filenames, _, vectors = load_embeddings(candidates_path, normalize=options.normalize)
     centers = load_embeddings(centers_path, normalize=options.normalize)[2] if centers_path else None
     centers = centers if centers is not None and len(centers) else None
@@ -104,7 +101,7 @@ def choose(
     elif options.form is None:
         result = select(vectors, options.method, count, options.min_distance, centers, options.seed, options.device)
     else:
-        result, extra = by_strategies(filenames, vectors, options, count, centers, samples_path, scores_path)
+        result, extra = by_strategies(filenames, vectors, options, count, centers, tables)
     finite = result.distances[np.isfinite(result.distances)]
     reached_count = count is not None and len(result.indices) >= count
     limit = options.min_distance
@@ -133,19 +130,19 @@ def by_strategies(
     options: SelectOptions,
     count: int | None,
     centers: np.ndarray | None,
-    samples_path: UPath | None,
-    scores_path: UPath | None,
+    tables: RunTables,
 ) -> tuple[SelectionResult, dict]:
-    """The selection of `options.form`, and what each strategy did (see `choose`)."""
-    inputs = resolve(options.form, options.sources, filenames, vectors, samples_path)
+    """The selection of `options.form`, and what each strategy did (see `choose`); the active-learning
+    scores that SCORES inputs use are written to `tables.scores` (Parquet, and CSV beside it)."""
+    inputs = resolve(options.form, options.sources, filenames, vectors, tables)
     result, scores = combine(vectors, inputs.plan, count, options.min_distance, centers, options.seed, options.device)
     described = explain(inputs.plan, scores, result.indices)
     for entry, given in zip(described, options.form.strategies):
         entry["input"] = input_label(given.input)
-    if inputs.scores and scores_path is not None:
+    if inputs.scores and tables.scores is not None:
         table = scores_table(filenames, inputs.scores)
-        write_parquet(table, scores_path)
-        write_scores_csv(table, scores_path.with_suffix(".csv"))
+        write_parquet(table, tables.scores)
+        write_scores_csv(table, tables.scores.with_suffix(".csv"))
     return result, {"strategies": described, "input_problems": problem_summary(inputs.problems)}
 
 
@@ -160,11 +157,10 @@ def select_samples(
     options: SelectOptions,
     out_path: UPath,
     centers_path: UPath | None = None,
-    samples_path: UPath | None = None,
-    scores_path: UPath | None = None,
+    tables: RunTables = RunTables(),
 ) -> dict:
     """Select from a gathered embeddings table into a SELECTION_SCHEMA table; returns a summary (see `choose`)."""
-    filenames, result, summary = choose(embeddings_path, options, centers_path, samples_path, scores_path)
+    filenames, result, summary = choose(embeddings_path, options, centers_path, tables)
     write_parquet(selection_table([filenames[i] for i in result.indices], result.distances, result.radii), out_path)
     return summary
 

@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from upath import UPath
 
+from tasks.listing import InputFile
 from tasks.predictions.scores import ScorerOptions
 from tasks.selection.form import SelectionForm
-from tasks.selection.inputs import InputSources, check_inputs, resolve
+from tasks.selection.inputs import InputSources, RunTables, check_inputs, resolve
+from tasks.storage import write_parquet
+from tasks.video.frames import frame_name
+from tasks.video.probe import VIDEO_SCHEMA, probe_row
+from tests.videos import frames, write_video
 
 NAMES = ["day/a.jpg", "day/b.jpg", "night/c.jpg", "night/d.jpg"]
 
@@ -49,7 +55,7 @@ def plan_of(sources: InputSources, *entries: tuple[dict, dict]):
     vectors = np.array([[1, 0], [0.8, 0.2], [0, 1], [-1, 0]], dtype=np.float32)
     selection = form(*entries)
     check_inputs(selection, sources)
-    return resolve(selection, sources, NAMES, vectors, None)
+    return resolve(selection, sources, NAMES, vectors, RunTables())
 
 
 def test_similarity_queries_are_a_file_of_names_or_a_folder(sources):
@@ -95,3 +101,24 @@ def test_detections_give_category_counts_distributions_and_scores(sources):
     assert resolved.problems == []
     with pytest.raises(ValueError, match="task 'cars' .* has no score 'uncertainty_margin'"):
         plan_of(sources, ({"type": "SCORES", "task": "cars", "score": "uncertainty_margin"}, {"type": "WEIGHTS"}))
+
+
+def test_a_video_frame_without_metadata_of_its_own_takes_its_videos(sources, tmp_path):
+    root = sources.lightly_root
+    write_video(root / "clips" / "walk.mp4", frames(3))
+    videos = write_parquet(
+        pa.Table.from_pylist([probe_row(root, InputFile("clips/walk.mp4", 0, 1, "0"), False)], schema=VIDEO_SCHEMA),
+        UPath(tmp_path / "videos.parquet"),
+    )
+    (root / ".lightly" / "metadata" / "clips").mkdir()
+    (root / ".lightly" / "metadata" / "clips" / "walk.json").write_text(
+        '{"type": "video", "metadata": {"weather": "fog"}}'
+    )
+    names = [frame_name("clips/walk.mp4", i, 3) for i in range(3)]
+    (root / ".lightly" / "metadata" / names[1].replace(".png", ".json")).write_text(
+        '{"type": "image", "metadata": {"weather": "snow"}}'
+    )
+    selection = form(({"type": "METADATA", "key": "weather"}, {"type": "BALANCE"}))
+    plan = resolve(selection, sources, names, np.eye(3, dtype=np.float32), RunTables(videos=videos)).plan
+    scored = plan[0].input
+    assert [scored.class_names[i] for i in scored.classes.argmax(axis=1)] == ["fog", "snow", "fog"]
