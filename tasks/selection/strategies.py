@@ -134,6 +134,7 @@ class Balancer:
     def __init__(self, plan: list[Planned], typical: dict[int, np.ndarray], exponent: float) -> None:
         self.balances = [step for step in plan if step.kind == "BALANCE"]
         self.targets = [target_shares(step) for step in self.balances]
+        self.classes = [np.nan_to_num(step.input.classes) for step in self.balances]
         self.sums = [
             (np.nan_to_num(s.input.values), s.options["stopping_condition_max_sum"])
             for s in plan
@@ -159,8 +160,7 @@ class Balancer:
         if not self.balances:
             return None
         out = None
-        for step, target in zip(self.balances, self.targets):
-            classes = np.nan_to_num(step.input.classes)
+        for step, target, classes in zip(self.balances, self.targets, self.classes):
             have = classes[picked].sum(axis=0)
             share = have / max(float(have.sum()), 1e-12)
             deficit = np.maximum(target - share, SATISFIED)
@@ -201,7 +201,8 @@ def combine(
     keep = np.flatnonzero(threshold_mask(plan, len(vectors)))
     steps = [i for i, step in enumerate(plan) if step.kind != "THRESHOLD"]
     plan = [subset(plan[i], keep) for i in steps]
-    x = np.ascontiguousarray(vectors[keep], dtype=np.float32)
+    # Without a threshold that removed something, the caller's matrix is used as it is, not copied.
+    x = np.ascontiguousarray(vectors if len(keep) == len(vectors) else vectors[keep], dtype=np.float32)
     if len(x) == 0 or n_samples == 0:
         return result([], [], []), {}
     diversity = [step for step in plan if step.kind == "DIVERSITY"]
