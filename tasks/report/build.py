@@ -22,7 +22,7 @@ from tasks.report.quality import Picks, RunSelection, selection_quality
 from tasks.report.render import artifacts, render_html, write_pdf
 from tasks.report.settings import GROUPS, InProcess, ReportInputs, ReportSettings
 from tasks.report.views import Scatter, StartedViews, start_views
-from tasks.storage import is_local, location, write_text
+from tasks.storage import is_local, location, read_table, write_text
 
 SCHEMA_VERSION = 2
 
@@ -55,6 +55,7 @@ def build_report(inputs: ReportInputs, executor: Executor = InProcess(), started
         settings.n_example_images,
     )
     quality = selection_quality_numbers(inputs, settings, cache, vectors, filenames, labels, picks)
+    samples = read_table(inputs.samples_path)
     del vectors  # the run's matrix is freed before the plots
     report = {
         "schema_version": SCHEMA_VERSION,
@@ -65,8 +66,8 @@ def build_report(inputs: ReportInputs, executor: Executor = InProcess(), started
         "savings": savings(inputs.counts, settings),
         **numbers,
         "selection_quality": quality,
-        "files": file_lists(inputs.samples_path),
-        "image_measures": image_measures(inputs.samples_path, filenames, selected),
+        "files": file_lists(samples),
+        "image_measures": image_measures(samples, filenames, selected),
         "video_timelines": inputs.video_timelines,
         "datapool_history": inputs.datapool_history,
         "config": inputs.config,

@@ -23,11 +23,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from upath import UPath
 
 from tasks.report.settings import LIST_LIMIT, ReportSettings
 from tasks.selection.strategies import distribution
-from tasks.storage import read_parquet
 
 SAMPLED_PAIRS = 2_000_000
 # Exact pairwise statistics cost O(N^2 d); past ~5e7 pairs (N ~ 1e4) they take longer than the
@@ -235,10 +233,9 @@ IMAGE_MEASURES = (
 )
 
 
-def image_measures(samples_path: UPath, filenames: list[str], selected: np.ndarray) -> list[dict]:
+def image_measures(samples: pa.Table, filenames: list[str], selected: np.ndarray) -> list[dict]:
     """The distributions of the check stage's measures (tasks/image_metadata.py) over the candidates
     and the selection; empty when the run has none (embeddings from a file, no full decode)."""
-    samples = read_parquet([samples_path])
     if "sharpness" not in samples.column_names:
         return []
     row = {name: i for i, name in enumerate(samples.column("filename").to_pylist())}
@@ -261,9 +258,8 @@ def image_measures(samples_path: UPath, filenames: list[str], selected: np.ndarr
     return out
 
 
-def file_lists(samples_path: UPath) -> dict:
+def file_lists(samples: pa.Table) -> dict:
     """The first corrupt files with their reasons and the largest exact-duplicate groups."""
-    samples = read_parquet([samples_path])
     status = samples.column("status")
     corrupt = samples.filter(pc.equal(status, "corrupt"))
     duplicates = samples.filter(pc.equal(status, "duplicate"))
