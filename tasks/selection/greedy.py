@@ -201,7 +201,11 @@ def weighted_greedy(
     picked: list[int] = []
     dists: list[float] = []
     radii: list[float] = []
-    steered = weights
+
+    def steer() -> Array:
+        """The weights as steering reweighs them once `picked` are selected."""
+        factor = steering.factor(picked) if steering else None
+        return weights if factor is None else weights * bk.from_host(factor.astype(np.float32))
 
     def pick(i: Array, row: int, gap: float) -> None:
         nonlocal steered
@@ -209,13 +213,11 @@ def weighted_greedy(
         dists.append(gap)
         state.update(i)
         radii.append(float(bk.to_host(state.radius())[0]))
-        factor = steering.factor(picked) if steering else None
-        steered = weights if factor is None else weights * bk.from_host(factor.astype(np.float32))
+        steered = steer()
 
+    steered = steer()
     if first is not None and limit > 0 and (steering is None or steering.accepts(first)):
         pick(bk.index([first]), first, math.inf)
-    elif steering is not None and (factor := steering.factor([])) is not None:
-        steered = weights * bk.from_host(factor.astype(np.float32))
     while len(picked) < limit:
         i = _largest(state, steered, md2, score, distance)
         if i is None:
