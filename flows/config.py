@@ -198,6 +198,12 @@ class Dask(_Section):
         256, gt=0, description="Files per mapped task; smaller shards spread small inputs over all workers."
     )
     retries: int = Field(2, ge=0, description="Times a failed shard task is retried (e.g. after a worker died).")
+    replace_workers_after: int = Field(
+        100_000,
+        ge=0,
+        description="Replace the local workers after embedding, to free the model's memory (about 1 GB each) for "
+        "the later stages, when a run embeds at least this many samples; 0 always replaces them.",
+    )
 
 
 class Selection(_Section):

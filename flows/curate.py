@@ -27,10 +27,11 @@ from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settin
 
 from flows.cluster import ClusterPlan, cluster_plan
 from flows.config import ThresherConfig
-from flows.options import model_spec
+from flows.options import embeds_while_checking, model_spec
 from flows.overrides import flow_signature
 from flows.run import RunLog, start_run
 from flows.stages import (
+    Checked,
     check,
     datapool_centers,
     deduplicate,
@@ -65,20 +66,20 @@ def pipeline(config: ThresherConfig, plan: ClusterPlan) -> dict:
         model = embedding_model(config)
         pool = read_pool(run.pool_dir) if run.pool_dir else None
         check_compatible(pool, model.dim, model.name, run.pool_dir)
-        checked, identities, replacing = [], {}, None
+        checked, identities, replacing = Checked([], None), {}, None
         if config.embeddings:
             read_embeddings(run, log)
         else:
             files = list_files(run, log, pool)
             probed = probe(run, log, files)
             identities = sample_identities(files, probed)
-            checked = check(run, log, files, probed)
-            usable = deduplicate(run, log, checked, probed, identities)
             spec = model_spec(config)
+            checked = check(run, log, files, probed, spec if embeds_while_checking(config) else None)
+            usable = deduplicate(run, log, checked.paths, probed, identities)
             if config.enable_training:
                 spec = train(run, log, usable, spec)
-            embedded = embed(run, log, usable, spec)
-            replacing = free_workers(run, log, embedded)
+            embedded = embed(run, log, usable, spec, checked)
+            replacing = free_workers(run, log, embedded, usable.count())
             gather(run, log, embedded, model.dim)
         centers = datapool_centers(run, pool)
         views = start_report_views(run, centers, replacing)
@@ -87,7 +88,7 @@ def pipeline(config: ThresherConfig, plan: ClusterPlan) -> dict:
         if config.dump_dataset:
             dump(run, log, identities, replacing)
         if run.pool_dir and config.datasource.enable_datapool_update:
-            update_pool(run, log, lock, pool, checked, identities, model)
+            update_pool(run, log, lock, pool, checked.paths, identities, model)
         report(run, log, started, selection, timelines, centers, views, replacing)
     counts = log.counts
     get_run_logger().info(

@@ -41,7 +41,14 @@ def embed_options(config: ThresherConfig, threads: int) -> EmbedOptions:
         precision=config.lightly.trainer.precision,
         max_pixels=config.corruptness_check.max_pixels,
         decode_timeout=config.corruptness_check.decode_timeout,
+        full_decode=config.enable_corruptness_check,
     )
+
+
+def embeds_while_checking(config: ThresherConfig) -> bool:
+    """Whether the check also embeds (tasks/one_pass.py): when it decodes every image fully, and the
+    model is known before the check (a model trained with SimCLR exists only after it)."""
+    return config.enable_corruptness_check and not config.enable_training
 
 
 def model_spec(config: ThresherConfig) -> ModelSpec:

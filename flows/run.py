@@ -72,8 +72,9 @@ def start_run(config: ThresherConfig, plan: ClusterPlan, started: datetime) -> R
     write_text("".join(f"- {item}\n" for item in overrides_of(config)), run_dir / "config" / "overrides.yaml")
     logger.info("Run directory: %s", describe(run_dir))
     run = Run(config, plan, run_dir, config.location(config.input_dir), config.cache_path(), config.pool_dir())
+    caches = [run.cache / stage for stage in ("check", "check-embed", "embed")]
     swept = remove_partial_files(run_dir, recursive=True) + sum(
-        remove_partial_files(folder) for folder in (run.cache / "check", run.cache / "embed", run.pool_dir) if folder
+        remove_partial_files(folder) for folder in (*caches, run.pool_dir) if folder
     )
     if swept:
         logger.info("Removed %d partial files that killed runs had left.", swept)

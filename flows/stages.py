@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from concurrent.futures import Future
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple
@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prefect import get_run_logger, unmapped
 from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
 from upath import UPath
 
 from flows.cluster import ClusterExecutor, start_replacing_workers
@@ -35,15 +36,16 @@ from flows.options import (
     select_options,
     train_options,
 )
-from flows.run import Run, RunLog, pieces, track
+from flows.run import Batches, Run, RunLog, pieces, track
 from tasks.datapool import PoolLock, commit, history, merge, processed_keys, run_rows, sampled_embeddings
-from tasks.decoding import check_params, check_pieces, check_table
+from tasks.decoding import check_params, check_pieces, check_table, read_checks
 from tasks.dedup import classify_samples
 from tasks.dumping import dump_names, dump_shard
-from tasks.embedding import ModelSpec, embed_pieces
+from tasks.embedding import EmbedOptions, ModelSpec, embed_pieces
 from tasks.embeddings_csv import read_embeddings_csv
 from tasks.gathering import from_embeddings_csv, gather_embeddings, load_embeddings
 from tasks.listing import InputFile, is_video, list_datasource, read_relevant_filenames
+from tasks.one_pass import check_embed_pieces
 from tasks.outputs import write_outputs
 from tasks.report.build import write_report
 from tasks.report.settings import ReportInputs
@@ -134,22 +136,68 @@ def sample_identities(files: list[InputFile], probed: pa.Table) -> Identities:
     return identities
 
 
-def check(run: Run, log: RunLog, files: list[InputFile], probed: pa.Table) -> list[UPath]:
-    """Decode and hash every image and video frame; returns the check tables: the unusable videos'
-    rows, then every piece's."""
+@dataclass(frozen=True)
+class Embedded:
+    paths: list[UPath]  # every piece's embeddings, in the order of the usable samples
+    computed: bool  # some pieces were computed, on this run's workers (the others were cached)
+    stage: str  # the stage that embedded them, as report.json names it
+
+
+@dataclass(frozen=True)
+class Checked:
+    paths: list[UPath]  # the check tables: the unusable videos' rows, then every piece's
+    embedded: Embedded | None  # the pieces' embeddings, when the check made them (tasks/one_pass.py)
+
+
+def check(run: Run, log: RunLog, files: list[InputFile], probed: pa.Table, spec: ModelSpec | None) -> Checked:
+    """Decode and hash every image and video frame, and embed them in the same pass when given the
+    model's `spec` (see embeds_while_checking)."""
     config = run.config
     options = check_options(config)
     images = [f for f in files if not is_video(f.filename)]
     shards: list[list[Source]] = stable_shards(images, lambda f: f.filename, config.dask.shard_size, run.plan.slots)
     shards += video_shards(probed, config.dask.shard_size, run.plan.slots)
-    paths, batches = pieces(run, "check", check_params(options), shards)
-    futures = check_pieces.with_options(retries=config.dask.retries).map(
-        unmapped(run.input), batches.pieces, unmapped(options), batches.paths
-    )
-    track(futures, "check", batches.shards(), log)
-    log.timings["check"]["cached_shards"] = batches.cached
     corrupt_videos = write_parquet(check_table(corrupt_video_rows(probed)), run.work / "check-videos.parquet")
-    return [corrupt_videos, *paths]
+    if spec is None:
+        paths, batches = pieces(run, "check", check_params(options), shards)
+        futures = check_pieces.with_options(retries=config.dask.retries).map(
+            unmapped(run.input), batches.pieces, unmapped(options), batches.paths
+        )
+        track(futures, "check", batches.shards(), log)
+        log.timings["check"]["cached_shards"] = batches.cached
+        return Checked([corrupt_videos, *paths], None)
+    embedding = embed_options(config, run.plan.threads)
+    params = (check_params(options), embed_key(spec, embedding))
+    paths, batches = pieces(run, "check-embed", params, shards)
+    with on_gpu(run):
+        futures = check_embed_pieces.with_options(retries=config.dask.retries).map(
+            unmapped(run.input), batches.pieces, unmapped(spec), unmapped(options), unmapped(embedding), batches.paths
+        )
+    stage = "check_and_embed"
+    return Checked([corrupt_videos, *paths], Embedded(paths, embedded_pieces(futures, stage, batches, log), stage))
+
+
+def embed_key(spec: ModelSpec, options: EmbedOptions) -> tuple:
+    """What changes the embeddings: the model, input size, precision and decoding (not batching)."""
+    identity = spec.identity(options.input_size)
+    return identity, options.input_size, options.precision, options.max_pixels, options.full_decode
+
+
+def on_gpu(run: Run) -> AbstractContextManager:
+    """On a cluster with GPU workers, embedding runs only there (one task per GPU at a time)."""
+    return dask.annotate(resources={"GPU": 1}) if run.plan.gpu else nullcontext()
+
+
+def embedded_pieces(futures: list[PrefectFuture], stage: str, batches: Batches, log: RunLog) -> bool:
+    """Wait for a stage that embeds; logs its compute efficiency. Whether it computed any piece.
+    The futures die with their stage's call, so the workers replaced after embedding hold nothing
+    that the flow still wants."""
+    embedded = track(futures, stage, batches.shards(), log)
+    compute = sum(e["compute_seconds"] for e in embedded)
+    total = sum(e["seconds"] for e in embedded)
+    log.timings[stage]["compute_efficiency"] = round(compute / total, 3) if total else None
+    log.timings[stage]["cached_shards"] = batches.cached
+    return bool(batches.pieces)
 
 
 @dataclass(frozen=True)
@@ -197,45 +245,35 @@ def train(run: Run, log: RunLog, usable: Usable, spec: ModelSpec) -> ModelSpec:
     return dataclasses.replace(spec, checkpoint=checkpoint)
 
 
-@dataclass(frozen=True)
-class Embedded:
-    paths: list[UPath]  # every piece's embeddings, in the order of the usable samples
-    computed: bool  # some pieces were computed, on this run's workers (the others were cached)
-
-
-def embed(run: Run, log: RunLog, usable: Usable, spec: ModelSpec) -> Embedded:
+def embed(run: Run, log: RunLog, usable: Usable, spec: ModelSpec, checked: Checked) -> Embedded:
+    """Embed the usable samples, unless the check has embedded them."""
+    if checked.embedded is not None:
+        return checked.embedded
     config = run.config
     options = embed_options(config, run.plan.threads)
-    # What changes the embeddings: the model, input size, precision and decoding limit (not batching).
-    key_params = (spec.identity(options.input_size), options.input_size, options.precision, options.max_pixels)
     image_shards = stable_shards(usable.images, lambda f: f.filename, config.dask.shard_size, run.plan.slots)
-    paths, batches = pieces(run, "embed", key_params, [*image_shards, *usable.frames])
-    # On a cluster with GPU workers, embedding runs only there (one task per GPU at a time).
-    with dask.annotate(resources={"GPU": 1}) if run.plan.gpu else nullcontext():
+    paths, batches = pieces(run, "embed", embed_key(spec, options), [*image_shards, *usable.frames])
+    with on_gpu(run):
         futures = embed_pieces.with_options(retries=config.dask.retries).map(
             unmapped(run.input), batches.pieces, unmapped(spec), unmapped(options), batches.paths
         )
-    embedded = track(futures, "embed", batches.shards(), log)
-    del futures  # their keys are released: the workers replaced after embedding hold nothing the flow still wants
-    compute = sum(e["compute_seconds"] for e in embedded)
-    total = sum(e["seconds"] for e in embedded)
-    log.timings["embed"]["compute_efficiency"] = round(compute / total, 3) if total else None
-    log.timings["embed"]["cached_shards"] = batches.cached
-    return Embedded(paths, computed=bool(batches.pieces))
+    return Embedded(paths, embedded_pieces(futures, "embed", batches, log), "embed")
 
 
-def free_workers(run: Run, log: RunLog, embedded: Embedded) -> Future | None:
+def free_workers(run: Run, log: RunLog, embedded: Embedded, samples: int) -> Future | None:
     """Replace this run's worker processes with new ones in the background, while the flow gathers,
     selects and writes; returns the replacement while it runs. Embedding leaves each worker holding
     torch, the model and its allocator's high-water mark (about 1 GB of RSS on CPU, a CUDA context
-    on a GPU); the later stages need none of it, and a new worker starts at under 100 MB. The
-    workers of a cluster given by address are not ours: a service keeps them warm for its next run."""
-    if not (embedded.computed and run.plan.own_workers):
+    on a GPU); the later stages need none of it, and a new worker starts at under 100 MB. It pays
+    only in a run whose later stages need that memory (dask.replace_workers_after): new workers
+    take seconds to start, which a small run would wait for. The workers of a cluster given by
+    address are not ours: a service keeps them warm for its next run."""
+    if not (embedded.computed and run.plan.own_workers and samples >= run.config.dask.replace_workers_after):
         return None
     client = FlowRunContext.get().task_runner.client
     workers = len(client.cluster.worker_spec)
     get_run_logger().info("Replacing the %d workers to free the model's memory (the flow goes on meanwhile).", workers)
-    log.timings["embed"]["workers_replaced"] = workers
+    log.timings[embedded.stage]["workers_replaced"] = workers
     return start_replacing_workers(client)
 
 
@@ -356,7 +394,7 @@ def update_pool(
     """Merge this run's files and selection into the datapool and commit it."""
     start = time.perf_counter()
     samples = read_parquet([run.samples_path])
-    check = read_parquet(checked) if checked else None
+    check = read_checks(checked) if checked else None
     hashes = dict(zip(check.column("filename").to_pylist(), check.column("content_hash").to_pylist())) if check else {}
     chosen = set(selected_filenames(run.selection_path))
     names, _, vectors = load_embeddings(run.embeddings_path, normalize=False)

@@ -33,7 +33,7 @@ from upath import UPath
 from tasks.image_metadata import METRICS_SCHEMA, image_metadata
 from tasks.listing import InputFile
 from tasks.sharding import Source
-from tasks.storage import write_parquet
+from tasks.storage import read_table, write_parquet
 from tasks.timeouts import within
 from tasks.video.quality import check_frame
 
@@ -91,20 +91,31 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode(image: Image.Image) -> Image.Image:
-    """The opened image's pixels, upright, in RGB."""
+def decode(image: Image.Image, least_size: int | None = None) -> Image.Image:
+    """The opened image's pixels, upright, in RGB. With `least_size`, the decoder may scale the
+    image down while decoding (a JPEG's DCT scaling, by 1/2 to 1/8) as long as both sides stay at
+    least that large: several times less work for a model input much smaller than the image."""
     # Importing weasyprint (the report) makes Pillow accept truncated files process-wide; here a
     # truncated file must stay corrupt, whatever was imported before.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+    if least_size is not None:
+        image.draft("RGB", (least_size, least_size))
     image.load()
     return to_rgb(ImageOps.exif_transpose(image))
 
 
-def open_image(data: bytes, max_pixels: int, extension: str | None = None, timeout: float | None = None) -> Image.Image:
-    """Fully decode image bytes to upright RGB; raises CorruptImage with the reason.
+def open_image(
+    data: bytes,
+    max_pixels: int,
+    extension: str | None = None,
+    timeout: float | None = None,
+    least_size: int | None = None,
+) -> Image.Image:
+    """Decode image bytes to upright RGB; raises CorruptImage with the reason.
 
     `extension` (e.g. '.jpg'), when given, must match the decoded format. Decoding that takes
-    longer than `timeout` seconds is given up as corrupt."""
+    longer than `timeout` seconds is given up as corrupt. The decode is full unless `least_size`
+    lets the decoder scale down (see `decode`)."""
     if not data:
         raise CorruptImage("empty file (0 bytes)")
     try:
@@ -125,7 +136,7 @@ def open_image(data: bytes, max_pixels: int, extension: str | None = None, timeo
         if expected is not None and actual != expected:
             raise CorruptImage(f"wrong extension: content is {image.format}, extension is {extension}")
     try:
-        return within(timeout, lambda: decode(image))
+        return within(timeout, lambda: decode(image, least_size))
     except TimeoutError as error:
         raise CorruptImage(f"decoding timed out: {error} (corruptness_check.decode_timeout)") from None
     except Exception as error:
@@ -146,10 +157,11 @@ def check_row(file: InputFile, name: str, **found) -> dict:
     return {"filename": name, "label": file.label, "size": file.size, "version": file.version, **found}
 
 
-def check_image(data: bytes, extension: str | None, options: CheckOptions) -> dict:
+def inspect_image(data: bytes, extension: str | None, options: CheckOptions) -> tuple[dict, Image.Image | None]:
     """What the check finds in an image's bytes (check_row's fields): their hash and, with
-    full_decode, the outcome of a full decode."""
+    full_decode, the outcome of a full decode; and the decoded image, if it was decoded."""
     found: dict = {"content_hash": xxhash.xxh3_128_hexdigest(data)}
+    image = None
     if options.full_decode:
         try:
             image = open_image(data, options.max_pixels, extension, options.decode_timeout)
@@ -159,31 +171,51 @@ def check_image(data: bytes, extension: str | None, options: CheckOptions) -> di
             found["error"] = str(error)
     elif not data:
         found["error"] = "empty file (0 bytes)"
-    return found
+    return found, image
+
+
+def check_image(data: bytes, extension: str | None, options: CheckOptions) -> dict:
+    return inspect_image(data, extension, options)[0]
+
+
+def source_extension(source: Source, options: CheckOptions) -> str | None:
+    """The extension a source's image content must match, unless mismatches are allowed."""
+    return None if options.allow_extension_mismatch else Path(source.origin.filename).suffix
+
+
+def found_row(source: Source, name: str, found: dict | str) -> dict:
+    """check_row of what the check found for sample `name`, or of the reason it could not be read."""
+    return check_row(source.origin, name, **({"error": found} if isinstance(found, str) else found))
 
 
 def check_files(input_dir: UPath, sources: list[Source], options: CheckOptions) -> pa.Table:
     """One CHECK_SCHEMA row per sample of the sources, in order."""
-    threshold = options.corruption_threshold if options.full_decode else None
+    threshold = check_threshold(options)
     rows = []
     for source in sources:
-        extension = None if options.allow_extension_mismatch else Path(source.origin.filename).suffix
         found = source.read(
             input_dir,
-            functools.partial(check_image, extension=extension, options=options),
+            functools.partial(check_image, extension=source_extension(source, options), options=options),
             functools.partial(check_frame, threshold=threshold),
             options.decode_timeout,
         )
-        # A sample that cannot be read comes as its reason.
-        rows += [
-            check_row(source.origin, name, **({"error": fields} if isinstance(fields, str) else fields))
-            for name, fields in found
-        ]
+        rows += [found_row(source, name, fields) for name, fields in found]
     return check_table(rows)
+
+
+def check_threshold(options: CheckOptions) -> float | None:
+    """The corruption score above which a video frame is corrupt, when the check decodes fully."""
+    return options.corruption_threshold if options.full_decode else None
 
 
 def check_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=CHECK_SCHEMA)
+
+
+def read_checks(paths: list[UPath]) -> pa.Table:
+    """The check tables' rows, in order; only the check's columns, of tables that may hold more
+    (a piece checked and embedded in one pass also holds its embeddings: tasks/one_pass.py)."""
+    return pa.concat_tables([read_table(path, columns=CHECK_SCHEMA.names) for path in paths])
 
 
 @task(name="decode-check", retries=2, retry_delay_seconds=1)

@@ -18,9 +18,9 @@ import pyarrow.compute as pc
 from prefect import task
 from upath import UPath
 
-from tasks.decoding import CHECK_SCHEMA
+from tasks.decoding import CHECK_SCHEMA, read_checks
 from tasks.image_metadata import METRICS_SCHEMA
-from tasks.storage import read_parquet, write_parquet
+from tasks.storage import write_parquet
 
 # The check's columns that samples.parquet keeps as they are.
 KEPT_COLUMNS = ["size", "width", "height", *METRICS_SCHEMA.names]
@@ -84,4 +84,4 @@ def ok_samples(filenames: pa.Array, labels: pa.Array) -> pa.Table:
 
 @task(name="classify-samples")
 def classify_samples(check_paths: list[UPath], remove_exact_duplicates: bool, out_path: UPath) -> UPath:
-    return write_parquet(classify(read_parquet(check_paths), remove_exact_duplicates), out_path)
+    return write_parquet(classify(read_checks(check_paths), remove_exact_duplicates), out_path)

@@ -12,7 +12,8 @@ they come out of it (`tasks/video/frames.py`), so a shard of a long video stream
     >>> model = load_backbone("efficientnet-lite0", num_ftrs=32, checkpoint="", seed=1, device="cpu")
     >>> names, vectors, errors, seconds = embed_sources(UPath("examples/images"),
     ...     [InputFile("objects/chelsea_00.jpg", 0, 1, "0.0")], model, EmbedOptions(input_size=64, batch_size=16,
-    ...     num_threads=1, torch_threads=1, precision=32, max_pixels=10**8, decode_timeout=10.0))
+    ...     num_threads=1, torch_threads=1, precision=32, max_pixels=10**8, decode_timeout=10.0,
+    ...     full_decode=True))
     >>> vectors.shape
     (1, 1280)
 """
@@ -24,7 +25,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -61,6 +62,7 @@ class EmbedOptions:
     precision: int
     max_pixels: int
     decode_timeout: float  # seconds per image or video frame
+    full_decode: bool  # or let the decoder scale an image down towards input_size (see decoding.decode)
 
 
 def default_device() -> str:
@@ -153,8 +155,10 @@ def preprocess(image: Image.Image, input_size: int) -> np.ndarray:
 
 
 def _image_input(data: bytes, options: EmbedOptions) -> np.ndarray | str:
+    least_size = None if options.full_decode else options.input_size
     try:
-        return preprocess(open_image(data, options.max_pixels, timeout=options.decode_timeout), options.input_size)
+        image = open_image(data, options.max_pixels, timeout=options.decode_timeout, least_size=least_size)
+        return preprocess(image, options.input_size)
     except CorruptImage as error:
         return str(error)
 
@@ -237,17 +241,18 @@ def _probe_dim(model: torch.nn.Module, options: EmbedOptions, device: str) -> in
     return _forward(model, blank, options, device).shape[1]
 
 
+def embedding_column(vectors: np.ndarray, errors: list[str | None]) -> pa.FixedSizeListArray:
+    """The embeddings as embedding_schema's column: null where a sample has an error."""
+    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    mask = pa.array([e is not None for e in errors], pa.bool_())
+    return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1], mask=mask)
+
+
 def embeddings_table(
     filenames: list[str], labels: list[int], vectors: np.ndarray, errors: list[str | None]
 ) -> pa.Table:
-    dim = vectors.shape[1]
-    flat = pa.array(vectors.reshape(-1), type=pa.float32())
-    mask = pa.array([e is not None for e in errors], pa.bool_())
-    column = pa.FixedSizeListArray.from_arrays(flat, dim, mask=mask)
-    return pa.Table.from_arrays(
-        [pa.array(filenames, pa.string()), pa.array(labels, pa.int32()), column, pa.array(errors, pa.string())],
-        schema=embedding_schema(dim),
-    )
+    columns = [pa.array(filenames, pa.string()), pa.array(labels, pa.int32()), embedding_column(vectors, errors)]
+    return pa.Table.from_arrays([*columns, pa.array(errors, pa.string())], schema=embedding_schema(vectors.shape[1]))
 
 
 @dataclass(frozen=True)
@@ -271,6 +276,34 @@ class ModelSpec:
         return f"{self.name}|{weights}|input_size={input_size}"
 
 
+def embed_pieces_with(
+    pieces: list[list[Source]],
+    spec: ModelSpec,
+    options: EmbedOptions,
+    out_paths: list[UPath],
+    table: Callable[[list[Source], torch.nn.Module], tuple[pa.Table, float]],
+) -> dict:
+    """Write each piece's `table` (made with the worker's model: the table and the seconds spent in
+    the model) to its Parquet file (see tasks/sharding.py); returns the samples and the timings."""
+    start = time.perf_counter()
+    torch.set_num_threads(options.torch_threads)
+    model = load_backbone(spec.name, spec.num_ftrs, spec.checkpoint, spec.seed, default_device())
+    n, compute = 0, 0.0
+    for sources, out_path in zip(pieces, out_paths):
+        made, seconds = table(sources, model)
+        write_parquet(made, out_path)
+        n, compute = n + len(made), compute + seconds
+    return {"n": n, "seconds": time.perf_counter() - start, "compute_seconds": compute}
+
+
+def embedded_table(
+    input_dir: UPath, sources: list[Source], model: torch.nn.Module, options: EmbedOptions
+) -> tuple[pa.Table, float]:
+    filenames, vectors, errors, seconds = embed_sources(input_dir, sources, model, options)
+    labels = [source.label for source in sources for _ in range(source.count)]
+    return embeddings_table(filenames, labels, vectors, errors), seconds
+
+
 @task(name="embed-shard", retries=2, retry_delay_seconds=1)
 def embed_pieces(
     input_dir: UPath,
@@ -279,15 +312,7 @@ def embed_pieces(
     options: EmbedOptions,
     out_paths: list[UPath],
 ) -> dict:
-    """Embed each piece (image files, or video frame ranges) into its own Parquet file (see
-    tasks/sharding.py); returns the samples embedded and the timings."""
-    start = time.perf_counter()
-    torch.set_num_threads(options.torch_threads)
-    model = load_backbone(spec.name, spec.num_ftrs, spec.checkpoint, spec.seed, default_device())
-    n, compute = 0, 0.0
-    for sources, out_path in zip(pieces, out_paths):
-        filenames, vectors, errors, seconds = embed_sources(input_dir, sources, model, options)
-        labels = [source.label for source in sources for _ in range(source.count)]
-        write_parquet(embeddings_table(filenames, labels, vectors, errors), out_path)
-        n, compute = n + len(filenames), compute + seconds
-    return {"n": n, "seconds": time.perf_counter() - start, "compute_seconds": compute}
+    """Embed each piece (image files, or video frame ranges) into its own Parquet file."""
+    return embed_pieces_with(
+        pieces, spec, options, out_paths, lambda sources, model: embedded_table(input_dir, sources, model, options)
+    )

@@ -97,7 +97,7 @@ def test_curation_writes_the_lightly_layout(tmp_path, dask_address):
     distances = report["distances"]
     assert distances["after"]["pairwise"]["min"] >= distances["before"]["pairwise"]["min"]
     stages = {row["stage"]: row for row in report["stages"]}
-    for stage in ("check", "embed", "select"):
+    for stage in ("check_and_embed", "select"):
         assert stages[stage]["seconds"] > 0
     for path in run.rglob("*"):
         if path.is_file() and path.suffix in {".json", ".yaml", ".txt", ".csv"}:
@@ -200,6 +200,7 @@ def test_installed_command_runs_with_one_temporary_prefect_server(tmp_path):
             "run_directory=r",
             "stopping_condition.n_samples=2",
             "dump_dataset=True",
+            "dask.replace_workers_after=0",
         ],
         env=env,
         capture_output=True,
@@ -212,7 +213,8 @@ def test_installed_command_runs_with_one_temporary_prefect_server(tmp_path):
     run = tmp_path / "out" / "r"
     assert len(_lines(run / "filenames" / "sampled_filenames.txt")) == 2
     # Its own workers are replaced after embedding; the dump and the report's UMAPs run on the new ones.
-    embed = next(s for s in json.loads((run / "report.json").read_text())["stages"] if s["stage"] == "embed")
+    stages = json.loads((run / "report.json").read_text())["stages"]
+    embed = next(s for s in stages if s["stage"] == "check_and_embed")
     assert embed["workers_replaced"] == os.cpu_count()
     assert len([p for p in (run / "data" / "sampled").rglob("*") if p.is_file()]) == 2
     assert any((run / "plots").glob("scatter_umap_k_*.png"))

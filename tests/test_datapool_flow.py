@@ -140,31 +140,42 @@ def _cache_files(cache: Path) -> dict[str, float]:
     return {str(p.relative_to(cache)): p.stat().st_mtime for p in cache.rglob("*.parquet")}
 
 
+def _in(files: dict[str, float], stage: str) -> dict[str, float]:
+    return {k: v for k, v in files.items() if k.startswith(f"{stage}/")}
+
+
 def test_reruns_reuse_cached_shards_and_recompute_only_what_changed(tmp_path, dask_address):
     (tmp_path / "shared").mkdir()
     _images(tmp_path / "in", range(50, 62))
     cache = tmp_path / "shared" / ".thresher-cache"
     assert _run(dask_address, tmp_path, "first", "stopping_condition.n_samples=4") == 0
     first = _cache_files(cache)
-    assert any(k.startswith("check/") for k in first) and any(k.startswith("embed/") for k in first)
+    assert _in(first, "check-embed") and not _in(first, "check") and not _in(first, "embed")  # one pass
 
     assert _run(dask_address, tmp_path, "same", "stopping_condition.n_samples=4") == 0
     assert _cache_files(cache) == first
     stages = {row["stage"]: row for row in _report(tmp_path, "same")["stages"]}
-    assert stages["embed"]["cached_shards"] == sum(k.startswith("embed/") for k in first)
+    assert stages["check_and_embed"]["cached_shards"] == len(first)
     assert _lines(tmp_path / "out" / "same" / "filenames" / "sampled_filenames.txt") == _lines(
         tmp_path / "out" / "first" / "filenames" / "sampled_filenames.txt"
     )
 
-    # input size changes the embeddings, not the check: only embedding is recomputed
-    assert (
-        _run(dask_address, tmp_path, "resized", "stopping_condition.n_samples=4", "lightly.collate.input_size=32") == 0
-    )
+    # input size changes the embeddings: the pass is made again, and the first run's pieces stay
+    resized = "lightly.collate.input_size=32"
+    assert _run(dask_address, tmp_path, "resized", "stopping_condition.n_samples=4", resized) == 0
     after = _cache_files(cache)
-    assert {k: v for k, v in after.items() if k.startswith("check/")} == {
-        k: v for k, v in first.items() if k.startswith("check/")
-    }
-    assert len([k for k in after if k.startswith("embed/")]) == 2 * len([k for k in first if k.startswith("embed/")])
+    assert _in(after, "check-embed").items() >= first.items() and len(after) == 2 * len(first)
+
+    # without the full decode, the check (a hash) and the embedding are two stages, cached apart:
+    # input size changes the embeddings, not the check, so only embedding is recomputed
+    no_decode = "enable_corruptness_check=False"
+    assert _run(dask_address, tmp_path, "hashed", "stopping_condition.n_samples=4", no_decode) == 0
+    hashed = _cache_files(cache)
+    assert _in(hashed, "check") and _in(hashed, "embed")
+    assert _run(dask_address, tmp_path, "hashed-resized", "stopping_condition.n_samples=4", no_decode, resized) == 0
+    last = _cache_files(cache)
+    assert _in(last, "check") == _in(hashed, "check")
+    assert len(_in(last, "embed")) == 2 * len(_in(hashed, "embed"))
 
 
 def test_a_killed_run_leaves_the_pool_intact_and_the_next_run_completes(tmp_path, prefect_server):
@@ -189,7 +200,7 @@ def test_a_killed_run_leaves_the_pool_intact_and_the_next_run_completes(tmp_path
     before = pool_file.read_bytes()
 
     _images(tmp_path / "in", range(74, 90))
-    embed_dir = tmp_path / "shared" / ".thresher-cache" / "embed"
+    embed_dir = tmp_path / "shared" / ".thresher-cache" / "check-embed"
     done_before = len(list(embed_dir.glob("*.parquet")))
     process = subprocess.Popen(
         [*command, "run_directory=two"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

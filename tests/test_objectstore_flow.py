@@ -173,7 +173,7 @@ def test_gcs_input_with_local_outputs(gcs_store, tmp_path):
     # Its cache keys use the objects' generations: an unchanged rerun embeds nothing again.
     assert main(run_args("again")) == 0
     stages = {s["stage"]: s for s in json.loads((tmp_path / "out" / "again" / "report.json").read_text())["stages"]}
-    assert "embed" not in stages or stages["embed"]["items"] == 0
+    assert stages["check_and_embed"]["items"] == 0
 
 
 def test_azure_input_and_outputs_with_a_local_shared_folder(azure_store, tmp_path):

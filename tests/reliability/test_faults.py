@@ -98,10 +98,9 @@ def test_a_run_killed_at_each_stage_resumes_to_the_clean_result(clean_run, tmp_p
     ]
     # Each run starts its own temporary Prefect server, as a user's does: a killed run takes it down with it.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    # Each run resumes the one killed before it: in the check, in the embedding, while writing outputs.
+    # Each run resumes the one killed before it: while checking and embedding, while writing outputs.
     markers = {
-        "check": lambda: any((cache / "check").glob("*.parquet")),
-        "embed": lambda: any((cache / "embed").glob("*.parquet")),
+        "check-embed": lambda: any((cache / "check-embed").glob("*.parquet")),
         "write": lambda: (run / "filenames").exists(),
     }
     for stage, marker in markers.items():
@@ -130,7 +129,7 @@ def test_a_worker_killed_mid_run_is_retried_to_the_same_result(clean_run, tmp_pa
     killed: list[int] = []
 
     def kill_a_busy_worker_once_embedding_starts() -> None:
-        wait_for(lambda: any((shared / ".thresher-cache" / "embed").glob("*.parquet")))
+        wait_for(lambda: any((shared / ".thresher-cache" / "check-embed").glob("*.parquet")))
         with Client(dask_address) as client:
             busy = [worker for worker, tasks in client.processing().items() if tasks]
             if busy:  # else the run has moved past its shard tasks already, and the test fails below
