@@ -1,0 +1,195 @@
+"""Throughput of a cold `thresher run` against the machine's own ceiling, measured in one run.
+
+Makes N ImageNet-size JPEGs (500x375, quality 90) from the example photos (random crops, flips
+and colour shifts, so none is a duplicate), then measures:
+
+- the ceiling: a full decode of every file on all cores (one process per core, `open_image`, as
+  the check decodes), and the default model (EfficientNet-Lite0 at input_size 64, batches of 16)
+  on all cores (one single-threaded process per core, as the local cluster runs). The per-image
+  work a run must do is one decode and one forward pass, so its ceiling is
+  1 / (1 / decode rate + 1 / model rate);
+- a cold `thresher run` with default settings (a new process, an empty cache and output folder)
+  by this checkout and, with --baseline, by another checkout (its own .venv), alternately;
+  per run: the wall time, the time until its first console line, the console's line count,
+  report.json's stage rates, the check + embed rate against the ceiling, and the whole run's
+  images/s. The Prefect server is whatever a user's run gets (PREFECT_API_URL is unset).
+
+    uv run python -m benchmarks.throughput --n 4000 --baseline /work/base
+
+Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parents[1]
+EXAMPLES = HERE / "examples" / "images"
+SIZE = (500, 375)
+
+
+def make_photo(args: tuple[Path, Path, int]) -> None:
+    from PIL import Image, ImageOps
+
+    source, out, seed = args
+    rng = np.random.default_rng(seed)
+    image = Image.open(source).convert("RGB")
+    width, height = image.size
+    scale = rng.uniform(0.6, 1.0)
+    w, h = int(width * scale), int(height * scale)
+    x, y = rng.integers(0, width - w + 1), rng.integers(0, height - h + 1)
+    image = image.crop((x, y, x + w, y + h)).resize(SIZE, Image.Resampling.BICUBIC)
+    if rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    shifted = np.asarray(image, np.float32) * rng.uniform(0.8, 1.2, size=3) + rng.normal(0, 2, (SIZE[1], SIZE[0], 3))
+    Image.fromarray(np.clip(shifted, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+
+
+def make_photos(root: Path, n: int, cores: int) -> list[Path]:
+    sources = sorted(EXAMPLES.rglob("*.jpg"))
+    sources = [s for s in sources if s.stat().st_size > 1000]  # the truncated example is no photo
+    jobs = [(sources[i % len(sources)], root / f"{i // 1000:03d}" / f"photo_{i:06d}.jpg", i) for i in range(n)]
+    for folder in {out.parent for _, out, _ in jobs}:
+        folder.mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(cores) as pool:
+        list(pool.map(make_photo, jobs, chunksize=64))
+    return [out for _, out, _ in jobs]
+
+
+def decode_files(paths: list[Path]) -> int:
+    from tasks.decoding import open_image
+
+    for path in paths:
+        open_image(path.read_bytes(), 10**9)
+    return len(paths)
+
+
+_MODEL = None
+
+
+def load_model() -> None:
+    global _MODEL
+    import torch
+
+    from tasks.embedding import load_backbone
+
+    torch.set_num_threads(1)
+    _MODEL = load_backbone("efficientnet-lite0", 32, None, 1, "cpu")
+
+
+def embed_random(n: int) -> int:
+    from tasks.embedding import embed_inputs
+    from tests.options import embed_options
+
+    rng = np.random.default_rng(n)
+    inputs = (rng.integers(0, 256, (3, 64, 64), dtype=np.uint8) for _ in range(n))
+    embed_inputs(inputs, _MODEL, embed_options())
+    return n
+
+
+def rate_on_all_cores(work, shares: list, warmup: object, cores: int, initializer=None) -> float:
+    """Items per second of `work` over `shares`, one process per core, each warmed up first."""
+    with ProcessPoolExecutor(cores, initializer=initializer) as pool:
+        list(pool.map(work, [warmup] * cores))
+        start = time.perf_counter()
+        done = sum(pool.map(work, shares))
+        return done / (time.perf_counter() - start)
+
+
+def ceiling(paths: list[Path], cores: int) -> dict[str, float]:
+    decode = rate_on_all_cores(decode_files, [paths[i::cores] for i in range(cores)], paths[:2], cores)
+    model = rate_on_all_cores(embed_random, [len(paths) // cores] * cores, 32, cores, initializer=load_model)
+    return {"decode": decode, "model": model, "ceiling": 1 / (1 / decode + 1 / model)}
+
+
+def cold_run(code: Path, input_dir: Path, work: Path, name: str) -> dict:
+    """A cold `thresher run` of the checkout `code`: its wall time, first console line and lines."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    out, shared = work / f"out-{name}", work / f"shared-{name}"
+    shared.mkdir(parents=True)
+    command = [
+        str(code / ".venv" / "bin" / "thresher"),
+        "run",
+        f"input_dir={input_dir}",
+        f"output_dir={out}",
+        f"shared_dir={shared}",
+        "run_directory=run",
+        "stopping_condition.n_samples=0.3",
+    ]
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    first, lines = None, 0
+    for _ in process.stdout:
+        first = first or time.perf_counter() - start
+        lines += 1
+    code_ = process.wait()
+    wall = time.perf_counter() - start
+    assert code_ == 0, f"{name}: thresher run exited {code_}"
+    report = json.loads((out / "run" / "report.json").read_text())
+    stages = {s["stage"]: s for s in report["stages"]}
+    return {"wall": wall, "first_line": first, "lines": lines, "stages": stages}
+
+
+def per_image_rate(run: dict, n: int) -> float:
+    """Images per second of the per-image work: the check and the embedding, one stage or two."""
+    stages = run["stages"]
+    seconds = sum(stages[s]["seconds"] for s in ("check", "embed", "check_and_embed") if s in stages)
+    return n / seconds
+
+
+def show(name: str, run: dict, n: int, top: float) -> None:
+    rate = per_image_rate(run, n)
+    print(f"\n{name}: {run['wall']:.1f} s cold, {n / run['wall']:.1f} images/s over the whole run")
+    print(f"  first console line after {run['first_line']:.1f} s; {run['lines']} console lines")
+    for stage, row in run["stages"].items():
+        print(f"  {stage:<16} {row['seconds']:8.2f} s  {row.get('items_per_second') or 0:8.1f} items/s")
+    print(f"  stages' sum {sum(r['seconds'] for r in run['stages'].values()):.1f} s; the rest (start, report, end)")
+    print(f"  check + embed: {rate:.1f} images/s = {rate / top:.2f} x the ceiling")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4000)
+    parser.add_argument("--baseline", type=Path, help="a checkout of earlier code, with its .venv")
+    parser.add_argument("--repeat", type=int, default=1, help="cold runs of each checkout, alternating")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        start = time.perf_counter()
+        paths = make_photos(work / "photos", args.n, cores)
+        print(f"{args.n} photos {SIZE[0]}x{SIZE[1]} made in {time.perf_counter() - start:.0f} s; {cores} cores")
+        top = ceiling(paths, cores)
+        print(
+            f"ceiling: full decode {top['decode']:.0f} images/s, model {top['model']:.0f} images/s, "
+            f"both {top['ceiling']:.0f} images/s"
+        )
+        checkouts = {"this": HERE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+        runs: dict[str, list[dict]] = {name: [] for name in checkouts}
+        for i in range(args.repeat):
+            for name, code in checkouts.items():
+                runs[name].append(cold_run(code, work / "photos", work, f"{name}-{i}"))
+        for name, done in runs.items():
+            for run in done:
+                show(name, run, args.n, top["ceiling"])
+        if args.baseline:
+            this = min(r["wall"] for r in runs["this"])
+            base = min(r["wall"] for r in runs["baseline"])
+            print(f"\nwhole cold run: baseline / this = {base:.1f} / {this:.1f} s = {base / this:.2f}x faster")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
