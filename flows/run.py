@@ -83,10 +83,12 @@ def start_run(config: ThresherConfig, plan: ClusterPlan, started: datetime) -> R
 
 @dataclass
 class RunLog:
-    """What the stages did: each stage's timing and figures, and the run's counts."""
+    """What the stages did: each stage's timing and figures, the run's counts, and the files of
+    input_dir skipped as neither images nor videos, by extension."""
 
     timings: dict[str, dict] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=lambda: {"n_skipped_processed": 0})
+    not_images: dict[str, int] = field(default_factory=dict)
 
     def timed(self, stage: str, items: int, start: float) -> None:
         seconds = time.perf_counter() - start

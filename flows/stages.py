@@ -96,7 +96,9 @@ def list_files(run: Run, log: RunLog, pool: pa.Table | None) -> list[InputFile]:
     if config.relevant_filenames_file:
         path = config.shared_path(config.relevant_filenames_file, "relevant_filenames_file")
         relevant = read_relevant_filenames(path)
-    files = list_datasource(run.input, relevant)
+    listing = list_datasource(run.input, relevant)
+    files = listing.files
+    log.not_images = listing.not_images
     if pool is not None and not config.datasource.process_all:
         done = processed_keys(pool, run.source)
         new = [f for f in files if (f.filename, f.size, f.version) not in done]
@@ -441,5 +443,6 @@ def report(
         history(run.pool_dir) if run.pool_dir else None,
         centers,
         run.cache,
+        log.not_images,
     )
     write_report(inputs, cluster_executor(), views)

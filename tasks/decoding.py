@@ -1,8 +1,10 @@
 """Stage 2: decode every image, check it for corruption and hash its bytes.
 
-A file is corrupt when it cannot be fully decoded: empty, truncated, not an image, a
-decompression bomb (declared size above `corruptness_check.max_pixels`, rejected before any
-pixel is decoded), or content whose format differs from its extension. The reason is kept for
+Every format Pillow opens is read, HEIC and the other HEIF photos through pillow-heif, whose opener
+importing `tasks.image_formats` registers in this process. A file is corrupt when it cannot be fully
+decoded: empty, truncated, not an image, a decompression bomb (declared size above
+`corruptness_check.max_pixels`, rejected before any pixel is decoded), or content whose format does
+not fit its extension (`tasks.image_formats.extension_fits`). The reason is kept for
 `data/corruptness_check_information.json`. The same decoder (`open_image`) feeds the embedder,
 so what passes the check is exactly what gets embedded. The decoded pixels also give each sample
 the Lightly Worker's image metadata (sharpness, snr, colour means, contrast:
@@ -30,6 +32,7 @@ from PIL import Image, ImageFile, ImageOps
 from prefect import task
 from upath import UPath
 
+from tasks.image_formats import extension_fits
 from tasks.image_metadata import METRICS_SCHEMA, image_metadata
 from tasks.listing import InputFile
 from tasks.sharding import Source
@@ -40,9 +43,6 @@ from tasks.video.quality import check_frame
 # Pillow's own bomb check uses a fixed global limit; ours is the configurable max_pixels, checked
 # from the header before decoding, so Pillow's is switched off in the processes that decode.
 Image.MAX_IMAGE_PIXELS = None
-
-# Formats that legitimately carry another format's extension (camera MPO files are JPEGs).
-FORMAT_ALIASES = {"MPO": "JPEG"}
 
 CHECK_SCHEMA = pa.schema(
     [
@@ -130,11 +130,8 @@ def open_image(
             f"decompression bomb: {width}x{height} = {width * height} pixels exceeds "
             f"corruptness_check.max_pixels={max_pixels}"
         )
-    if extension is not None:
-        expected = Image.registered_extensions().get(extension.lower())
-        actual = FORMAT_ALIASES.get(image.format or "", image.format)
-        if expected is not None and actual != expected:
-            raise CorruptImage(f"wrong extension: content is {image.format}, extension is {extension}")
+    if extension is not None and not extension_fits(image.format, extension):
+        raise CorruptImage(f"wrong extension: content is {image.format}, extension is {extension}")
     try:
         return within(timeout, lambda: decode(image, least_size))
     except TimeoutError as error:

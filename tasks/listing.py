@@ -3,7 +3,8 @@
 Finds the image and video files under `input_dir` (flat, or in subfolders whose sorted index
 becomes the lightly `labels` column; a video's label is its index among the videos, as lightly
 labels video folders), and keeps only those named in `relevant_filenames_file` when one is given.
-Videos become frame samples in `tasks/video/`.
+An image is a file of any format Pillow opens (`tasks/image_formats.py`); the files that are neither
+images nor videos are counted by extension for report.json. Videos become frame samples in `tasks/video/`.
 
     >>> files = list_images(location("examples/images"))
     >>> files[0].filename, files[0].label
@@ -15,26 +16,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISDIR
 from typing import Any, ClassVar
 
-from PIL import Image
 from prefect import get_run_logger, task
 from upath import UPath
 
+from tasks.image_formats import readable_extensions
 from tasks.storage import StorageError, describe, explain, is_local, local_version, object_version, read_bytes
 
 log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpeg", ".mpg", ".m4v"})
-# Pillow's readable formats, read once: registered_extensions() initialises every plugin. Pillow
-# claims .mpg/.mpeg but only reads their header; those are videos.
-IMAGE_EXTENSIONS = (
-    frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN) - VIDEO_EXTENSIONS
-)
+# Read once, at import. Pillow claims .mpg/.mpeg but only reads their header; those are videos.
+IMAGE_EXTENSIONS = readable_extensions() - VIDEO_EXTENSIONS
 INPUT_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 
 
@@ -182,12 +181,27 @@ def read_relevant_filenames(path: UPath) -> list[str]:
     return [line.strip().removeprefix("./") for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def list_images(root: UPath, relevant_filenames: list[str] | None = None) -> list[InputFile]:
-    """Image and video files under input_dir: a local folder's in the order of `_walk`, a bucket's by key."""
+@dataclass(frozen=True)
+class Listing:
+    """What input_dir holds: the input files, and how many files it skipped as neither images nor
+    videos, by lower-cased extension (e.g. {".json": 1, ".txt": 3}; NO_EXTENSION for names without one)."""
+
+    files: list[InputFile]
+    not_images: dict[str, int]
+
+
+NO_EXTENSION = "(none)"
+
+
+def list_input(root: UPath, relevant_filenames: list[str] | None = None) -> Listing:
+    """Image and video files under input_dir (a local folder's in the order of `_walk`, a bucket's by
+    key), and the other files counted by extension."""
     if is_local(root) and not root.is_dir():
         raise FileNotFoundError(f"input_dir={describe(root)!r} is not a folder.")
     found = _walk(root) if is_local(root) else _find(root)
-    entries = [entry for entry in found if suffix(entry[0]) in INPUT_EXTENSIONS]
+    extensions = [suffix(entry[0]) for entry in found]
+    entries = [entry for entry, extension in zip(found, extensions) if extension in INPUT_EXTENSIONS]
+    skipped = Counter(extension or NO_EXTENSION for extension in extensions if extension not in INPUT_EXTENSIONS)
     if relevant_filenames is not None:
         wanted = set(relevant_filenames)
         missing = wanted - {entry[0] for entry in entries}
@@ -201,14 +215,26 @@ def list_images(root: UPath, relevant_filenames: list[str] | None = None) -> lis
     labels = assign_labels([entry[0] for entry in entries])
     videos = iter(range(len(entries)))
     labels = [next(videos) if is_video(entry[0]) else label for entry, label in zip(entries, labels)]
-    return [InputFile(name, label, size, version) for (name, size, version), label in zip(entries, labels)]
+    files = [InputFile(name, label, size, version) for (name, size, version), label in zip(entries, labels)]
+    return Listing(files, dict(sorted(skipped.items())))
+
+
+def list_images(root: UPath, relevant_filenames: list[str] | None = None) -> list[InputFile]:
+    """The input files of `list_input`, for callers that need only those."""
+    return list_input(root, relevant_filenames).files
 
 
 @task(name="list-datasource")
-def list_datasource(input_dir: UPath, relevant_filenames: list[str] | None) -> list[InputFile]:
-    files = list_images(input_dir, relevant_filenames)
-    n_videos = sum(is_video(f.filename) for f in files)
-    get_run_logger().info(
-        "Found %d image and %d video files in %s", len(files) - n_videos, n_videos, describe(input_dir)
-    )
-    return files
+def list_datasource(input_dir: UPath, relevant_filenames: list[str] | None) -> Listing:
+    listing = list_input(input_dir, relevant_filenames)
+    n_videos = sum(is_video(f.filename) for f in listing.files)
+    logger = get_run_logger()
+    logger.info("Found %d image and %d video files in %s", len(listing.files) - n_videos, n_videos, describe(input_dir))
+    if listing.not_images:
+        # A format the user expected to be read shows up here rather than silently missing.
+        logger.info(
+            "Skipped %d files that are neither images nor videos: %s",
+            sum(listing.not_images.values()),
+            ", ".join(f"{count} {extension}" for extension, count in listing.not_images.items()),
+        )
+    return listing

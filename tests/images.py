@@ -51,3 +51,21 @@ def dataset(root: Path, per_label: int = 6) -> dict[str, list[str]]:
     (root / "dogs/empty.png").write_bytes(b"")
     names["corrupt"] += ["cats/broken.jpg", "dogs/empty.png"]
     return names
+
+
+def camera_and_phone_files(root: Path, seed: int = 0) -> Image.Image:
+    """The same picture as a PNG, a camera's MPO (a second picture after it), a phone's HEIC (named
+    as iPhones name it, upper case), an AVIF, and a HEIC stored on its side whose EXIF orientation
+    turns it upright. Returns the picture."""
+    import tasks.image_formats  # noqa: F401  (registers pillow-heif, which also saves HEIF)
+
+    image = picture(seed, (96, 64))
+    save(image, root / "photo.png")
+    save(image, root / "camera.mpo", format="MPO", save_all=True, append_images=[picture(seed + 1, (96, 64))])
+    save(image, root / "IMG_0001.HEIC", format="HEIF", quality=95)
+    save(image, root / "photo.avif", format="AVIF", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display; pillow-heif reads it from bytes only
+    on_its_side = image.transpose(Image.Transpose.ROTATE_90)
+    save(on_its_side, root / "turned.heic", format="HEIF", quality=95, exif=exif.tobytes())
+    return image

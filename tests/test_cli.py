@@ -31,6 +31,8 @@ def _run(dask_address: str, *overrides: str) -> int:
 
 def test_curation_writes_the_lightly_layout(tmp_path, dask_address):
     expected = dataset(tmp_path / "in")
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    (tmp_path / "in" / "cats" / "meta.json").write_text("{}")
     with Client(dask_address) as client:
         workers = client.run(os.getpid)
     code = _run(
@@ -94,6 +96,8 @@ def test_curation_writes_the_lightly_layout(tmp_path, dask_address):
         "n_skipped_processed": 0,
         "n_dump_failed": 0,
     }
+    assert report["skipped_not_images"] == {".json": 1, ".txt": 1}
+    assert "1 .json, 1 .txt (skipped)" in (run / "report.html").read_text()
     distances = report["distances"]
     assert distances["after"]["pairwise"]["min"] >= distances["before"]["pairwise"]["min"]
     stages = {row["stage"]: row for row in report["stages"]}

@@ -61,6 +61,7 @@ def build_report(inputs: ReportInputs, executor: Executor = InProcess(), started
         "schema_version": SCHEMA_VERSION,
         "job": {**inputs.job, "machine": machine()},
         "counts": inputs.counts,
+        "skipped_not_images": inputs.not_images,
         "stages": stage_table(inputs.stages),
         "selection": inputs.selection,
         "savings": savings(inputs.counts, settings),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from upath import UPath
@@ -45,12 +45,13 @@ class ReportSettings:
 @dataclass(frozen=True)
 class ReportInputs:
     """What a report is made of: the run's tables and figures, its configuration (dumped as JSON,
-    shown as it is) with the settings the report reads from it, and where the report goes (`run_dir`).
+        shown as it is) with the settings the report reads from it, and where the report goes (`run_dir`).
 
-    `video_timelines` is {video: seconds of its selected frames}; `datapool_history` is
-    [{"run": name, "n_samples": added}] in run order; `datapool_embeddings_path` is a table of the
-    pool's earlier selections in the gathered-embeddings format (drawn as 'datapool' points);
-    `cache_dir` holds results of earlier reports to reuse (see ReportCache)."""
+        `video_timelines` is {video: seconds of its selected frames}; `datapool_history` is
+        [{"run": name, "n_samples": added}] in run order; `datapool_embeddings_path` is a table of the
+        pool's earlier selections in the gathered-embeddings format (drawn as 'datapool' points);
+        `cache_dir` holds results of earlier reports to reuse (see ReportCache); `not_images` counts the
+    files of input_dir skipped as neither images nor videos, by extension (see tasks/listing.py)."""
 
     run_dir: UPath
     samples_path: UPath
@@ -66,6 +67,7 @@ class ReportInputs:
     datapool_history: list[dict] | None = None
     datapool_embeddings_path: UPath | None = None
     cache_dir: UPath | None = None
+    not_images: dict[str, int] = field(default_factory=dict)
 
 
 # Where the work runs: the UMAPs and plots are independent, so in a flow they run side by side on

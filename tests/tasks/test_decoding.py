@@ -1,4 +1,6 @@
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +9,7 @@ from PIL import Image
 
 from tasks.decoding import CorruptImage, check_files, open_image, to_rgb
 from tasks.listing import InputFile
-from tests.images import picture, save, truncated
+from tests.images import camera_and_phone_files, picture, save, truncated
 from tests.options import check_options
 
 
@@ -110,3 +112,46 @@ def test_cmyk_and_alpha_become_rgb():
 def test_open_image_raises_corrupt_image_for_truncated(tmp_path):
     with pytest.raises(CorruptImage, match="decoding failed"):
         open_image(truncated(tmp_path / "t.jpg").read_bytes(), max_pixels=10**8)
+
+
+def test_camera_and_phone_formats_pass_the_check_and_decode_upright_like_the_png(tmp_path):
+    image = camera_and_phone_files(tmp_path)
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["IMG_0001.HEIC", "camera.mpo", "photo.avif", "photo.png", "turned.heic"]
+    files = [InputFile(name, 0, (tmp_path / name).stat().st_size, "0.0") for name in names]
+    rows = check_files(tmp_path, files, check_options()).to_pylist()
+    assert [(row["error"], row["width"], row["height"]) for row in rows] == [(None, 96, 64)] * 5
+    reference = np.asarray(image, np.float32)
+    for name in names:
+        decoded = open_image((tmp_path / name).read_bytes(), max_pixels=10**8)
+        assert decoded.mode == "RGB" and decoded.size == image.size, name
+        # Lossy coding smooths the picture's pixel noise (sigma 8) away; a wrong picture differs by ~100.
+        assert np.abs(np.asarray(decoded, np.float32) - reference).mean() < 12, name
+
+
+@pytest.mark.parametrize(
+    "saved_as, name, error",
+    [
+        ("HEIF", "phone.avif", "wrong extension: content is HEIF, extension is .avif"),
+        ("AVIF", "photo.heif", None),  # an AVIF is a HEIF of AV1 pictures
+        ("AVIF", "photo.hif", None),
+        ("MPO", "camera.jpg", None),  # cameras' JPEGs often carry an MPO preview
+        ("JPEG", "single.mpo", None),
+        ("PNG", "photo.heic", "wrong extension: content is PNG, extension is .heic"),
+    ],
+)
+def test_the_extension_check_knows_heif_avif_and_mpo(tmp_path, saved_as, name, error):
+    options = {"save_all": True, "append_images": [picture(4)]} if saved_as == "MPO" else {}
+    save(picture(3), tmp_path / name, format=saved_as, **options)
+    assert _check(tmp_path, name)["error"] == error
+
+
+def test_a_process_that_imports_only_decoding_reads_heic(tmp_path):
+    """Dask workers import tasks.decoding to run its tasks, and nothing else of ours."""
+    camera_and_phone_files(tmp_path)
+    path = tmp_path / "turned.heic"
+    code = f"from tasks.decoding import open_image; print(open_image(open({str(path)!r}, 'rb').read(), 10**8).size)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "(96, 64)", result.stdout + result.stderr

@@ -2,8 +2,16 @@ import os
 from pathlib import PurePosixPath
 
 from tasks import listing
-from tasks.listing import assign_labels, is_video, list_images, read_relevant_filenames, suffix
-from tests.images import picture, save
+from tasks.listing import (
+    NO_EXTENSION,
+    assign_labels,
+    is_video,
+    list_images,
+    list_input,
+    read_relevant_filenames,
+    suffix,
+)
+from tests.images import camera_and_phone_files, picture, save
 
 
 def test_flat_folder_is_label_zero_and_sorted(tmp_path):
@@ -74,3 +82,21 @@ def test_an_unreadable_subfolder_is_skipped_with_a_warning(tmp_path, monkeypatch
     monkeypatch.setattr(listing.os, "scandir", refuse_locked)
     assert [f.filename for f in list_images(tmp_path)] == ["a.jpg", "open/c.jpg"]
     assert "Skipping the folder" in caplog.text and "locked" in caplog.text and "Permission denied" in caplog.text
+
+
+def test_every_format_pillow_opens_is_listed_and_other_files_are_counted_by_extension(tmp_path):
+    camera_and_phone_files(tmp_path)
+    for name in ["notes.txt", "sub/more.TXT", "meta.json", "README", "scan.pdf", "clip.mp4"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    listed = list_input(tmp_path)
+    assert [f.filename for f in listed.files] == [
+        "IMG_0001.HEIC",
+        "camera.mpo",
+        "clip.mp4",
+        "photo.avif",
+        "photo.png",
+        "turned.heic",
+    ]
+    # Pillow only writes PDF; a name without an extension is counted under NO_EXTENSION.
+    assert listed.not_images == {NO_EXTENSION: 1, ".json": 1, ".pdf": 1, ".txt": 2}
