@@ -99,8 +99,13 @@ def free_port() -> int:
 
 def start_server(timeout: float) -> ServerState:
     """Start `prefect server start` detached, with its output in log_path(), and wait until it is healthy."""
+    from prefect.settings import get_current_settings
+
     port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API_")}
+    # The settings in force (PREFECT_HOME, its database), as SubprocessASGIServer passes them; not
+    # the API's, which is what this server becomes.
+    settings = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}
+    env = {key: value for key, value in settings.items() if not key.startswith("PREFECT_API_")}
     with open(log_path(), "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
