@@ -221,12 +221,13 @@ def curate(config: ThresherConfig, verbose: bool) -> None:
     plan = cluster_plan(config)
     started = datetime.now(UTC)
     run_dir = run_directory(config, started)
-    with prefect_api() as ui, run_log(run_dir, verbose) as log:
+    # The log is opened first: a temporary Prefect server, if the run needs one, writes to it.
+    with run_log(run_dir, verbose) as log:
         if log:
             print(f"Log: {log}")  # printed first: it explains a run that fails
-        with no_heartbeats(), frozen_modules():
+        with prefect_api() as ui, no_heartbeats(), frozen_modules():
             state = pipeline.with_options(task_runner=plan.task_runner())(config, plan, started, return_state=True)
-        result = state.result()
+            result = state.result()
     print("\n".join(summary(result, result["run_directory"])))
     if ui:
         print(f"The run in the Prefect UI: {ui}/runs/flow-run/{state.state_details.flow_run_id}")
