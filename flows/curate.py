@@ -57,10 +57,11 @@ from tasks.storage import describe
 
 
 @flow(name="curate-pipeline")
-def pipeline(config: ThresherConfig, plan: ClusterPlan) -> dict:
+def pipeline(config: ThresherConfig, plan: ClusterPlan, started: datetime | None = None) -> dict:
     """Curate `config.input_dir` into `<output_dir>/<run_directory>/` on the cluster of `plan`;
-    returns the counts."""
-    started = datetime.now(UTC)
+    returns the counts. `started` names the run directory by default (the command line knows it
+    before the flow starts, to write its log there)."""
+    started = started or datetime.now(UTC)
     run, log = start_run(config, plan, started), RunLog()
     with PoolLock(run.pool_dir) if run.pool_dir else nullcontext() as lock:
         model = embedding_model(config)

@@ -68,6 +68,19 @@ def field_help(key: str) -> tuple[Any, str]:
     return default, field.description or ""
 
 
+def similar_keys(key: str, valid: list[str], n: int = 3) -> list[str]:
+    """Up to n full dotted keys close to an unknown one: close as a whole, else by their last part
+    (`object_level.name` -> `datapool.name`, `lightly.model.name`), the closest first."""
+    near = difflib.get_close_matches(key, valid, n=n, cutoff=0.6)
+    if near:
+        return near
+    leaf = key.rsplit(".", 1)[-1]
+    leaves = difflib.get_close_matches(leaf, sorted({k.rsplit(".", 1)[-1] for k in valid}), n=n, cutoff=0.6)
+    return sorted(
+        (k for k in valid if k.rsplit(".", 1)[-1] in leaves), key=lambda k: leaves.index(k.rsplit(".", 1)[-1])
+    )[:n]
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn Hydra-style `a.b=value` strings into a nested dict; values are read as YAML scalars or lists."""
     valid = all_keys()
@@ -78,9 +91,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"{item!r} is not a key=value override (for example stopping_condition.n_samples=0.3).")
         if key not in valid and not key.startswith("storage_options."):
-            near = difflib.get_close_matches(key, valid, n=3, cutoff=0.6) or difflib.get_close_matches(
-                key.split(".")[-1], [k.split(".")[-1] for k in valid], n=3, cutoff=0.6
-            )
+            near = similar_keys(key, valid)
             hint = f" Did you mean: {', '.join(near)}?" if near else ""
             raise ConfigError(f"Unknown key {key!r}.{hint} `thresher run --help` lists every key.")
         try:

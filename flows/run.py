@@ -64,10 +64,15 @@ class Run:
         return self.work / "selection.parquet"
 
 
+def run_directory(config: ThresherConfig, started: datetime) -> UPath:
+    """`<output_dir>/<run_directory>`, by default named after when the run started."""
+    return config.location(config.output_dir) / (config.run_directory or started.strftime("%Y-%m-%d_%H-%M-%S"))
+
+
 def start_run(config: ThresherConfig, plan: ClusterPlan, started: datetime) -> Run:
     """The run's folders, with its config written into it and the partial files of killed runs removed."""
     logger = get_run_logger()
-    run_dir = config.location(config.output_dir) / (config.run_directory or started.strftime("%Y-%m-%d_%H-%M-%S"))
+    run_dir = run_directory(config, started)
     write_text(dump_config(config), run_dir / "config" / "config.yaml")
     write_text("".join(f"- {item}\n" for item in overrides_of(config)), run_dir / "config" / "overrides.yaml")
     logger.info("Run directory: %s", describe(run_dir))
@@ -104,9 +109,32 @@ class RunLog:
 PROGRESS_SECONDS = 1.0
 
 
+@dataclass
+class ComputeEfficiency:
+    """The share of a stage's task time spent computing (in the model) rather than reading and
+    decoding, as the Lightly Worker's progress bar shows it: near 1 the machine is well used,
+    near 0 the stage waits on I/O. Tasks that measure it return `seconds` and `compute_seconds`."""
+
+    seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+    def add(self, result: Any) -> bool:
+        """Count a task's result; whether it measured its compute time."""
+        if not (isinstance(result, dict) and "compute_seconds" in result):
+            return False
+        self.seconds += result["seconds"]
+        self.compute_seconds += result["compute_seconds"]
+        return True
+
+    @property
+    def value(self) -> float:
+        return self.compute_seconds / self.seconds if self.seconds else 0.0
+
+
 def track(futures: list[PrefectFuture], stage: str, shards: list[list], log: RunLog) -> list[Any]:
-    """Wait for a stage's futures, with a progress bar in images/s in the terminal and a progress
-    artifact in the Prefect UI; results in submission order. A shard that failed after its
+    """Wait for a stage's futures, with a progress bar in the terminal (done/total, images/s, the
+    time left and the compute efficiency of the stages that measure it) and a progress artifact in
+    the Prefect UI; results in submission order. A shard that failed after its
     retries stops the run with a message naming its files."""
     start = time.perf_counter()
     if not futures:  # everything cached or nothing to do: no progress to show
@@ -117,6 +145,7 @@ def track(futures: list[PrefectFuture], stage: str, shards: list[list], log: Run
     results: list[Any] = [None] * len(futures)
     artifact = create_progress_artifact(0.0, description=f"{stage}: {sum(sizes)} samples in {len(shards)} shards")
     shown = time.monotonic()
+    efficiency = ComputeEfficiency()
     with tqdm(total=sum(sizes), desc=f"{stage:<8}", unit="img", dynamic_ncols=True) as bar:
         for done, future in enumerate(as_completed(futures), start=1):
             i = index[id(future)]
@@ -124,6 +153,8 @@ def track(futures: list[PrefectFuture], stage: str, shards: list[list], log: Run
                 results[i] = future.result()
             except Exception as error:
                 raise RuntimeError(f"{stage} failed for shard {i} ({describe_shard(shards[i])}): {error}") from error
+            if efficiency.add(results[i]):
+                bar.set_postfix_str(f"compute efficiency {efficiency.value:.2f}", refresh=False)
             bar.update(sizes[i])
             if done == len(futures) or time.monotonic() - shown >= PROGRESS_SECONDS:
                 update_progress_artifact(artifact, 100.0 * done / len(futures))

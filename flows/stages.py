@@ -36,7 +36,7 @@ from flows.options import (
     select_options,
     train_options,
 )
-from flows.run import Batches, Run, RunLog, pieces, track
+from flows.run import Batches, ComputeEfficiency, Run, RunLog, pieces, track
 from tasks.datapool import PoolLock, commit, history, merge, processed_keys, run_rows, sampled_embeddings
 from tasks.decoding import check_params, check_pieces, check_table, read_checks
 from tasks.dedup import classify_samples
@@ -194,10 +194,10 @@ def embedded_pieces(futures: list[PrefectFuture], stage: str, batches: Batches, 
     """Wait for a stage that embeds; logs its compute efficiency. Whether it computed any piece.
     The futures die with their stage's call, so the workers replaced after embedding hold nothing
     that the flow still wants."""
-    embedded = track(futures, stage, batches.shards(), log)
-    compute = sum(e["compute_seconds"] for e in embedded)
-    total = sum(e["seconds"] for e in embedded)
-    log.timings[stage]["compute_efficiency"] = round(compute / total, 3) if total else None
+    efficiency = ComputeEfficiency()
+    for result in track(futures, stage, batches.shards(), log):
+        efficiency.add(result)
+    log.timings[stage]["compute_efficiency"] = round(efficiency.value, 3) if efficiency.seconds else None
     log.timings[stage]["cached_shards"] = batches.cached
     return bool(batches.pieces)
 

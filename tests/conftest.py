@@ -32,3 +32,19 @@ def dask_address(prefect_server):
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.WARNING
     ) as cluster:
         yield cluster.scheduler_address
+
+
+@pytest.fixture
+def prefect_home(tmp_path):
+    """A PREFECT_HOME of the test's own, without a configured API: a run started in it starts the
+    shared local server there (flows/server.py), which is stopped when the test ends."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    from flows.server import stop_server
+
+    home = tmp_path / "prefect-home"
+    with temporary_settings(updates={PREFECT_HOME: home}, restore_defaults={PREFECT_API_URL}):
+        try:
+            yield home
+        finally:
+            stop_server()

@@ -189,32 +189,43 @@ def test_bad_input_stops_with_a_clear_message(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
 
 
-def test_installed_command_runs_with_one_temporary_prefect_server(tmp_path):
+ROOT = Path(__file__).parent.parent
+
+
+def _installed(*args: str, prefect_home: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """The installed `thresher` command, without PREFECT_API_URL: it starts the shared local
+    server in `prefect_home` (stopped by the prefect_home fixture)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(prefect_home)
+    thresher = Path(sys.executable).with_name("thresher")
+    return subprocess.run(
+        [str(thresher), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=900, check=False
+    )
+
+
+def test_installed_command_reports_to_the_shared_local_server(tmp_path, prefect_home):
     """The quickstart path: no PREFECT_API_URL, a local cluster of its own, one server for all workers."""
     dataset(tmp_path / "in", per_label=3)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    thresher = Path(sys.executable).with_name("thresher")
-    result = subprocess.run(
-        [
-            str(thresher),
-            "run",
-            f"input_dir={tmp_path / 'in'}",
-            f"output_dir={tmp_path / 'out'}",
-            "run_directory=r",
-            "stopping_condition.n_samples=2",
-            "dump_dataset=True",
-            "dask.replace_workers_after=0",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = _installed(
+        "run",
+        f"input_dir={tmp_path / 'in'}",
+        f"output_dir={tmp_path / 'out'}",
+        "run_directory=r",
+        "stopping_condition.n_samples=2",
+        "dump_dataset=True",
+        "dask.replace_workers_after=0",
+        prefect_home=prefect_home,
+        cwd=ROOT,
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    assert output.count("Starting temporary server") == 1, output[-3000:]
+    from flows.server import read_state
+
+    server = read_state()
+    assert f"Prefect UI: {server.url} (started in the background" in output, output[-3000:]
     run = tmp_path / "out" / "r"
+    log = (run / "log.txt").read_text()
+    assert "Starting temporary server" not in log
     assert len(_lines(run / "filenames" / "sampled_filenames.txt")) == 2
     # Its own workers are replaced after embedding; the dump and the report's UMAPs run on the new ones.
     stages = json.loads((run / "report.json").read_text())["stages"]
@@ -222,7 +233,25 @@ def test_installed_command_runs_with_one_temporary_prefect_server(tmp_path):
     assert embed["workers_replaced"] == os.cpu_count()
     assert len([p for p in (run / "data" / "sampled").rglob("*") if p.is_file()]) == 2
     assert any((run / "plots").glob("scatter_umap_k_*.png"))
-    assert "Error logging to API" not in output
+    assert "Error logging to API" not in output + log
+
+
+def test_readme_example_prints_a_few_lines_and_logs_the_internals(tmp_path, prefect_home):
+    args = ["run", "input_dir=examples/images", "output_dir=runs", "stopping_condition.n_samples=0.3"]
+    assert f"thresher {' '.join(args)}" in (ROOT / "README.md").read_text()
+    args[1:3] = [f"input_dir={ROOT / 'examples' / 'images'}", f"output_dir={tmp_path / 'runs'}"]
+    # Run from an empty folder: the cache (in shared_dir, the current folder) is empty, so every stage works.
+    result = _installed(*args, prefect_home=prefect_home, cwd=tmp_path)
+    console = result.stdout + result.stderr
+    assert result.returncode == 0, console[-3000:]
+    assert console.count("\n") <= 40, console
+    (run,) = (tmp_path / "runs").iterdir()
+    log = (run / "log.txt").read_text()
+    assert "distributed.worker" in log and "Task run 'check-embed" in log  # the internals are in the log
+    assert "distributed" not in console and "Task run" not in console, console
+    assert "embed" in console and "compute efficiency" in console  # the progress bars
+    assert f"Results: {run}" in console and "/runs/flow-run/" in console
+    assert "Removed: 1 corrupt, 1 exact duplicates, 31 not selected" in console
 
 
 def test_command_line_runs_have_no_heartbeats_unless_the_setting_asks(monkeypatch):

@@ -39,6 +39,22 @@ def test_unknown_key_names_the_nearest_valid_keys():
 
 
 @pytest.mark.parametrize(
+    "key, suggested",
+    [
+        # close by the last part only: full keys, each once, the closest part first
+        ("object_level.name", ["datapool.name", "lightly.model.name", "active_learning.task_name"]),
+        ("foo.bar.n_samples", ["stopping_condition.n_samples"]),
+    ],
+)
+def test_unknown_key_hints_name_full_keys_once(key, suggested):
+    with pytest.raises(ConfigError) as error:
+        parse_overrides([*BASE, f"{key}=3"])
+    hint = str(error.value).split("Did you mean: ", 1)[1].split("?", 1)[0].split(", ")
+    assert hint[: len(suggested)] == suggested
+    assert len(hint) == len(set(hint)) and all(name in all_keys() for name in hint), hint
+
+
+@pytest.mark.parametrize(
     "override, message",
     [
         ("stopping_condition.n_samples=abc", "stopping_condition.n_samples='abc'"),
@@ -132,6 +148,8 @@ def test_help_lists_every_key_with_default():
     for key in all_keys():
         assert f"  {key} " in text
     assert "stopping_condition.n_samples = -1" in text
+    assert "  input_dir (required)" in text and "  output_dir (required)" in text
+    assert "Undefined" not in text
 
 
 # The seed example's selection_config (Lightly's datapool page), verbatim.
