@@ -140,7 +140,9 @@ class Trainer(_Section):
     gpus: int = Field(1, ge=0, description="GPUs used when present.")
     max_epochs: int = Field(100, ge=0, description="Training epochs.")
     precision: Literal[16, 32] = Field(
-        32, description="16 runs the model in mixed precision (bf16 on CPU, fp16 on GPU)."
+        32,
+        description="16 runs the model in mixed precision (fp16) on a GPU; on a CPU it runs in float32, which "
+        "measured faster than bf16 there.",
     )
 
 
