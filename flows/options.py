@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 from flows.config import ThresherConfig
 from tasks.decoding import CheckOptions
-from tasks.embedding import EmbedOptions, ModelSpec
 from tasks.predictions.scores import ScorerOptions
 from tasks.report.settings import ReportSettings
 from tasks.selection.form import SelectionForm
@@ -22,6 +21,7 @@ from tasks.selection.inputs import InputSources
 from tasks.selection.tasks import SelectOptions
 
 if TYPE_CHECKING:
+    from tasks.embedding import EmbedOptions, ModelSpec
     from tasks.training import TrainOptions
 
 
@@ -32,6 +32,8 @@ def check_options(config: ThresherConfig) -> CheckOptions:
 
 def embed_options(config: ThresherConfig, threads: int) -> EmbedOptions:
     """`threads`: the threads of one Dask worker (see ClusterPlan.threads)."""
+    from tasks.embedding import EmbedOptions
+
     loader = config.lightly.loader
     return EmbedOptions(
         input_size=config.lightly.collate.input_size,
@@ -45,6 +47,10 @@ def embed_options(config: ThresherConfig, threads: int) -> EmbedOptions:
 
 
 def model_spec(config: ThresherConfig) -> ModelSpec:
+    # Imported here: tasks.embedding loads torch, seconds that validating a config (and every Dask
+    # worker process, which imports the command line as its main module) would otherwise pay.
+    from tasks.embedding import ModelSpec
+
     return ModelSpec(
         name=config.lightly.model.name,
         num_ftrs=config.lightly.model.num_ftrs,

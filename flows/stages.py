@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import dask
 import pyarrow as pa
@@ -40,12 +40,10 @@ from tasks.datapool import PoolLock, commit, history, merge, processed_keys, run
 from tasks.decoding import check_params, check_pieces, check_table
 from tasks.dedup import classify_samples
 from tasks.dumping import dump_names, dump_shard
-from tasks.embedding import ModelSpec, embed_pieces
 from tasks.embeddings_csv import read_embeddings_csv
 from tasks.gathering import from_embeddings_csv, gather_embeddings, load_embeddings
 from tasks.listing import InputFile, is_video, list_datasource, read_relevant_filenames
 from tasks.outputs import write_outputs
-from tasks.report.build import write_report
 from tasks.report.settings import ReportInputs
 from tasks.report.views import StartedViews, start_views
 from tasks.selection.inputs import RunTables
@@ -55,6 +53,9 @@ from tasks.storage import describe, read_parquet, write_parquet
 from tasks.video.frames import FrameRange
 from tasks.video.probe import corrupt_video_rows, probe_videos, read_videos
 from tasks.video.sequences import frame_infos, write_video_outputs
+
+if TYPE_CHECKING:
+    from tasks.embedding import ModelSpec
 
 Identities = dict[str, tuple[str, int, str]]  # sample -> its input file's (name, size, version)
 
@@ -204,6 +205,8 @@ class Embedded:
 
 
 def embed(run: Run, log: RunLog, usable: Usable, spec: ModelSpec) -> Embedded:
+    from tasks.embedding import embed_pieces  # imported here: torch, which only embedding needs
+
     config = run.config
     options = embed_options(config, run.plan.threads)
     # What changes the embeddings: the model, input size, precision and decoding limit (not batching).
@@ -379,6 +382,8 @@ def report(
     views: StartedViews | None,
     replacing: Future | None,
 ) -> None:
+    from tasks.report.build import write_report  # imported here: matplotlib and weasyprint, for the report only
+
     config = run.config
     workers_ready(replacing)
     finished = datetime.now(UTC)
