@@ -65,19 +65,16 @@ def write_run(work: Path, n: int, dim: int, seed: int = 0) -> None:
     n_duplicates, n_corrupt = n // 1000, n // 10_000
     extra = [f"copies/{i:07d}.jpg" for i in range(n_duplicates)] + [f"broken/{i:07d}.jpg" for i in range(n_corrupt)]
     status = ["ok"] * n + ["duplicate"] * n_duplicates + ["corrupt"] * n_corrupt
-    pq.write_table(
-        pa.table(
-            {
-                "filename": list(names) + extra,
-                "label": np.zeros(n + len(extra), np.int32),
-                "status": status,
-                "reason": [None] * (n + n_duplicates) + ["decoding failed: image file is truncated"] * n_corrupt,
-                "duplicate_of": [None] * n + [names[i] for i in range(n_duplicates)] + [None] * n_corrupt,
-            },
-            schema=SAMPLES_SCHEMA,
-        ),
-        work / "samples.parquet",
-    )
+    columns = {
+        "filename": list(names) + extra,
+        "label": np.zeros(n + len(extra), np.int32),
+        "status": status,
+        "reason": [None] * (n + n_duplicates) + ["decoding failed: image file is truncated"] * n_corrupt,
+        "duplicate_of": [None] * n + [names[i] for i in range(n_duplicates)] + [None] * n_corrupt,
+    }
+    # The images do not exist, so their measures (size, width, sharpness...) are unknown.
+    unknown = {field.name: pa.nulls(len(status), field.type) for field in SAMPLES_SCHEMA if field.name not in columns}
+    pq.write_table(pa.table(columns | unknown, schema=SAMPLES_SCHEMA), work / "samples.parquet")
     chosen = rng.choice(n, int(0.3 * n), replace=False)
     pq.write_table(
         selection_table(names[chosen].tolist(), np.full(len(chosen), np.nan, np.float32), None),

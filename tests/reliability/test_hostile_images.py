@@ -14,8 +14,9 @@ from PIL import Image
 
 from flows.cli import main
 from tasks.decoding import check_files, open_image
-from tasks.embedding import EmbedOptions, _image_input
+from tasks.embedding import _image_input
 from tasks.listing import InputFile, list_images
+from tasks.models import EmbedOptions
 from tests.images import picture, save
 from tests.options import check_options, embed_options
 from tests.reliability.corpus import hostile_images

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -514,6 +515,41 @@ def test_a_continued_umap_keeps_the_old_points_in_place():
     continued = umap_2d(points, 15, 0, pca_2d(points), np.vstack([first, np.full((30, 2), np.nan, np.float32)]))
     afresh = umap_2d(points, 15, 0, pca_2d(points))
     assert procrustes(first, continued[:300])[2] < procrustes(first, afresh[:300])[2] / 4
+
+
+# A fresh process runs one UMAP and reports how often, meanwhile, numba found umap's compiled
+# functions in its cache and how often it compiled them (umap compiles a few at its import).
+UMAP_IN_A_NEW_PROCESS = """
+import json, sys
+import numpy as np
+from numba.core.dispatcher import Dispatcher
+from tasks.report.views import import_umap, pca_2d, umap_2d
+
+def counts():
+    functions = [v for n, m in list(sys.modules.items()) if n.startswith("umap.") for v in vars(m).values()
+                 if isinstance(v, Dispatcher)]
+    return [sum(len(f.stats.cache_hits) for f in functions), sum(len(f.stats.cache_misses) for f in functions)]
+
+import_umap()
+hits, misses = counts()
+points = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+umap_2d(points, 5, 0, pca_2d(points))
+print(json.dumps({"hits": counts()[0] - hits, "misses": counts()[1] - misses}))
+"""
+
+
+def test_umap_is_compiled_once_and_then_read_from_the_numba_cache(tmp_path):
+    def run() -> dict:
+        env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+        done = subprocess.run([sys.executable, "-c", UMAP_IN_A_NEW_PROCESS], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["misses"] > 0 and first["hits"] == 0
+    # Functions that the cached ones call were compiled into them: the second run loads fewer.
+    assert second["misses"] == 0 and second["hits"] > 0
+    assert list((tmp_path / "numba").rglob("*.nbi"))
 
 
 def _embeddings(names: list[str], vectors: np.ndarray, path: Path) -> Path:

@@ -1,0 +1,23 @@
+import json
+import subprocess
+import sys
+
+# Libraries of single stages, each seconds to import: the embedding's model, the report's plots,
+# PDF and projections.
+STAGE_LIBRARIES = ("torch", "torchvision", "timm", "matplotlib", "weasyprint", "umap", "numba", "scipy")
+
+
+def test_the_command_line_and_the_flow_import_no_stage_library_before_a_stage_needs_it(tmp_path):
+    # What `thresher run` does before its first log line, and what each Dask worker process does at
+    # its start: it imports the command line as its main module.
+    script = f"""
+import json, sys
+from flows.cli import main
+from flows.curate import pipeline
+from flows.overrides import config_from_overrides
+config_from_overrides(["input_dir={tmp_path}", "output_dir={tmp_path}", "stopping_condition.n_samples=0.3"])
+print(json.dumps(sorted(name for name in {STAGE_LIBRARIES!r} if name in sys.modules)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
