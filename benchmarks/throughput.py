@@ -8,6 +8,8 @@ and colour shifts, so none is a duplicate), then measures:
   on all cores (one single-threaded process per core, as the local cluster runs). The per-image
   work a run must do is one decode and one forward pass, so its ceiling is
   1 / (1 / decode rate + 1 / model rate);
+- the README's example run, cold, against a minimal script that imports torch, builds the model and
+  embeds the same images (each a new process);
 - a cold `thresher run` with default settings (a new process, an empty cache and output folder)
   by this checkout and, with --baseline, by another checkout (its own .venv), alternately;
   per run: the wall time, the time until its first console line, the console's line count,
@@ -142,6 +144,37 @@ def cold_run(code: Path, input_dir: Path, work: Path, name: str) -> dict:
     return {"wall": wall, "first_line": first, "lines": lines, "stages": stages}
 
 
+MINIMAL = """
+import sys, time
+from pathlib import Path
+start = time.perf_counter()
+import numpy as np, torch
+from PIL import Image
+from tasks.embedding import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+model = build_backbone("efficientnet-lite0", 32, 1).eval()
+paths = sorted(p for p in Path(sys.argv[1]).rglob("*") if p.is_file())
+images = []
+for path in paths:
+    try:
+        images.append(np.asarray(Image.open(path).convert("RGB").resize((64, 64)), np.float32) / 255)
+    except OSError:
+        pass  # the truncated example
+x = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+with torch.inference_mode():
+    model(x / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+print(time.perf_counter() - start)
+"""
+
+
+def readme_example(code: Path, work: Path) -> dict:
+    """The README's example run, cold, against a minimal script that imports torch, builds the model
+    and embeds the same images, each in a new process."""
+    start = time.perf_counter()
+    subprocess.run([str(code / ".venv" / "bin" / "python"), "-c", MINIMAL, str(EXAMPLES)], cwd=code, check=True)
+    minimal = time.perf_counter() - start
+    return {"minimal": minimal, "run": cold_run(code, EXAMPLES, work, "readme")}
+
+
 def per_image_rate(run: dict, n: int) -> float:
     """Images per second of the per-image work: the check and the embedding, one stage or two."""
     stages = run["stages"]
@@ -175,6 +208,12 @@ def main() -> None:
         print(
             f"ceiling: full decode {top['decode']:.0f} images/s, model {top['model']:.0f} images/s, "
             f"both {top['ceiling']:.0f} images/s"
+        )
+        example = readme_example(HERE, work)
+        print(
+            f"README example: {example['run']['wall']:.1f} s cold, {example['run']['lines']} console lines; "
+            f"a minimal script (import torch, build the model, embed the {len(list(EXAMPLES.rglob('*.*')))} images) "
+            f"{example['minimal']:.1f} s: {example['run']['wall'] / example['minimal']:.2f}x"
         )
         checkouts = {"this": HERE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
         runs: dict[str, list[dict]] = {name: [] for name in checkouts}

@@ -15,7 +15,9 @@ import json, sys
 from flows.cli import main
 from flows.curate import pipeline
 from flows.overrides import config_from_overrides
-config_from_overrides(["input_dir={tmp_path}", "output_dir={tmp_path}", "stopping_condition.n_samples=0.3"])
+from flows.stages import embedding_model
+config = config_from_overrides(["input_dir={tmp_path}", "output_dir={tmp_path}", "stopping_condition.n_samples=0.3"])
+embedding_model(config)  # the model's name and size, which a datapool is checked against
 print(json.dumps(sorted(name for name in {STAGE_LIBRARIES!r} if name in sys.modules)))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
