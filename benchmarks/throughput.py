@@ -57,9 +57,18 @@ def make_photo(args: tuple[Path, Path, int]) -> None:
     Image.fromarray(np.clip(shifted, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
 
 
+def decodes(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        Image.open(path).load()
+    except OSError:
+        return False
+    return True
+
+
 def make_photos(root: Path, n: int, cores: int) -> list[Path]:
-    sources = sorted(EXAMPLES.rglob("*.jpg"))
-    sources = [s for s in sources if s.stat().st_size > 1000]  # the truncated example is no photo
+    sources = [path for path in sorted(EXAMPLES.rglob("*.jpg")) if decodes(path)]  # not the truncated one
     jobs = [(sources[i % len(sources)], root / f"{i // 1000:03d}" / f"photo_{i:06d}.jpg", i) for i in range(n)]
     for folder in {out.parent for _, out, _ in jobs}:
         folder.mkdir(parents=True, exist_ok=True)
