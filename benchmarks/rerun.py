@@ -38,7 +38,7 @@ from distributed import LocalCluster
 from prefect.testing.utilities import prefect_test_harness
 
 import flows  # noqa: F401  (Prefect settings before Prefect is imported)
-from flows.cli import main, quiet_console
+from flows.cli import main
 from tests.images import picture, save
 
 
@@ -89,7 +89,6 @@ def main_benchmark() -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--image-size", type=image_size, default=(96, 80), help="WIDTHxHEIGHT of the JPEGs")
     args = parser.parse_args()
-    quiet_console()
     workdir = Path(tempfile.mkdtemp(prefix="thresher-rerun-"))
     with (
         prefect_test_harness(server_startup_timeout=120),
