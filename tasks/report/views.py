@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 import warnings
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -125,21 +126,27 @@ def umap_2d(points: np.ndarray, k: int, seed: int, pca: np.ndarray, previous: np
     return model.fit_transform(points).astype(np.float32)
 
 
+_UMAP_IMPORT = threading.Lock()
+
+
 @functools.cache
 def import_umap() -> ModuleType:
     """umap, with its compiled functions kept on disk across runs (in NUMBA_CACHE_DIR, NUMBA_CACHE
     unless set). numba compiles them at their first call in every process, 10 to 15 s of a small
     run's report, and umap marks one of them for caching. Imported here, not at the top: its import
     (numba, pynndescent) costs seconds that every stage would pay."""
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(NUMBA_CACHE))  # numba reads it when first imported
-    import umap
-    from numba.core.dispatcher import Dispatcher
+    # Under a lock: a worker with two threads may run two UMAPs at once, and one thread's loop would
+    # meet umap's modules while the other thread's import is still filling them.
+    with _UMAP_IMPORT:
+        os.environ.setdefault("NUMBA_CACHE_DIR", str(NUMBA_CACHE))  # numba reads it when first imported
+        import umap
+        from numba.core.dispatcher import Dispatcher
 
-    for name, module in list(sys.modules.items()):
-        if name.startswith("umap."):
-            for value in vars(module).values():
-                if isinstance(value, Dispatcher):
-                    value.enable_caching()
+        for name, module in list(sys.modules.items()):
+            if name.startswith("umap."):
+                for value in list(vars(module).values()):
+                    if isinstance(value, Dispatcher):
+                        value.enable_caching()
     return umap
 
 
