@@ -133,8 +133,8 @@ class ComputeEfficiency:
 
 def track(futures: list[PrefectFuture], stage: str, shards: list[list], log: RunLog) -> list[Any]:
     """Wait for a stage's futures, with a progress bar in the terminal (done/total, images/s, the
-    time left and the compute efficiency of the stages that measure it) and a progress artifact in
-    the Prefect UI; results in submission order. A shard that failed after its
+    time left and the compute efficiency of the stages that measure it, also logged) and a progress
+    artifact in the Prefect UI; results in submission order. A shard that failed after its
     retries stops the run with a message naming its files."""
     start = time.perf_counter()
     if not futures:  # everything cached or nothing to do: no progress to show
@@ -160,6 +160,8 @@ def track(futures: list[PrefectFuture], stage: str, shards: list[list], log: Run
                 update_progress_artifact(artifact, 100.0 * done / len(futures))
                 shown = time.monotonic()
     log.timed(stage, sum(sizes), start)
+    if efficiency.seconds:
+        log.timings[stage]["compute_efficiency"] = round(efficiency.value, 3)
     return results
 
 

@@ -36,7 +36,7 @@ from flows.options import (
     select_options,
     train_options,
 )
-from flows.run import Batches, ComputeEfficiency, Run, RunLog, pieces, track
+from flows.run import Batches, Run, RunLog, pieces, track
 from tasks.datapool import PoolLock, commit, history, merge, processed_keys, run_rows, sampled_embeddings
 from tasks.decoding import check_params, check_pieces, check_table, read_checks
 from tasks.dedup import classify_samples
@@ -191,13 +191,11 @@ def on_gpu(run: Run) -> AbstractContextManager:
 
 
 def embedded_pieces(futures: list[PrefectFuture], stage: str, batches: Batches, log: RunLog) -> bool:
-    """Wait for a stage that embeds; logs its compute efficiency. Whether it computed any piece.
-    The futures die with their stage's call, so the workers replaced after embedding hold nothing
-    that the flow still wants."""
-    efficiency = ComputeEfficiency()
-    for result in track(futures, stage, batches.shards(), log):
-        efficiency.add(result)
-    log.timings[stage]["compute_efficiency"] = round(efficiency.value, 3) if efficiency.seconds else None
+    """Wait for a stage that embeds (track logs its compute efficiency; none when all was cached).
+    Whether it computed any piece. The futures die with their stage's call, so the workers replaced
+    after embedding hold nothing that the flow still wants."""
+    track(futures, stage, batches.shards(), log)
+    log.timings[stage].setdefault("compute_efficiency", None)
     log.timings[stage]["cached_shards"] = batches.cached
     return bool(batches.pieces)
 

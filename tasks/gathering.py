@@ -116,7 +116,9 @@ def gather_embeddings(samples_path: UPath, shard_paths: list[UPath], out_path: U
     """Returns the number of embedded samples; dim shapes the table when there is nothing to gather
     (e.g. no new files for a datapool). The shards are copied one at a time, so gathering holds
     one shard in memory, not the run's embeddings twice over. Only the samples left ok by the check
-    and dedup are kept: pieces checked and embedded in one pass also hold the duplicates' embeddings."""
+    and dedup count: pieces checked and embedded in one pass also hold the duplicates' embeddings,
+    and the check's reasons for the unusable ones, which samples.parquet already has. It is
+    rewritten only when an ok sample failed to embed."""
     samples = read_parquet([samples_path])
     usable = pc.filter(samples.column("filename"), pc.equal(samples.column("status"), "ok"))
     schema = embedding_schema(dim)
@@ -125,10 +127,11 @@ def gather_embeddings(samples_path: UPath, shard_paths: list[UPath], out_path: U
     with parquet_writer(out_path, ok_rows(schema.empty_table()).schema) as writer:
         for path in shard_paths:
             embedded = read_table(path, columns=schema.names)
+            embedded = embedded.filter(pc.is_in(embedded.column("filename"), value_set=usable))
             reasons |= failures(embedded)
             ok = ok_rows(embedded)
-            ok = ok.filter(pc.is_in(ok.column("filename"), value_set=usable))
             writer.write_table(ok)
             gathered += len(ok)
-    write_parquet(mark_corrupt(samples, reasons), samples_path)
+    if reasons:
+        write_parquet(mark_corrupt(samples, reasons), samples_path)
     return gathered
