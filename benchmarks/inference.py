@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from tasks.embedding import IMAGENET_MEAN, IMAGENET_STD, build_backbone, fuse_batch_norms
+from tasks.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone, fuse_batch_norms
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 

@@ -169,7 +169,8 @@ def embed(images: list[Image.Image]) -> np.ndarray:
     """The default model's embeddings at the default input size, as `thresher run` computes them."""
     import torch
 
-    from tasks.embedding import IMAGENET_MEAN, IMAGENET_STD, load_backbone, preprocess
+    from tasks.backbones import IMAGENET_MEAN, IMAGENET_STD, load_backbone
+    from tasks.embedding import preprocess
 
     model = load_backbone("efficientnet-lite0", 32, None, 1, "cpu")
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

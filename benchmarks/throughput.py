@@ -92,7 +92,7 @@ def load_model() -> None:
     global _MODEL
     import torch
 
-    from tasks.embedding import load_backbone
+    from tasks.backbones import load_backbone
 
     torch.set_num_threads(1)
     _MODEL = load_backbone("efficientnet-lite0", 32, None, 1, "cpu")
@@ -159,7 +159,7 @@ from pathlib import Path
 start = time.perf_counter()
 import numpy as np, torch
 from PIL import Image
-from tasks.embedding import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from tasks.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 model = build_backbone("efficientnet-lite0", 32, 1).eval()
 paths = sorted(p for p in Path(sys.argv[1]).rglob("*") if p.is_file())
 images = []

@@ -29,7 +29,8 @@ from sklearn.neighbors import KNeighborsClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.embedding import embed_sources, load_backbone  # noqa: E402
+from tasks.backbones import load_backbone  # noqa: E402
+from tasks.embedding import embed_sources
 from tasks.listing import InputFile  # noqa: E402
 from tasks.models import ModelSpec  # noqa: E402
 from tasks.training import train  # noqa: E402

@@ -119,7 +119,7 @@ def sanity_check(config: ThresherConfig) -> None:
     """Check the installation without curating: folders, the model and one forward pass."""
     import numpy as np
 
-    from tasks.embedding import default_device, load_backbone
+    from tasks.backbones import default_device, load_backbone
 
     source = config.location(config.input_dir)
     if not source.exists() or source.is_file():

@@ -61,7 +61,7 @@ def model_spec(config: ThresherConfig) -> ModelSpec:
 
 
 def train_options(config: ThresherConfig) -> TrainOptions:
-    # Imported here: lightly loads torchvision (see tasks/embedding.py), which only training needs.
+    # Imported here: lightly loads torchvision, which only training needs.
     from tasks.training import Augmentations, TrainOptions
 
     lightly = config.lightly

@@ -41,10 +41,12 @@ from tasks.datapool import PoolLock, commit, history, merge, processed_keys, run
 from tasks.decoding import check_params, check_pieces, check_table, read_checks
 from tasks.dedup import classify_samples
 from tasks.dumping import dump_names, dump_shard
+from tasks.embedding import embed_pieces
 from tasks.embeddings_csv import read_embeddings_csv
 from tasks.gathering import from_embeddings_csv, gather_embeddings, load_embeddings
 from tasks.listing import InputFile, is_video, list_datasource, read_relevant_filenames
 from tasks.models import EmbedOptions, ModelSpec
+from tasks.one_pass import check_embed_pieces
 from tasks.outputs import write_outputs
 from tasks.report.settings import ReportInputs
 from tasks.report.views import StartedViews, start_views
@@ -166,8 +168,6 @@ def check(run: Run, log: RunLog, files: list[InputFile], probed: pa.Table, spec:
         track(futures, "check", batches.shards(), log)
         log.timings["check"]["cached_shards"] = batches.cached
         return Checked([corrupt_videos, *paths], None)
-    from tasks.one_pass import check_embed_pieces  # imported here: torch, which only the workers need
-
     embedding = embed_options(config, run.plan.threads)
     params = (check_params(options), embed_key(spec, embedding))
     paths, batches = pieces(run, "check-embed", params, shards)
@@ -233,7 +233,7 @@ def train(run: Run, log: RunLog, usable: Usable, spec: ModelSpec) -> ModelSpec:
     """Fine-tune the backbone with SimCLR; returns the spec with the trained checkpoint. It runs in
     the flow's process, not on a Dask worker: workers cannot start the data-loading processes
     lightly.loader.num_workers asks for."""
-    # Imported here: lightly loads torchvision (see tasks/embedding.py), which only training needs.
+    # Imported here: lightly loads torchvision, which only training needs.
     from tasks.training import train_model
 
     start = time.perf_counter()
@@ -249,8 +249,6 @@ def embed(run: Run, log: RunLog, usable: Usable, spec: ModelSpec, checked: Check
     """Embed the usable samples, unless the check has embedded them."""
     if checked.embedded is not None:
         return checked.embedded
-    from tasks.embedding import embed_pieces  # imported here: torch, which only the workers need
-
     config = run.config
     options = embed_options(config, run.plan.threads)
     image_shards = stable_shards(usable.images, lambda f: f.filename, config.dask.shard_size, run.plan.slots)
@@ -306,8 +304,10 @@ def cluster_executor() -> ClusterExecutor:
 
 def start_report_views(run: Run, centers: UPath | None, replacing: Future | None) -> StartedViews | None:
     """Start the report's projections on the cluster: they need only the embeddings, so they run
-    while the flow selects, writes and updates the pool. Not while this run's workers are being
-    replaced: the report starts them then, on the new ones."""
+    while the flow writes, updates the pool and computes the report's numbers. Not during the
+    selection: its BLAS threads and the projections on the same cores slowed it 5 to 20 times at
+    4,000 samples on two cores. Not while this run's workers are being replaced: the report starts
+    them then, on the new ones."""
     if replacing is not None:
         return None
     vectors = load_embeddings(run.embeddings_path, run.config.normalize_embeddings)[2]

@@ -11,7 +11,7 @@ Duplicates are embedded too: one is known as such only once every piece is check
 model call per duplicate, against a decode saved for every file. The pass runs when the check
 decodes fully and the model is known before the check (flows/options.py: embeds_while_checking).
 
-    >>> from tasks.embedding import load_backbone
+    >>> from tasks.backbones import load_backbone
     >>> from tasks.listing import InputFile
     >>> from tests.options import check_options, embed_options
     >>> model = load_backbone("efficientnet-lite0", num_ftrs=32, checkpoint="", seed=1, device="cpu")
@@ -26,11 +26,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
 import pyarrow as pa
-import torch
 from prefect import task
 from upath import UPath
 
@@ -40,6 +40,9 @@ from tasks.models import EmbedOptions, ModelSpec
 from tasks.sharding import Source
 from tasks.video.frames import embedder_input
 from tasks.video.quality import check_frame
+
+if TYPE_CHECKING:
+    import torch
 
 Inspected = tuple[dict, np.ndarray | str]  # what the check found, and the model's input or why there is none
 

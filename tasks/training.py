@@ -3,7 +3,7 @@ SimCLR before they are embedded, as the Lightly Worker and `lightly-ssl-train` d
 
 SimCLR with lightly's defaults and lightly's own parts: two augmented views of every image
 (`lightly.transforms.SimCLRTransform`, torchvision transforms v2, set by `lightly.collate.*`), the
-backbone from `tasks.embedding.build_backbone`, a `SimCLRProjectionHead(d, d, out_dim,
+backbone from `tasks.backbones.build_backbone`, a `SimCLRProjectionHead(d, d, out_dim,
 batch_norm=False)` as in lightly's CLI, `NTXentLoss(temperature, memory_bank_size)` and plain
 SGD(lr, weight_decay). Training starts from the default pretrained backbone, or from `checkpoint=`
 (a backbone, or one of our training checkpoints, whose projection head and epoch count carry on).
@@ -18,7 +18,7 @@ embedding uses and training resumes from; keeping every epoch would cost a backb
 It is a `torch.save`d dict that loads with `torch.load(path, weights_only=True)`:
 
     state_dict       backbone.state_dict(): the same module `build_backbone(model_name, num_ftrs,
-                     seed)` makes, so `tasks.embedding.load_checkpoint` loads it as it is.
+                     seed)` makes, so `tasks.backbones.load_checkpoint` loads it as it is.
                      resnet-*: keys "0.*" ... "7.*" are torchvision's resnet trunk (conv1, bn1,
                      relu, maxpool, layer1-4), "8.weight"/"8.bias" the 1x1 conv to num_ftrs
                      (then average pool and flatten, no weights). efficientnet-lite0: timm's
@@ -60,8 +60,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from tqdm import tqdm
 from upath import UPath
 
+from tasks.backbones import build_backbone, default_device, load_checkpoint
 from tasks.decoding import open_image
-from tasks.embedding import build_backbone, default_device, load_checkpoint
 from tasks.models import ModelSpec
 from tasks.storage import atomic_target, describe, read_bytes
 from tasks.video.frames import FrameRange, frame_image, read_frames

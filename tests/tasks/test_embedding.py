@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.embedding import build_backbone, embed_sources, load_backbone, load_checkpoint
+from tasks.backbones import build_backbone, load_backbone, load_checkpoint
+from tasks.embedding import embed_sources
 from tasks.listing import InputFile
 from tests.images import camera_and_phone_files, save, truncated
 from tests.options import embed_options
@@ -110,7 +111,7 @@ def test_seeded_backbones_built_at_once_in_threads_are_identical():
     # weights must not depend on which thread drew from torch's generator first.
     from concurrent.futures import ThreadPoolExecutor
 
-    from tasks.embedding import build_backbone
+    from tasks.backbones import build_backbone
 
     def weights(_: int) -> list:
         return [p.detach().clone() for p in build_backbone("resnet-18", 8, seed=3).parameters()]

@@ -7,8 +7,9 @@ import pytest
 from upath import UPath
 
 from tasks import decoding, listing
+from tasks.backbones import load_backbone
 from tasks.decoding import CHECK_SCHEMA, check_files, open_image, read_checks
-from tasks.embedding import embed_sources, load_backbone
+from tasks.embedding import embed_sources
 from tasks.listing import InputFile, list_images
 from tasks.one_pass import check_and_embed
 from tasks.sharding import video_shards

@@ -686,7 +686,8 @@ N_EXAMPLE_SELECT = 12
 
 @pytest.fixture(scope="module")
 def example_report(tmp_path_factory) -> tuple[Path, dict]:
-    from tasks.embedding import embed_sources, load_backbone
+    from tasks.backbones import load_backbone
+    from tasks.embedding import embed_sources
 
     run_dir = tmp_path_factory.mktemp("examples")
     work = run_dir / "intermediate"

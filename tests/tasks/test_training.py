@@ -12,7 +12,8 @@ from PIL import Image
 
 from flows.config import ConfigError
 from flows.validation import validate_config
-from tasks.embedding import build_backbone, embed_sources, load_backbone, load_checkpoint
+from tasks.backbones import build_backbone, load_backbone, load_checkpoint
+from tasks.embedding import embed_sources
 from tasks.listing import InputFile, list_images
 from tasks.models import ModelSpec
 from tasks.sharding import frame_ranges

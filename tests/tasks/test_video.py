@@ -5,10 +5,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from tasks.backbones import load_backbone
 from tasks.decoding import check_files
 from tasks.dedup import classify
 from tasks.dumping import dump_names, dump_shard
-from tasks.embedding import embed_sources, load_backbone
+from tasks.embedding import embed_sources
 from tasks.listing import InputFile, list_images
 from tasks.sharding import frame_ranges, split_points, video_shards
 from tasks.video.frames import frame_name, read_frames
