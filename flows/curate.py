@@ -83,8 +83,8 @@ def pipeline(config: ThresherConfig, plan: ClusterPlan, started: datetime | None
             replacing = free_workers(run, log, embedded, usable.count())
             gather(run, log, embedded, model.dim)
         centers = datapool_centers(run, pool)
-        views = start_report_views(run, centers, replacing)
         selection = select(run, log, centers)
+        views = start_report_views(run, centers, replacing)
         timelines = write(run, log)
         if config.dump_dataset:
             dump(run, log, identities, replacing)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import functools
 import json
 from concurrent.futures import Executor
+from contextlib import nullcontext
 
 import numpy as np
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from threadpoolctl import threadpool_limits
 from upath import UPath
 
 from tasks.gathering import load_embeddings
@@ -44,17 +46,20 @@ def build_report(inputs: ReportInputs, executor: Executor = InProcess(), started
     started = started or start_views(vectors, settings, inputs.datapool_embeddings_path, inputs.cache_dir, executor)
     scatter = started.scatter(filenames, selected) if started else None
 
-    numbers = cache.numbers(
-        functools.partial(selection_numbers, vectors, filenames, selected, settings),
-        "selection numbers",
-        vectors,
-        filenames,
-        selected,
-        settings.memory_gb,
-        settings.seed,
-        settings.n_example_images,
-    )
-    quality = selection_quality_numbers(inputs, settings, cache, vectors, filenames, labels, picks)
+    # One BLAS thread meanwhile: the UMAPs keep the cores busy, and BLAS threads waiting on a busy
+    # core spin instead of yielding it.
+    with threadpool_limits(1) if started else nullcontext():
+        numbers = cache.numbers(
+            functools.partial(selection_numbers, vectors, filenames, selected, settings),
+            "selection numbers",
+            vectors,
+            filenames,
+            selected,
+            settings.memory_gb,
+            settings.seed,
+            settings.n_example_images,
+        )
+        quality = selection_quality_numbers(inputs, settings, cache, vectors, filenames, labels, picks)
     samples = read_table(inputs.samples_path)
     del vectors  # the run's matrix is freed before the plots
     report = {
