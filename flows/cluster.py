@@ -32,6 +32,7 @@ from prefect_dask import DaskTaskRunner
 from flows.config import ThresherConfig
 
 SPEC_DIR = Path(__file__).parent / "clusters"
+WORKER_SETUP = "flows.worker_setup"  # the preload module of the workers a run starts
 
 
 def spec_path(name: str) -> Path:
@@ -72,7 +73,15 @@ class ClusterPlan:
         # mapped and unmapped anew. Its page faults took 38% of the CPU and halved the one pass's
         # images/s (check and embed, 500x375 JPEGs, 2 cores), so the workers this run starts go
         # without it.
-        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+        # The worker processes this run starts end fast (flows/worker_setup.py); never the run's own
+        # process, which holds the workers of dask.cluster=local-threads.
+        preload = [name for name in dask.config.get("distributed.worker.preload", []) if name != WORKER_SETUP]
+        dask.config.set(
+            {
+                "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                "distributed.worker.preload": [*preload, WORKER_SETUP] if self.own_workers else preload,
+            }
+        )
         return DaskTaskRunner(**self.runner)
 
 

@@ -181,6 +181,16 @@ class TorchBackend:
         return 2.0**-10 if self._torch.get_float32_matmul_precision() != "highest" else 0.0
 
 
+# An NVIDIA driver's control device (Linux), or the GPU paravirtualisation device of WSL 2.
+DRIVER_DEVICES = ("/dev/nvidiactl", "/dev/dxg")
+
+
+def nvidia_driver_present() -> bool:
+    """Whether this machine has an NVIDIA driver: without one no CUDA GPU can be visible, and
+    'auto' need not import torch (2 s in the flow's process) to find that out."""
+    return any(os.path.exists(path) for path in DRIVER_DEVICES)
+
+
 def _cupy_backend() -> ArrayModuleBackend | None:
     try:
         import cupy
@@ -206,7 +216,7 @@ def resolve_backend(device: str = "auto") -> Backend:
     """'cpu' -> NumPy; 'cuda' -> CuPy, else torch on CUDA; 'auto' -> 'cuda' when a GPU is seen."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda'; got {device!r}")
-    if device != "cpu":
+    if device == "cuda" or (device == "auto" and nvidia_driver_present()):
         gpu = _cupy_backend() or _torch_cuda_backend()
         if gpu is not None:
             return gpu

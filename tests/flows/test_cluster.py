@@ -1,8 +1,9 @@
 import os
 
+import dask
 import pytest
 
-from flows.cluster import cluster_plan, load_cluster_spec
+from flows.cluster import WORKER_SETUP, cluster_plan, load_cluster_spec
 from flows.overrides import parse_overrides
 from flows.validation import validate_config
 
@@ -37,3 +38,16 @@ def test_only_the_processes_of_a_local_cluster_spec_are_the_runs_own_to_replace(
     spec = tmp_path / "spec.yaml"
     spec.write_text("cluster_class: distributed.SpecCluster\ncluster_kwargs: {processes: true, n_workers: 2}\n")
     assert not own(f"dask.cluster={spec}")
+
+
+def test_the_fast_exit_preload_goes_to_worker_processes_only_and_keeps_the_users_preloads(tmp_path):
+    def preloads(*overrides: str) -> list[str]:
+        keys = [f"input_dir={tmp_path}", f"output_dir={tmp_path}", "stopping_condition.n_samples=1", *overrides]
+        cluster_plan(validate_config(parse_overrides(keys))).task_runner()
+        return dask.config.get("distributed.worker.preload")
+
+    with dask.config.set({"distributed.worker.preload": ["users.own"]}):
+        assert preloads() == ["users.own", WORKER_SETUP]
+        assert preloads() == ["users.own", WORKER_SETUP]  # set once however many runs
+        # The workers of local-threads are the run's own process, whose stderr must stay.
+        assert preloads("dask.cluster=local-threads") == ["users.own"]

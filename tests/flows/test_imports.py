@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 # Libraries of single stages, each seconds to import: the embedding's model, the report's plots,
 # PDF and projections.
 STAGE_LIBRARIES = ("torch", "torchvision", "timm", "matplotlib", "weasyprint", "umap", "numba", "scipy")
@@ -23,3 +25,20 @@ print(json.dumps(sorted(name for name in {STAGE_LIBRARIES!r} if name in sys.modu
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_the_selection_device_auto_finds_no_gpu_without_importing_torch_where_there_is_no_driver():
+    script = """
+import sys
+
+import pytest
+from tasks.selection.backends import nvidia_driver_present, resolve_backend
+backend = resolve_backend("auto")
+print(nvidia_driver_present(), backend.is_gpu, "torch" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    driver, gpu, torch_imported = done.stdout.split()
+    if driver == "True":
+        pytest.skip("this machine has an NVIDIA driver: 'auto' asks CUDA")
+    assert (gpu, torch_imported) == ("False", "False")
