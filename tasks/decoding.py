@@ -88,7 +88,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # a convert to its own mode copies
 
 
 def decode(image: Image.Image, least_size: int | None = None) -> Image.Image:
@@ -101,7 +101,8 @@ def decode(image: Image.Image, least_size: int | None = None) -> Image.Image:
     if least_size is not None:
         image.draft("RGB", (least_size, least_size))
     image.load()
-    return to_rgb(ImageOps.exif_transpose(image))
+    ImageOps.exif_transpose(image, in_place=True)  # in place: otherwise an upright image is copied
+    return to_rgb(image)
 
 
 def open_image(
