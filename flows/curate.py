@@ -63,7 +63,7 @@ def pipeline(config: ThresherConfig, plan: ClusterPlan, started: datetime | None
     before the flow starts, to write its log there)."""
     started = started or datetime.now(UTC)
     run, log = start_run(config, plan, started), RunLog()
-    with PoolLock(run.pool_dir) if run.pool_dir else nullcontext() as lock:
+    with PoolLock(run.pool_dir) if run.pool_dir else nullcontext() as lock, log.progress:
         model = embedding_model(config)
         pool = read_pool(run.pool_dir) if run.pool_dir else None
         check_compatible(pool, model.dim, model.name, run.pool_dir)

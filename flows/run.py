@@ -3,7 +3,7 @@
 `Run` is frozen: the config, the run's folders and the cluster plan. `RunLog` collects each
 stage's timing and the run's counts for report.json. `pieces` cuts a stage's shards into the
 pieces the cache has and has not (see tasks/sharding.py), and `track` waits for a stage's tasks
-with a progress bar in the terminal and in the Prefect UI.
+on the run's progress display in the terminal and in the Prefect UI.
 """
 
 from __future__ import annotations
@@ -86,14 +86,56 @@ def start_run(config: ThresherConfig, plan: ClusterPlan, started: datetime) -> R
     return run
 
 
+class RunProgress:
+    """The run's one progress display in the terminal, a line that follows the run: the stage
+    running; for a stage over samples (`track`), also its done/total, samples/s, the time left and
+    the compute efficiency. Closed, it leaves nothing: the lines after the run say what came of it."""
+
+    COUNTED = "{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+    UNCOUNTED = "{desc}"
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def show(self, stage: str, total: int | None = None) -> tqdm:
+        """The display, now showing `stage`, counting to `total` samples when given."""
+        description, form = f"{stage:<15} ", self.COUNTED if total else self.UNCOUNTED
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=description, bar_format=form, unit="img", dynamic_ncols=True, leave=False)
+            return self.bar
+        self.bar.bar_format = form
+        self.bar.total = total  # reset() keeps the total it is given None for
+        self.bar.set_description_str(description, refresh=False)
+        self.bar.set_postfix_str("", refresh=False)
+        self.bar.reset(total)  # and shows it, once
+        return self.bar
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> RunProgress:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
 @dataclass
 class RunLog:
     """What the stages did: each stage's timing and figures, the run's counts, and the files of
-    input_dir skipped as neither images nor videos, by extension."""
+    input_dir skipped as neither images nor videos, by extension; and the run's progress display."""
 
     timings: dict[str, dict] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=lambda: {"n_skipped_processed": 0})
     not_images: dict[str, int] = field(default_factory=dict)
+    progress: RunProgress = field(default_factory=RunProgress)
+
+    def start(self, stage: str) -> float:
+        """Show the stage on the progress display; returns its start, for `timed`."""
+        self.progress.show(stage)
+        return time.perf_counter()
 
     def timed(self, stage: str, items: int, start: float) -> None:
         seconds = time.perf_counter() - start
@@ -132,11 +174,11 @@ class ComputeEfficiency:
 
 
 def track(futures: list[PrefectFuture], stage: str, shards: list[list], log: RunLog) -> list[Any]:
-    """Wait for a stage's futures, with a progress bar in the terminal (done/total, images/s, the
-    time left and the compute efficiency of the stages that measure it, also logged) and a progress
-    artifact in the Prefect UI; results in submission order. A shard that failed after its
-    retries stops the run with a message naming its files."""
-    start = time.perf_counter()
+    """Wait for a stage's futures, shown on the run's progress display (done/total, samples/s, the
+    time left and the compute efficiency of the stages that measure it, also logged) and as a
+    progress artifact in the Prefect UI; results in submission order. A shard that failed after
+    its retries stops the run with a message naming its files."""
+    start = log.start(stage)
     if not futures:  # everything cached or nothing to do: no progress to show
         log.timed(stage, 0, start)
         return []
@@ -146,19 +188,19 @@ def track(futures: list[PrefectFuture], stage: str, shards: list[list], log: Run
     artifact = create_progress_artifact(0.0, description=f"{stage}: {sum(sizes)} samples in {len(shards)} shards")
     shown = time.monotonic()
     efficiency = ComputeEfficiency()
-    with tqdm(total=sum(sizes), desc=f"{stage:<8}", unit="img", dynamic_ncols=True) as bar:
-        for done, future in enumerate(as_completed(futures), start=1):
-            i = index[id(future)]
-            try:
-                results[i] = future.result()
-            except Exception as error:
-                raise RuntimeError(f"{stage} failed for shard {i} ({describe_shard(shards[i])}): {error}") from error
-            if efficiency.add(results[i]):
-                bar.set_postfix_str(f"compute efficiency {efficiency.value:.2f}", refresh=False)
-            bar.update(sizes[i])
-            if done == len(futures) or time.monotonic() - shown >= PROGRESS_SECONDS:
-                update_progress_artifact(artifact, 100.0 * done / len(futures))
-                shown = time.monotonic()
+    bar = log.progress.show(stage, sum(sizes))
+    for done, future in enumerate(as_completed(futures), start=1):
+        i = index[id(future)]
+        try:
+            results[i] = future.result()
+        except Exception as error:
+            raise RuntimeError(f"{stage} failed for shard {i} ({describe_shard(shards[i])}): {error}") from error
+        if efficiency.add(results[i]):
+            bar.set_postfix_str(f"compute efficiency {efficiency.value:.2f}", refresh=False)
+        bar.update(sizes[i])
+        if done == len(futures) or time.monotonic() - shown >= PROGRESS_SECONDS:
+            update_progress_artifact(artifact, 100.0 * done / len(futures))
+            shown = time.monotonic()
     log.timed(stage, sum(sizes), start)
     if efficiency.seconds:
         log.timings[stage]["compute_efficiency"] = round(efficiency.value, 3)

@@ -10,7 +10,6 @@ report.json shows.
 from __future__ import annotations
 
 import dataclasses
-import time
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -79,7 +78,7 @@ def embedding_model(config: ThresherConfig) -> EmbeddingModel:
 
 def read_embeddings(run: Run, log: RunLog) -> None:
     """The samples and embeddings of an embeddings file, instead of listing, checking and embedding."""
-    start = time.perf_counter()
+    start = log.start("read-embeddings")
     samples, embeddings = from_embeddings_csv(run.config.shared_path(run.config.embeddings, "embeddings"))
     write_parquet(samples, run.samples_path)
     write_parquet(embeddings, run.embeddings_path)
@@ -91,7 +90,7 @@ def read_embeddings(run: Run, log: RunLog) -> None:
 def list_files(run: Run, log: RunLog, pool: pa.Table | None) -> list[InputFile]:
     """The input files; with a datapool, only those no earlier run processed (unless process_all)."""
     config = run.config
-    start = time.perf_counter()
+    start = log.start("list")
     relevant = None
     if config.relevant_filenames_file:
         path = config.shared_path(config.relevant_filenames_file, "relevant_filenames_file")
@@ -213,7 +212,7 @@ class Usable:
 
 def deduplicate(run: Run, log: RunLog, checked: list[UPath], probed: pa.Table, identities: Identities) -> Usable:
     """Classify every sample as ok, corrupt or duplicate (samples.parquet); returns the ok ones."""
-    start = time.perf_counter()
+    start = log.start("dedup")
     classify_samples(checked, run.config.remove_exact_duplicates, run.samples_path)
     samples = read_parquet([run.samples_path])
     log.timed("dedup", len(samples), start)
@@ -236,7 +235,7 @@ def train(run: Run, log: RunLog, usable: Usable, spec: ModelSpec) -> ModelSpec:
     # Imported here: lightly loads torchvision, which only training needs.
     from tasks.training import train_model
 
-    start = time.perf_counter()
+    start = log.start("train")
     ranges = [rng for group in usable.frames for rng in group]
     checkpoint = train_model(
         run.input, [f.filename for f in usable.images], spec, train_options(run.config), run.run_dir, frames=ranges
@@ -284,7 +283,7 @@ def workers_ready(replacing: Future | None) -> None:
 
 
 def gather(run: Run, log: RunLog, embedded: Embedded, dim: int) -> None:
-    start = time.perf_counter()
+    start = log.start("gather")
     gathered = gather_embeddings(run.samples_path, embedded.paths, run.embeddings_path, dim)
     log.timed("gather", gathered, start)
 
@@ -315,7 +314,7 @@ def start_report_views(run: Run, centers: UPath | None, replacing: Future | None
 
 
 def select(run: Run, log: RunLog, centers: UPath | None) -> dict:
-    start = time.perf_counter()
+    start = log.start("select")
     options = select_options(run.config)
     if options.sequence_length > 1:
         selection = select_sequences(run.embeddings_path, run.videos_path, options, run.selection_path)
@@ -333,7 +332,7 @@ def select(run: Run, log: RunLog, centers: UPath | None) -> dict:
 def write(run: Run, log: RunLog) -> dict[str, list[float]]:
     """The filename lists, CSVs and video outputs; returns the selected frames' timelines per video."""
     config = run.config
-    start = time.perf_counter()
+    start = log.start("write")
     lists = write_outputs(
         run.run_dir,
         run.samples_path,
@@ -394,7 +393,7 @@ def update_pool(
     model: EmbeddingModel,
 ) -> None:
     """Merge this run's files and selection into the datapool and commit it."""
-    start = time.perf_counter()
+    start = log.start("datapool")
     samples = read_parquet([run.samples_path])
     check = read_checks(checked) if checked else None
     hashes = dict(zip(check.column("filename").to_pylist(), check.column("content_hash").to_pylist())) if check else {}
@@ -422,6 +421,7 @@ def report(
     from tasks.report.build import write_report  # imported here: matplotlib and weasyprint, for the report only
 
     config = run.config
+    log.start("report")
     workers_ready(replacing)
     finished = datetime.now(UTC)
     job = {

@@ -194,13 +194,13 @@ ROOT = Path(__file__).parent.parent
 
 def _installed(*args: str, prefect_home: Path, cwd: Path) -> subprocess.CompletedProcess:
     """The installed `thresher` command, without PREFECT_API_URL: it starts the shared local
-    server in `prefect_home` (stopped by the prefect_home fixture)."""
+    server in `prefect_home` (stopped by the prefect_home fixture). Its output as written."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env["PREFECT_HOME"] = str(prefect_home)
     thresher = Path(sys.executable).with_name("thresher")
-    return subprocess.run(
-        [str(thresher), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=900, check=False
-    )
+    done = subprocess.run([str(thresher), *args], env=env, cwd=cwd, capture_output=True, timeout=900, check=False)
+    # Decoded as they are: text mode would turn the progress display's carriage returns into new lines.
+    return subprocess.CompletedProcess(done.args, done.returncode, done.stdout.decode(), done.stderr.decode())
 
 
 def test_installed_command_reports_to_the_shared_local_server(tmp_path, prefect_home):
@@ -249,7 +249,13 @@ def test_readme_example_prints_a_few_lines_and_logs_the_internals(tmp_path, pref
     log = (run / "log.txt").read_text()
     assert "distributed.worker" in log and "Task run 'check-embed" in log  # the internals are in the log
     assert "distributed" not in console and "Task run" not in console, console
-    assert "embed" in console and "compute efficiency" in console  # the progress bars
+    # One progress display (on stderr): a line that follows the run from stage to stage, cleared at its end.
+    (progress,) = [line for line in result.stderr.split("\n") if "check_and_embed" in line]
+    states = progress.split("\r")
+    shown = [state.split()[0] for state in states if state.strip()]
+    assert shown[0] == "list" and shown[-1] == "report", shown
+    assert {"check_and_embed", "select", "write"} <= set(shown) and "compute efficiency" in progress
+    assert states[-1].strip() == "", states[-3:]
     assert f"Results: {run}" in console and "/runs/flow-run/" in console
     assert "Removed: 1 corrupt, 1 exact duplicates, 31 not selected" in console
 
