@@ -49,6 +49,7 @@ from flows.stages import (
     start_report_views,
     train,
     update_pool,
+    warm_up,
     write,
 )
 from flows.validation import validate_config
@@ -71,10 +72,12 @@ def pipeline(config: ThresherConfig, plan: ClusterPlan, started: datetime | None
         if config.embeddings:
             read_embeddings(run, log)
         else:
+            spec = model_spec(config)
+            if not config.enable_training:  # training makes the model that embeds
+                warm_up(run, log, spec)
             files = list_files(run, log, pool)
             probed = probe(run, log, files)
             identities = sample_identities(files, probed)
-            spec = model_spec(config)
             checked = check(run, log, files, probed, spec if embeds_while_checking(config) else None)
             usable = deduplicate(run, log, checked.paths, probed, identities)
             if config.enable_training:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import dask
 import pyarrow as pa
 import pyarrow.compute as pc
+from distributed import fire_and_forget
 from prefect import get_run_logger, unmapped
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
@@ -40,7 +41,7 @@ from tasks.datapool import PoolLock, commit, history, merge, processed_keys, run
 from tasks.decoding import check_params, check_pieces, check_table, read_checks
 from tasks.dedup import classify_samples
 from tasks.dumping import dump_names, dump_shard
-from tasks.embedding import embed_pieces
+from tasks.embedding import embed_pieces, warm_model
 from tasks.embeddings_csv import read_embeddings_csv
 from tasks.gathering import from_embeddings_csv, gather_embeddings, load_embeddings
 from tasks.listing import InputFile, is_video, list_datasource, read_relevant_filenames
@@ -85,6 +86,21 @@ def read_embeddings(run: Run, log: RunLog) -> None:
     write_parquet(read_videos([]), run.videos_path)  # no videos
     log.counts["n_input_files"] = len(samples)
     log.timed("read-embeddings", len(samples), start)
+
+
+def warm_up(run: Run, log: RunLog, spec: ModelSpec) -> None:
+    """Start the cluster and load the model on each worker that embeds, while the flow lists and
+    probes the input (minutes for a large bucket): otherwise the first embedding task on each
+    worker would import torch and build the model (seconds) when its files are ready. The loads
+    need no waiting for: a worker runs its first embedding task after its load."""
+    start = log.start("start cluster")
+    client = FlowRunContext.get().task_runner.client  # the task runner starts its cluster on first use
+    threads = embed_options(run.config, run.plan.threads).torch_threads
+    for address, worker in client.scheduler_info()["workers"].items():
+        if not run.plan.gpu or "GPU" in worker.get("resources", {}):
+            # fire_and_forget: a load runs to its end though no one holds its future
+            fire_and_forget(client.submit(warm_model, spec, threads, workers=[address], pure=False))
+    log.timed("start cluster", len(client.scheduler_info()["workers"]), start)
 
 
 def list_files(run: Run, log: RunLog, pool: pa.Table | None) -> list[InputFile]:

@@ -165,6 +165,13 @@ def embedded_table(
     return embeddings_table(filenames, labels, vectors, errors), seconds
 
 
+def warm_model(spec: ModelSpec, torch_threads: int) -> None:
+    """Load the model on this worker ahead of its first embedding task (flows/stages.py: warm_up)."""
+    from tasks.backbones import worker_model  # imported here: torch, which only the workers load
+
+    worker_model(spec, torch_threads)
+
+
 @task(name="embed-shard", retries=2, retry_delay_seconds=1)
 def embed_pieces(
     input_dir: UPath,

@@ -6,16 +6,16 @@ Linear probe, when the candidates carry at least two distinct labels (the input'
 folders; a video's frames carry its index among the videos): a logistic regression (scikit-learn;
 PROBE_C = 10, as unit-length features need weak regularisation for the weights to reach the class
 margins; balanced class weights, so that the uneven class counts of a small training set do not
-decide through the intercept; the newton-cg solver, which reached a tighter optimum in a third to
-a sixth of lbfgs's time on 1280-d float32 embeddings) on the L2-normalised embeddings is fitted on the selected samples and
-on each of PROBE_SEEDS uniform random subsets of the same size, and scored on the evaluation
-samples outside its training set. The evaluation samples are all candidates, or a seeded sample of
-EVAL_ROWS of them at scale. A training set of one class predicts that class. Budgets: the run's k,
-the prefixes k/8, k/4 and k/2 of the selection order (what a smaller `n_samples` would have picked
-for a greedy method), and 2k and 4k (at most N/2) from re-running the run's method, seed and
-`min_distance` with more samples (the datapool counting as selected), when that is cheap (N x their
-sum x d <= RERUN_COST) and the run selected single samples, not video sequences. The probe trains
-on this run's samples only, not on the datapool's.
+decide through the intercept; the newton-cg solver, which reached a tighter optimum in a third to a
+sixth of lbfgs's time on 1280-d float32 embeddings) on the L2-normalised embeddings is fitted on
+the selected samples and on each of PROBE_SEEDS uniform random subsets of the same size, and scored
+on the evaluation samples outside its training set. The evaluation samples are all candidates, or a
+seeded sample of EVAL_ROWS of them at scale. A training set of one class predicts that class.
+Budgets: the run's k, the prefixes k/8, k/4 and k/2 of the selection order (what a smaller
+`n_samples` would have picked for a greedy method), and 2k and 4k (at most N/2) from re-running the
+run's method, seed and `min_distance` with more samples (the datapool counting as selected), when
+that is cheap (N x their sum x d <= RERUN_COST) and the run selected single samples, not video
+sequences. The probe trains on this run's samples only, not on the datapool's.
 
 Label-free measures, for the selection and the same random subsets, each with the datapool's
 samples counted as selected: over query samples (all candidates, or a seeded sample of at most
