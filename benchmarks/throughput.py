@@ -176,9 +176,8 @@ def cold_run(code: Path, input_dir: Path, work: Path, name: str) -> dict:
         "stopping_condition.n_samples=0.3",
     ]
     start = time.perf_counter()
-    process = subprocess.Popen(
-        command, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    )
+    # Bytes, not text: text mode would count each redraw of the progress line (a carriage return) as a line.
+    process = subprocess.Popen(command, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
     first, lines = None, 0
     for _ in process.stdout:
         first = first or time.perf_counter() - start
