@@ -93,14 +93,15 @@ def warm_up(run: Run, log: RunLog, spec: ModelSpec) -> None:
     probes the input (minutes for a large bucket): otherwise the first embedding task on each
     worker would import torch and build the model (seconds) when its files are ready. The loads
     need no waiting for: a worker runs its first embedding task after its load."""
-    start = log.start("start cluster")
+    start = log.start("start_cluster")
     client = FlowRunContext.get().task_runner.client  # the task runner starts its cluster on first use
     threads = embed_options(run.config, run.plan.threads).torch_threads
-    for address, worker in client.scheduler_info()["workers"].items():
+    workers = client.scheduler_info()["workers"]
+    for address, worker in workers.items():
         if not run.plan.gpu or "GPU" in worker.get("resources", {}):
             # fire_and_forget: a load runs to its end though no one holds its future
             fire_and_forget(client.submit(warm_model, spec, threads, workers=[address], pure=False))
-    log.timed("start cluster", len(client.scheduler_info()["workers"]), start)
+    log.timed("start_cluster", len(workers), start)
 
 
 def list_files(run: Run, log: RunLog, pool: pa.Table | None) -> list[InputFile]:
