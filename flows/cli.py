@@ -232,9 +232,6 @@ def curate(config: ThresherConfig, verbose: bool) -> None:
     print("\n".join(summary(result, result["run_directory"])))
     if ui:
         print(f"The run in the Prefect UI: {ui}/runs/flow-run/{state.state_details.flow_run_id}")
-    # The process ends here: the collector need not walk the run's millions of objects once more
-    # on the way out (a second of every run's end; see flows/worker_setup.py).
-    gc.freeze()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,5 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `thresher` command: `main`, then the process's end."""
+    code = main()
+    # The collector need not walk the run's millions of objects once more on the way out (a second
+    # of every run's end; see flows/worker_setup.py). Not in `main`: a caller such as a test goes on.
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -253,7 +253,7 @@ def test_readme_example_prints_a_few_lines_and_logs_the_internals(tmp_path, pref
     (progress,) = [line for line in result.stderr.split("\n") if "check_and_embed" in line]
     states = progress.split("\r")
     shown = [state.split()[0] for state in states if state.strip()]
-    assert shown[0] == "list" and shown[-1] == "report", shown
+    assert shown[:2] == ["start_cluster", "list"] and shown[-1] == "report", shown
     assert {"check_and_embed", "select", "write"} <= set(shown) and "compute efficiency" in progress
     assert states[-1].strip() == "", states[-3:]
     assert f"Results: {run}" in console and "/runs/flow-run/" in console
