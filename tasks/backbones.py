@@ -40,9 +40,8 @@ def default_device() -> str:
 
 
 def _efficientnet_lite0() -> torch.nn.Module:
-    # timm and torchvision are imported where a backbone is built: with torch's compiler stack, which
-    # they load, they take about 10 s of CPU to import on a 2-core machine, which the flow's process and
-    # the check stage's workers (they import this module, not a backbone) would pay for nothing.
+    # timm and torchvision are imported where a backbone is built, the one place that needs them: with
+    # torch's compiler stack, which torchvision loads, they take about 2 s of a worker's start.
     import timm
 
     # The packaged weights use EfficientNet-PyTorch's parameter names; timm's TF-ported definition
