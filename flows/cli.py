@@ -16,7 +16,6 @@ libraries) goes to `log.txt` in the run directory; `-v` shows it on the terminal
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import sys
@@ -256,14 +255,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def entry() -> None:
-    """The `thresher` command: `main`, then the process's end."""
-    code = main()
-    # The collector need not walk the run's millions of objects once more on the way out (a second
-    # of every run's end; see flows/worker_setup.py). Not in `main`: a caller such as a test goes on.
-    gc.freeze()
-    sys.exit(code)
-
-
 if __name__ == "__main__":
-    entry()
+    sys.exit(main())

@@ -30,6 +30,7 @@ from distributed.utils import import_term
 from prefect_dask import DaskTaskRunner
 
 from flows.config import ThresherConfig
+from flows.worker_server import start_worker_server
 
 SPEC_DIR = Path(__file__).parent / "clusters"
 WORKER_SETUP = "flows.worker_setup"  # the preload module of the workers a run starts
@@ -82,7 +83,17 @@ class ClusterPlan:
                 "distributed.worker.preload": [*preload, WORKER_SETUP] if self.own_workers else preload,
             }
         )
-        return DaskTaskRunner(**self.runner)
+        if not self.own_workers:
+            return DaskTaskRunner(**self.runner)
+        # Forked from a server that has imported what they run, the workers start in a fraction of
+        # a second, not seconds (flows/worker_server.py). They get this process's environment as
+        # it is now, as started ones would (credentials a storage option names, the Prefect API),
+        # not the server's, which is the environment of the command's start.
+        dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+        start_worker_server()
+        kwargs = self.runner["cluster_kwargs"]
+        env = {**os.environ, **(kwargs.get("env") or {})}
+        return DaskTaskRunner(**{**self.runner, "cluster_kwargs": {**kwargs, "env": env}})
 
 
 def cluster_plan(config: ThresherConfig) -> ClusterPlan:

@@ -17,8 +17,12 @@ from distributed import Worker
 
 def dask_teardown(worker: Worker) -> None:
     gc.freeze()
-    # What the exit then leaves unfreed, triton's bindings (imported with torch's compiler by
-    # torchvision) report as "leaked" on stderr, which reaches the run's log: a false alarm there,
-    # so the closed worker's stderr goes nowhere.
+    quiet_exit()
+
+
+def quiet_exit() -> None:
+    """Send what a process exiting now writes to stderr nowhere. What the exit leaves unfreed,
+    triton's bindings (imported with torch's compiler by torchvision) report as "leaked" on stderr,
+    which reaches the run's log: a false alarm there."""
     sys.stderr.flush()
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())

@@ -247,7 +247,8 @@ def test_readme_example_prints_a_few_lines_and_logs_the_internals(tmp_path, pref
     assert console.count("\n") <= 40, console
     (run,) = (tmp_path / "runs").iterdir()
     log = (run / "log.txt").read_text()
-    assert "distributed.worker" in log and "Task run 'check-embed" in log  # the internals are in the log
+    # The internals are in the log: Dask's, and the workers' Prefect logs (their stderr).
+    assert "distributed.scheduler" in log and "Task run 'check-embed" in log
     assert "distributed" not in console and "Task run" not in console, console
     # One progress display (on stderr): a line that follows the run from stage to stage, cleared at its end.
     (progress,) = [line for line in result.stderr.split("\n") if "check_and_embed" in line]

@@ -1,4 +1,5 @@
 import os
+import sys
 
 import dask
 import pytest
@@ -6,6 +7,7 @@ import pytest
 from flows.cluster import WORKER_SETUP, cluster_plan, load_cluster_spec
 from flows.overrides import parse_overrides
 from flows.validation import validate_config
+from flows.worker_server import start_worker_server
 
 
 def test_local_spec_is_one_single_threaded_process_per_core():
@@ -51,3 +53,20 @@ def test_the_fast_exit_preload_goes_to_worker_processes_only_and_keeps_the_users
         assert preloads() == ["users.own", WORKER_SETUP]  # set once however many runs
         # The workers of local-threads are the run's own process, whose stderr must stay.
         assert preloads("dask.cluster=local-threads") == ["users.own"]
+
+
+def worker_state() -> tuple[bool, str | None]:
+    print("a worker's log line", file=sys.stderr, flush=True)
+    return "timm" in sys.modules and "tasks.one_pass" in sys.modules, os.environ.get("THRESHER_TEST_LATE")
+
+
+def test_own_workers_fork_from_a_server_that_has_imported_their_stages(tmp_path, monkeypatch, capfd):
+    keys = [f"input_dir={tmp_path}", f"output_dir={tmp_path}", "stopping_condition.n_samples=1", "dask.n_workers=1"]
+    plan = cluster_plan(validate_config(parse_overrides(keys)))
+    start_worker_server()  # as the command starts: before the environment below is set
+    monkeypatch.setenv("THRESHER_TEST_LATE", "set")
+    with plan.task_runner() as runner:
+        # A worker started afresh would import torch and timm only for its first model.
+        assert list(runner.client.run(worker_state).values()) == [(True, "set")]
+    # What the workers write to stderr reaches this process's stderr (a run's log file).
+    assert "a worker's log line" in capfd.readouterr().err
