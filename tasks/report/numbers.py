@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.report.settings import LIST_LIMIT, ReportSettings
+from tasks.selection.backends import nvidia_driver_present
 from tasks.selection.strategies import distribution
 
 SAMPLED_PAIRS = 2_000_000
@@ -310,17 +311,22 @@ def stage_table(stages: dict) -> list[dict]:
 
 
 def machine() -> dict:
-    # Imported here: the report's UMAPs and plots run on workers that need not load torch for them.
-    import torch
-
     return {
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "gpu": _gpu_name(),
         "python": platform.python_version(),
         "versions": {name: metadata.version(name) for name in ("thresher", "torch", "prefect", "dask")},
     }
+
+
+def _gpu_name() -> str | None:
+    if not nvidia_driver_present():
+        return None  # and torch, which this process need not load otherwise, is not imported (seconds)
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def _cpu_model() -> str:

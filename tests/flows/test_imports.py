@@ -27,18 +27,19 @@ print(json.dumps(sorted(name for name in {STAGE_LIBRARIES!r} if name in sys.modu
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
 
-def test_the_selection_device_auto_finds_no_gpu_without_importing_torch_where_there_is_no_driver():
+def test_the_selection_device_auto_and_the_reports_machine_find_no_gpu_without_torch_where_there_is_no_driver():
     script = """
 import sys
 
 import pytest
+from tasks.report.numbers import machine
 from tasks.selection.backends import nvidia_driver_present, resolve_backend
 backend = resolve_backend("auto")
-print(nvidia_driver_present(), backend.is_gpu, "torch" in sys.modules)
+print(nvidia_driver_present(), backend.is_gpu, machine()["gpu"], "torch" in sys.modules)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    driver, gpu, torch_imported = done.stdout.split()
+    driver, gpu, gpu_name, torch_imported = done.stdout.split()
     if driver == "True":
         pytest.skip("this machine has an NVIDIA driver: 'auto' asks CUDA")
-    assert (gpu, torch_imported) == ("False", "False")
+    assert (gpu, gpu_name, torch_imported) == ("False", "None", "False")
