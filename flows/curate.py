@@ -40,6 +40,7 @@ from flows.stages import (
     embedding_model,
     free_workers,
     gather,
+    import_report_libraries,
     list_files,
     probe,
     read_embeddings,
@@ -64,6 +65,7 @@ def pipeline(config: ThresherConfig, plan: ClusterPlan, started: datetime | None
     before the flow starts, to write its log there)."""
     started = started or datetime.now(UTC)
     run, log = start_run(config, plan, started), RunLog()
+    import_report_libraries()
     with PoolLock(run.pool_dir) if run.pool_dir else nullcontext() as lock, log.progress:
         model = embedding_model(config)
         pool = read_pool(run.pool_dir) if run.pool_dir else None

@@ -10,6 +10,8 @@ report.json shows.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import threading
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -86,6 +88,24 @@ def read_embeddings(run: Run, log: RunLog) -> None:
     write_parquet(read_videos([]), run.videos_path)  # no videos
     log.counts["n_input_files"] = len(samples)
     log.timed("read-embeddings", len(samples), start)
+
+
+# What the report imports in the flow's process: matplotlib (tasks/report/build.py), the probe's
+# scikit-learn (tasks/report/quality.py) and weasyprint (tasks/report/render.py).
+REPORT_LIBRARIES = ("tasks.report.build", "sklearn.linear_model", "weasyprint")
+
+
+def import_report_libraries() -> None:
+    """Import the report's libraries in a thread, from the run's start: 2 to 4 s of this process's
+    time, which it spends waiting then (for its workers to start, then to check and embed), rather
+    than in the report, which every run ends with. Its stages import them as before, and wait
+    for a module this thread is still importing."""
+
+    def load() -> None:
+        for name in REPORT_LIBRARIES:
+            importlib.import_module(name)
+
+    threading.Thread(target=load, name="report-imports", daemon=True).start()
 
 
 def warm_up(run: Run, log: RunLog, spec: ModelSpec) -> None:
