@@ -97,9 +97,9 @@ REPORT_LIBRARIES = ("tasks.report.build", "sklearn.linear_model", "weasyprint")
 
 def import_report_libraries() -> None:
     """Import the report's libraries in a thread, from the run's start: 2 to 4 s of this process's
-    time, which it spends waiting then (for its workers to start, then to check and embed), rather
-    than in the report, which every run ends with. Its stages import them as before, and wait
-    for a module this thread is still importing."""
+    time, spent while it waits (for its workers to start, then to check and embed) rather than in
+    the report, which every run ends with. The report imports them as before; a module this thread
+    is still importing makes it wait."""
 
     def load() -> None:
         for name in REPORT_LIBRARIES:

@@ -39,5 +39,6 @@ def start_worker_server() -> None:
 
 def _copy_to_stderr(read: int) -> None:
     while chunk := os.read(read, 1 << 16):
-        os.write(2, chunk)
+        while chunk:
+            chunk = chunk[os.write(2, chunk) :]
     os.close(read)
