@@ -43,3 +43,19 @@ print(nvidia_driver_present(), backend.is_gpu, machine()["gpu"], "torch" in sys.
     if driver == "True":
         pytest.skip("this machine has an NVIDIA driver: 'auto' asks CUDA")
     assert (gpu, gpu_name, torch_imported) == ("False", "None", "False")
+
+
+def test_a_run_imports_the_reports_libraries_in_the_background_from_its_start():
+    script = """
+import json, sys, threading
+from flows.stages import REPORT_LIBRARIES, import_report_libraries
+before = [name for name in REPORT_LIBRARIES if name in sys.modules]
+import_report_libraries()
+(loading,) = [thread for thread in threading.enumerate() if thread.name == "report-imports"]
+loading.join(timeout=240)
+print(json.dumps([before, [name for name in REPORT_LIBRARIES if name in sys.modules]]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    before, after = json.loads(done.stdout.strip().splitlines()[-1])
+    assert before == [] and after == ["tasks.report.build", "sklearn.linear_model", "weasyprint"]
