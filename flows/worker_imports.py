@@ -5,7 +5,7 @@ A worker started afresh imported Dask, Prefect, the stages' modules, torch and t
 compiler stack, which torchvision loads) before its first image: about 7 s of CPU per worker, on
 every run, while the run's own process needed the cores to start. The server imports them once,
 from the moment the command starts; each worker it forks has them, and starts in a fraction of a
-second. Only imports here: a thread or a CUDA context made before a fork would not survive it.
+second. Nothing here starts a thread or a CUDA context: neither would survive the fork.
 """
 
 from __future__ import annotations

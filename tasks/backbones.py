@@ -41,7 +41,9 @@ def default_device() -> str:
 
 def _efficientnet_lite0() -> torch.nn.Module:
     # timm and torchvision are imported where a backbone is built, the one place that needs them: with
-    # torch's compiler stack, which torchvision loads, they take about 2 s of a worker's start.
+    # torch's compiler stack, which torchvision loads, they take about 2 s. The local workers have
+    # them from the server they fork from (flows/worker_imports.py); a process that builds no
+    # backbone, or a remote worker until its first, does without.
     import timm
 
     # The packaged weights use EfficientNet-PyTorch's parameter names; timm's TF-ported definition
