@@ -9,6 +9,7 @@ on the run's progress display in the terminal and in the Prefect UI.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -173,24 +174,48 @@ class ComputeEfficiency:
         return self.compute_seconds / self.seconds if self.seconds else 0.0
 
 
-def track(futures: list[PrefectFuture], stage: str, shards: list[list], log: RunLog) -> list[Any]:
-    """Wait for a stage's futures, shown on the run's progress display (done/total, samples/s, the
-    time left and the compute efficiency of the stages that measure it, also logged) and as a
-    progress artifact in the Prefect UI; results in submission order. A shard that failed after
-    its retries stops the run with a message naming its files."""
-    start = log.start(stage)
-    if not futures:  # everything cached or nothing to do: no progress to show
+Finished = Iterator[tuple[int, PrefectFuture]]  # a stage's tasks as they finish: (index, future)
+
+
+def finishing(futures: list[PrefectFuture]) -> Finished:
+    """Tasks submitted at once, as they finish."""
+    index = {id(f): i for i, f in enumerate(futures)}
+    return ((index[id(future)], future) for future in as_completed(futures))
+
+
+def in_turn(submit: Callable[[int], PrefectFuture], count: int, slots: int) -> Finished:
+    """Tasks 0 to count - 1, submitted in that order as task slots free up (`submit(i)` submits
+    task i), as they finish. Submitted at once, Dask would queue each on a worker: one could wait
+    behind a larger task while another worker runs out of work, and guided scheduling's large
+    tasks must run first (tasks/sharding.py: pack_pieces)."""
+    pending = [(i, submit(i)) for i in range(min(slots, count))]
+    submitted = len(pending)
+    while pending:
+        future = next(as_completed([f for _, f in pending]))
+        i, _ = pending.pop(next(k for k, (_, f) in enumerate(pending) if f is future))
+        if submitted < count:
+            pending.append((submitted, submit(submitted)))
+            submitted += 1
+        yield i, future
+
+
+def track(finished: Finished, stage: str, shards: list[list], log: RunLog, start: float) -> list[Any]:
+    """Wait for a stage's tasks, one per shard, shown on the run's progress display (done/total,
+    samples/s, the time left and the compute efficiency of the stages that measure it, also
+    logged) and as a progress artifact in the Prefect UI; results in the shards' order. A shard
+    that failed after its retries stops the run with a message naming its files. The stage's
+    time counts from `start` (log.start, before its tasks were planned and submitted: the
+    workers start on the first task while the flow submits the others)."""
+    if not shards:  # everything cached or nothing to do: no progress to show
         log.timed(stage, 0, start)
         return []
     sizes = [count_samples(s) for s in shards]
-    index = {id(f): i for i, f in enumerate(futures)}
-    results: list[Any] = [None] * len(futures)
+    results: list[Any] = [None] * len(shards)
     artifact = create_progress_artifact(0.0, description=f"{stage}: {sum(sizes)} samples in {len(shards)} shards")
     shown = time.monotonic()
     efficiency = ComputeEfficiency()
     bar = log.progress.show(stage, sum(sizes))
-    for done, future in enumerate(as_completed(futures), start=1):
-        i = index[id(future)]
+    for done, (i, future) in enumerate(finished, start=1):
         try:
             results[i] = future.result()
         except Exception as error:
@@ -198,8 +223,8 @@ def track(futures: list[PrefectFuture], stage: str, shards: list[list], log: Run
         if efficiency.add(results[i]):
             bar.set_postfix_str(f"compute efficiency {efficiency.value:.2f}", refresh=False)
         bar.update(sizes[i])
-        if done == len(futures) or time.monotonic() - shown >= PROGRESS_SECONDS:
-            update_progress_artifact(artifact, 100.0 * done / len(futures))
+        if done == len(shards) or time.monotonic() - shown >= PROGRESS_SECONDS:
+            update_progress_artifact(artifact, 100.0 * done / len(shards))
             shown = time.monotonic()
     log.timed(stage, sum(sizes), start)
     if efficiency.seconds:
@@ -222,7 +247,7 @@ class Batches:
 
 def pieces(run: Run, stage: str, params: Any, shards: list[list[Source]]) -> tuple[list[UPath], Batches]:
     """The shards as pieces (see plan_pieces): every piece's result file in the cache, in order, and
-    the pieces to compute, grouped into batches of about dask.shard_size samples (see pack_pieces).
+    the pieces to compute, grouped into batches, large ones first (see pack_pieces).
     One listing of the cache folder tells what is there."""
     slots = run.plan.slots
     plan = plan_pieces(stage, run.source, params, shards, existing_names(run.cache / stage) if shards else set(), slots)

@@ -16,13 +16,13 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import dask
 import pyarrow as pa
 import pyarrow.compute as pc
 from distributed import fire_and_forget
-from prefect import get_run_logger, unmapped
+from prefect import Task, get_run_logger, unmapped
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from upath import UPath
@@ -38,7 +38,7 @@ from flows.options import (
     select_options,
     train_options,
 )
-from flows.run import Batches, Run, RunLog, pieces, track
+from flows.run import Batches, Finished, Run, RunLog, finishing, in_turn, pieces, track
 from tasks.datapool import PoolLock, commit, history, merge, processed_keys, run_rows, sampled_embeddings
 from tasks.decoding import check_params, check_pieces, check_table, read_checks
 from tasks.dedup import classify_samples
@@ -151,6 +151,7 @@ def list_files(run: Run, log: RunLog, pool: pa.Table | None) -> list[InputFile]:
 def probe(run: Run, log: RunLog, files: list[InputFile]) -> pa.Table:
     """The videos among the files, probed: one VIDEO_SCHEMA row each, also written to videos.parquet."""
     config = run.config
+    start = log.start("probe")
     videos = [f for f in files if is_video(f.filename)]
     groups = stable_shards(videos, lambda f: f.filename, config.dask.shard_size, run.plan.slots)
     futures = probe_videos.with_options(retries=config.dask.retries).map(
@@ -160,7 +161,7 @@ def probe(run: Run, log: RunLog, files: list[InputFile]) -> pa.Table:
         unmapped(config.corruptness_check.decode_timeout),
         [run.work / "probe" / f"shard-{i:05d}.parquet" for i in range(len(groups))],
     )
-    probed = read_videos(track(futures, "probe", groups, log))
+    probed = read_videos(track(finishing(futures), "probe", groups, log, start))
     write_parquet(probed, run.videos_path)
     return probed
 
@@ -191,6 +192,8 @@ def check(run: Run, log: RunLog, files: list[InputFile], probed: pa.Table, spec:
     """Decode and hash every image and video frame, and embed them in the same pass when given the
     model's `spec` (see embeds_while_checking)."""
     config = run.config
+    stage = "check" if spec is None else "check_and_embed"
+    start = log.start(stage)
     options = check_options(config)
     images = [f for f in files if not is_video(f.filename)]
     shards: list[list[Source]] = stable_shards(images, lambda f: f.filename, config.dask.shard_size, run.plan.slots)
@@ -198,21 +201,17 @@ def check(run: Run, log: RunLog, files: list[InputFile], probed: pa.Table, spec:
     corrupt_videos = write_parquet(check_table(corrupt_video_rows(probed)), run.work / "check-videos.parquet")
     if spec is None:
         paths, batches = pieces(run, "check", check_params(options), shards)
-        futures = check_pieces.with_options(retries=config.dask.retries).map(
-            unmapped(run.input), batches.pieces, unmapped(options), batches.paths
-        )
-        track(futures, "check", batches.shards(), log)
+        tasks = batch_tasks(run, check_pieces, batches, input_dir=run.input, options=options)
+        track(tasks, stage, batches.shards(), log, start)
         log.timings["check"]["cached_shards"] = batches.cached
         return Checked([corrupt_videos, *paths], None)
     embedding = embed_options(config, run.plan.threads)
     params = (check_params(options), embed_key(spec, embedding))
     paths, batches = pieces(run, "check-embed", params, shards)
-    with on_gpu(run):
-        futures = check_embed_pieces.with_options(retries=config.dask.retries).map(
-            unmapped(run.input), batches.pieces, unmapped(spec), unmapped(options), unmapped(embedding), batches.paths
-        )
-    stage = "check_and_embed"
-    return Checked([corrupt_videos, *paths], Embedded(paths, embedded_pieces(futures, stage, batches, log), stage))
+    tasks = batch_tasks(
+        run, check_embed_pieces, batches, gpu=True, input_dir=run.input, spec=spec, check=options, embed=embedding
+    )
+    return Checked([corrupt_videos, *paths], Embedded(paths, embedded_pieces(tasks, stage, batches, log, start), stage))
 
 
 def embed_key(spec: ModelSpec, options: EmbedOptions) -> tuple:
@@ -226,11 +225,23 @@ def on_gpu(run: Run) -> AbstractContextManager:
     return dask.annotate(resources={"GPU": 1}) if run.plan.gpu else nullcontext()
 
 
-def embedded_pieces(futures: list[PrefectFuture], stage: str, batches: Batches, log: RunLog) -> bool:
+def batch_tasks(run: Run, task: Task, batches: Batches, gpu: bool = False, **fixed: Any) -> Finished:
+    """One `task(pieces=, out_paths=, **fixed)` per batch, submitted in turn (see in_turn), on
+    the GPU workers where `gpu` and there are any (on_gpu)."""
+    task = task.with_options(retries=run.config.dask.retries)
+
+    def submit(i: int) -> PrefectFuture:
+        with on_gpu(run) if gpu else nullcontext():
+            return task.submit(pieces=batches.pieces[i], out_paths=batches.paths[i], **fixed)
+
+    return in_turn(submit, len(batches.pieces), run.plan.slots)
+
+
+def embedded_pieces(tasks: Finished, stage: str, batches: Batches, log: RunLog, start: float) -> bool:
     """Wait for a stage that embeds (track logs its compute efficiency; none when all was cached).
     Whether it computed any piece. The futures die with their stage's call, so the workers replaced
     after embedding hold nothing that the flow still wants."""
-    track(futures, stage, batches.shards(), log)
+    track(tasks, stage, batches.shards(), log, start)
     log.timings[stage].setdefault("compute_efficiency", None)
     log.timings[stage]["cached_shards"] = batches.cached
     return bool(batches.pieces)
@@ -286,14 +297,12 @@ def embed(run: Run, log: RunLog, usable: Usable, spec: ModelSpec, checked: Check
     if checked.embedded is not None:
         return checked.embedded
     config = run.config
+    start = log.start("embed")
     options = embed_options(config, run.plan.threads)
     image_shards = stable_shards(usable.images, lambda f: f.filename, config.dask.shard_size, run.plan.slots)
     paths, batches = pieces(run, "embed", embed_key(spec, options), [*image_shards, *usable.frames])
-    with on_gpu(run):
-        futures = embed_pieces.with_options(retries=config.dask.retries).map(
-            unmapped(run.input), batches.pieces, unmapped(spec), unmapped(options), batches.paths
-        )
-    return Embedded(paths, embedded_pieces(futures, "embed", batches, log), "embed")
+    tasks = batch_tasks(run, embed_pieces, batches, gpu=True, input_dir=run.input, spec=spec, options=options)
+    return Embedded(paths, embedded_pieces(tasks, "embed", batches, log, start), "embed")
 
 
 def free_workers(run: Run, log: RunLog, embedded: Embedded, samples: int) -> Future | None:
@@ -389,6 +398,7 @@ def dump(run: Run, log: RunLog, identities: Identities, replacing: Future | None
     config = run.config
     selected = selected_filenames(run.selection_path)
     workers_ready(replacing)
+    start = log.start("dump")
     frame_groups = video_shards(read_videos([run.videos_path]), config.dask.shard_size, run.plan.slots, set(selected))
     frames = {name for group in frame_groups for rng in group for name in rng.names()}
     samples = read_parquet([run.samples_path])
@@ -409,7 +419,8 @@ def dump(run: Run, log: RunLog, identities: Identities, replacing: Future | None
         unmapped(config.output_image_format),
         unmapped(config.corruptness_check.max_pixels),
     )
-    failed = {name: reason for shard in track(futures, "dump", groups, log) for name, reason in shard.items()}
+    shards = track(finishing(futures), "dump", groups, log, start)
+    failed = {name: reason for shard in shards for name, reason in shard.items()}
     log.counts["n_dump_failed"] = len(failed)
     if failed:
         shown = "; ".join(f"{name}: {reason}" for name, reason in sorted(failed.items())[:5])
