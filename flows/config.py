@@ -114,7 +114,9 @@ class ActiveLearning(_Section):
 
 
 class Loader(_Section):
-    batch_size: int = Field(16, gt=0, description="Images per batch for embedding (and training).")
+    batch_size: int = Field(
+        16, gt=0, description="Images per batch for training and embedding (embedding: at least 32 at input_size 64)."
+    )
     shuffle: bool = Field(True, description="Shuffle training batches (embedding keeps input order).")
     num_workers: int = Field(
         -1,
@@ -197,7 +199,10 @@ class Dask(_Section):
         0, ge=0, description="Threads per local worker (also torch's intra-op threads); 0 takes the spec's."
     )
     shard_size: int = Field(
-        256, gt=0, description="Files per mapped task; smaller shards spread small inputs over all workers."
+        256,
+        gt=0,
+        description="Files per cached shard, and the fewest per mapped task (a large run's take up to 16 shards);"
+        " smaller shards spread small inputs over all workers.",
     )
     retries: int = Field(2, ge=0, description="Times a failed shard task is retried (e.g. after a worker died).")
     replace_workers_after: int = Field(

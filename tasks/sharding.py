@@ -25,7 +25,6 @@ Glossary, from small to large:
 from __future__ import annotations
 
 import bisect
-import heapq
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -51,6 +50,10 @@ T = TypeVar("T")
 # flow, its settings rebuilt and its client made on the worker), the time of a few dozen small
 # images (benchmarks/rerun.py). Fewer files than MIN_PIECE are never split.
 MIN_PIECE = 32
+
+# A task computes at most this many shards' worth of samples (`pack_pieces`): its share of a large
+# run would otherwise be hours of work shown as one step of the progress display.
+LARGEST_BATCH = 16
 
 
 class Source(Protocol):
@@ -218,24 +221,39 @@ def plan_pieces(
     return reused
 
 
-def pack_pieces(sizes: list[int], slots: int, target: int) -> list[list[int]]:
-    """The pieces of `sizes` (their samples) grouped into batches, one task each, as indices in
-    order: one batch per slot, or more so that a batch holds about `target` samples; the largest
-    pieces are placed first, each into the batch with the fewest samples so far. The pieces of a
-    run with few new files lie in several shards and are small; one task each would pay Prefect's
-    per-task cost many times.
+def pack_pieces(sizes: list[int], slots: int, shard_size: int) -> list[list[int]]:
+    """The pieces of `sizes` (their samples) grouped into batches, one task each, as indices; the
+    batches shrink, as guided scheduling hands out work. Each batch's share is the samples left
+    over the `slots`: at least `shard_size` (or an equal share of all, where that leaves a slot
+    idle), at most LARGEST_BATCH shards, and all that is left where less than half the least
+    would be left over. It takes the largest pieces that fit its share (the largest piece left,
+    when none fits). A task costs Prefect about 0.3 s of CPU of its own, in the flow and on its
+    worker: the first batches are large, so that there are few tasks, and the last small, so that
+    the workers finish together.
 
-    >>> pack_pieces([23, 77, 77, 41, 2], slots=2, target=256)
-    [[1, 3], [0, 2, 4]]
+    >>> pack_pieces([23, 77, 77, 41, 2], slots=2, shard_size=256)
+    [[0, 2, 4], [1, 3]]
+    >>> [len(batch) for batch in pack_pieces([250] * 16, slots=2, shard_size=256)]
+    [8, 4, 2, 1, 1]
     """
-    batches = min(len(sizes), max(slots, math.ceil(sum(sizes) / max(target, 1))))
-    groups: list[list[int]] = [[] for _ in range(batches)]
-    loads = [(0, batch) for batch in range(batches)]
-    for piece in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        load, batch = heapq.heappop(loads)
-        groups[batch].append(piece)
-        heapq.heappush(loads, (load + sizes[piece], batch))
-    return [sorted(group) for group in groups]
+    total = sum(sizes)
+    least = min(shard_size, math.ceil(total / max(slots, 1)))
+    left = sorted((size, i) for i, size in enumerate(sizes))
+    batches: list[list[int]] = []
+    while left:
+        rest = sum(size for size, _ in left)
+        share = min(LARGEST_BATCH * shard_size, max(least, math.ceil(rest / max(slots, 1))))
+        if rest - share < least / 2:
+            share = rest  # no batch of a few samples left over at the end
+        batch, load = [], 0
+        while left and (fits := bisect.bisect_right(left, (share - load, len(sizes)))):
+            size, i = left.pop(fits - 1)
+            batch.append(i)
+            load += size
+        if not batch:
+            batch.append(left.pop()[1])
+        batches.append(sorted(batch))
+    return batches
 
 
 def count_samples(shard: list[Source]) -> int:

@@ -3,7 +3,7 @@ import pyarrow as pa
 from tasks import decoding
 from tasks.caching import shard_key
 from tasks.listing import InputFile
-from tasks.sharding import MIN_PIECE, pack_pieces, plan_pieces, stable_shards
+from tasks.sharding import LARGEST_BATCH, MIN_PIECE, pack_pieces, plan_pieces, stable_shards
 from tests.options import check_options
 
 
@@ -94,17 +94,25 @@ def test_new_files_in_several_shards_make_one_task_per_slot():
     plan = _plan(stable_shards(new, lambda f: f.filename, 256, 2), set())
     sizes = _computed(plan)
     assert len(sizes) > 2
-    tasks = pack_pieces(sizes, slots=2, target=256)
+    tasks = pack_pieces(sizes, slots=2, shard_size=256)
     assert sorted(i for task in tasks for i in task) == list(range(len(sizes)))  # every piece in one task
     loads = [sum(sizes[i] for i in task) for task in tasks]
     assert len(tasks) == 2 and max(loads) - min(loads) <= max(sizes)
 
 
-def test_a_first_run_makes_tasks_of_about_the_shard_size():
+def test_a_first_run_makes_few_tasks_large_ones_first():
     files = _files(2000)
     sizes = [len(shard) for shard in stable_shards(files, lambda f: f.filename, 256, 2)]
-    tasks = pack_pieces(sizes, slots=2, target=256)
-    assert len(tasks) == 8 < len(sizes)
-    assert max(sum(sizes[i] for i in task) for task in tasks) <= 2 * 256
-    assert pack_pieces([2] * 16, slots=2, target=2) == [[i] for i in range(16)]  # small shards stay one task each
-    assert pack_pieces([], slots=2, target=256) == []
+    tasks = pack_pieces(sizes, slots=2, shard_size=256)
+    assert sorted(i for task in tasks for i in task) == list(range(len(sizes)))  # every piece in one task
+    loads = [sum(sizes[i] for i in task) for task in tasks]
+    # each task takes about half of what is left, at least the shard size: 972, 510, 257, 261 of 12 shards
+    assert len(tasks) == 4 < len(sizes) and abs(loads[0] - 1000) <= max(sizes) / 2
+    assert loads[0] > loads[1] > max(loads[2:]) and max(loads[2:]) < 2 * 256
+
+
+def test_a_task_takes_at_most_largest_batch_shards():
+    tasks = pack_pieces([256] * 1000, slots=2, shard_size=256)
+    assert [len(task) for task in tasks[:3]] == [LARGEST_BATCH] * 3
+    assert sum(len(task) for task in tasks) == 1000 and len(tasks[-1]) == 1
+    assert pack_pieces([], slots=2, shard_size=256) == []
