@@ -30,12 +30,20 @@ def check_options(config: ThresherConfig) -> CheckOptions:
     return CheckOptions(full_decode=config.enable_corruptness_check, **config.corruptness_check.model_dump())
 
 
+# Embedding batches hold at least this many pixels: 32 images at the default input size of 64.
+# Check + embed of 4,000 photos on 2 cores ran 7 to 8% faster in batches of 32 or 64 than of 16
+# (fewer hand-overs between the decoding threads and the model); an image's embedding does not
+# depend on its batch. Larger inputs keep lightly.loader.batch_size, which also bounds memory.
+LEAST_BATCH_PIXELS = 32 * 64 * 64
+
+
 def embed_options(config: ThresherConfig, threads: int) -> EmbedOptions:
     """`threads`: the threads of one Dask worker (see ClusterPlan.threads)."""
     loader = config.lightly.loader
+    input_size = config.lightly.collate.input_size
     return EmbedOptions(
-        input_size=config.lightly.collate.input_size,
-        batch_size=loader.batch_size,
+        input_size=input_size,
+        batch_size=max(loader.batch_size, LEAST_BATCH_PIXELS // input_size**2),
         num_threads=threads if loader.num_workers == -1 else max(1, loader.num_workers),
         torch_threads=threads,
         precision=config.lightly.trainer.precision,
