@@ -77,6 +77,11 @@ class InputFile:
         label, size, version) since before files were Sources; kept so that its caches stay valid."""
         return dataclasses.astuple(self) if stage == "embed" else self
 
+    def __dask_tokenize__(self) -> tuple:
+        # Dask names a submitted task by a hash of its arguments, and hashes a dataclass by pickling
+        # its class, once per object: 115 ms for a task of 2,000 files, against 3.6 ms so.
+        return ("InputFile", self.filename, self.label, self.size, self.version)
+
 
 def _walk(root: Path) -> list[tuple[str, int, str]]:
     """Regular files under root: a folder's files by name, then its subfolders by name. Symlinks to

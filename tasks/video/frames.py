@@ -83,6 +83,9 @@ class FrameRange:
     def key(self, stage: str) -> FrameRange:
         return self
 
+    def __dask_tokenize__(self) -> tuple:  # see InputFile's
+        return ("FrameRange", self.file.__dask_tokenize__(), self.n_frames, self.indices, self.pts, self.step)
+
 
 def _decoded(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
     """Frames in presentation order; a damaged packet loses its frames instead of ending the video."""

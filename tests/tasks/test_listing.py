@@ -4,6 +4,7 @@ from pathlib import PurePosixPath
 from tasks import listing
 from tasks.listing import (
     NO_EXTENSION,
+    InputFile,
     assign_labels,
     is_video,
     list_images,
@@ -100,3 +101,21 @@ def test_every_format_pillow_opens_is_listed_and_other_files_are_counted_by_exte
     ]
     # Pillow only writes PDF; a name without an extension is counted under NO_EXTENSION.
     assert listed.not_images == {NO_EXTENSION: 1, ".json": 1, ".pdf": 1, ".txt": 2}
+
+
+def test_dask_names_tasks_by_the_files_identities():
+    from dask.tokenize import tokenize
+
+    from tasks.video.frames import FrameRange
+
+    file = InputFile("a/b.jpg", 1, 100, "7.0")
+    assert tokenize([file]) == tokenize([InputFile("a/b.jpg", 1, 100, "7.0")])
+    changed = [
+        InputFile("a/c.jpg", 1, 100, "7.0"),
+        InputFile("a/b.jpg", 2, 100, "7.0"),
+        InputFile("a/b.jpg", 1, 1, "7.0"),
+    ]
+    assert len({tokenize([f]) for f in [file, *changed, InputFile("a/b.jpg", 1, 100, "8.0")]}) == 5
+    frames = FrameRange(file, 10, (0, 1), (0, 512), 512)
+    assert tokenize(frames) == tokenize(FrameRange(file, 10, (0, 1), (0, 512), 512))
+    assert tokenize(frames) != tokenize(FrameRange(file, 10, (0, 2), (0, 1024), 512))
