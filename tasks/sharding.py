@@ -239,9 +239,9 @@ def pack_pieces(sizes: list[int], slots: int, shard_size: int) -> list[list[int]
     total = sum(sizes)
     least = min(shard_size, math.ceil(total / max(slots, 1)))
     left = sorted((size, i) for i, size in enumerate(sizes))
+    rest = total
     batches: list[list[int]] = []
     while left:
-        rest = sum(size for size, _ in left)
         share = min(LARGEST_BATCH * shard_size, max(least, math.ceil(rest / max(slots, 1))))
         if rest - share < least / 2:
             share = rest  # no batch of a few samples left over at the end
@@ -251,8 +251,11 @@ def pack_pieces(sizes: list[int], slots: int, shard_size: int) -> list[list[int]
             batch.append(i)
             load += size
         if not batch:
-            batch.append(left.pop()[1])
+            size, i = left.pop()
+            batch.append(i)
+            load += size
         batches.append(sorted(batch))
+        rest -= load
     return batches
 
 
