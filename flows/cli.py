@@ -90,7 +90,7 @@ def prefect_api() -> Iterator[str | None]:
     URL, if there is a UI."""
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
-    from flows.server import ServerError, shared_server
+    from flows.server import ServerError, free_port, shared_server
 
     if PREFECT_API_URL.value():
         yield PREFECT_UI_URL.value()
@@ -101,7 +101,9 @@ def prefect_api() -> Iterator[str | None]:
         print(f"No shared Prefect server ({error}): this run starts a temporary one, without a UI.")
         from prefect.server.api.server import SubprocessASGIServer
 
-        server = SubprocessASGIServer()
+        # On a port of its own: Prefect keeps one server per port, and the one without a port may
+        # be Prefect's own temporary server of this process (a test harness's), which this would stop.
+        server = SubprocessASGIServer(port=free_port())
         server.start(timeout=120)
         try:
             with api_at(server.api_url):
