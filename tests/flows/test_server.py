@@ -33,12 +33,14 @@ def test_runs_share_one_server_until_it_is_stopped(prefect_home):
     assert "No local Prefect server is running" in server_status()
 
 
-def test_a_run_falls_back_to_a_temporary_server_when_none_can_start(prefect_home, capsys):
+def test_a_run_falls_back_to_a_temporary_server_when_none_can_start(prefect_server, prefect_home, capsys):
     log_path().mkdir(parents=True)  # the server's log cannot be opened: it cannot start
     with prefect_api() as ui:
         from prefect.settings import PREFECT_API_URL
 
-        assert ui is None and healthy_api(PREFECT_API_URL.value())
+        assert ui is None and healthy_api(PREFECT_API_URL.value()) and PREFECT_API_URL.value() != prefect_server
+    # Prefect's own temporary server of this process (the test harness's) is not the one stopped
+    assert healthy_api(prefect_server)
     out = capsys.readouterr().out
     assert "this run starts a temporary one" in out and str(log_path()) in out
     assert read_state() is None
