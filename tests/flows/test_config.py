@@ -27,6 +27,16 @@ def test_lightly_defaults_and_types():
     ).output_image_size == (32, 48)
 
 
+def test_embedding_batches_hold_at_least_32_images_of_64_px():
+    from flows.options import embed_options
+
+    def batch(*overrides: str) -> int:
+        return embed_options(config_from_overrides([*BASE, "stopping_condition.n_samples=1", *overrides]), 1).batch_size
+
+    assert batch() == 32 and batch("lightly.collate.input_size=32") == 128
+    assert batch("lightly.loader.batch_size=100") == 100 and batch("lightly.collate.input_size=224") == 16
+
+
 def test_unknown_key_names_the_nearest_valid_keys():
     with pytest.raises(
         ConfigError, match=r"Unknown key 'stopping_condition.n_sample'. Did you mean: stopping_condition.n_samples"
