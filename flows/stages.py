@@ -203,7 +203,7 @@ def check(run: Run, log: RunLog, files: list[InputFile], probed: pa.Table, spec:
         paths, batches = pieces(run, "check", check_params(options), shards)
         tasks = batch_tasks(run, check_pieces, batches, input_dir=run.input, options=options)
         track(tasks, stage, batches.shards(), log, start)
-        log.timings["check"]["cached_shards"] = batches.cached
+        log.timings[stage]["cached_shards"] = batches.cached
         return Checked([corrupt_videos, *paths], None)
     embedding = embed_options(config, run.plan.threads)
     params = (check_params(options), embed_key(spec, embedding))
