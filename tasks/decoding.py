@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,12 +38,15 @@ from tasks.image_metadata import METRICS_SCHEMA, image_metadata
 from tasks.listing import InputFile
 from tasks.sharding import Source
 from tasks.storage import read_table, write_parquet
-from tasks.timeouts import within
+from tasks.timeouts import ahead, within
 from tasks.video.quality import check_frame
 
 # Pillow's own bomb check uses a fixed global limit; ours is the configurable max_pixels, checked
 # from the header before decoding, so Pillow's is switched off in the processes that decode.
 Image.MAX_IMAGE_PIXELS = None
+
+# Sources a check reads ahead of making their rows.
+CHECKS_AHEAD = 8
 
 CHECK_SCHEMA = pa.schema(
     [
@@ -189,16 +193,18 @@ def found_row(source: Source, name: str, found: dict | str) -> dict:
 def check_files(input_dir: UPath, sources: list[Source], options: CheckOptions) -> pa.Table:
     """One CHECK_SCHEMA row per sample of the sources, in order."""
     threshold = check_threshold(options)
-    rows = []
-    for source in sources:
-        found = source.read(
+
+    def read(source: Source) -> Iterable[tuple[str, dict | str]]:
+        return source.read(
             input_dir,
             functools.partial(check_image, extension=source_extension(source, options), options=options),
             functools.partial(check_frame, threshold=threshold),
             options.decode_timeout,
         )
-        rows += [found_row(source, name, fields) for name, fields in found]
-    return check_table(rows)
+
+    # One thread reads and decodes the next files while this one makes the rows (and a range's frames).
+    found = zip(sources, ahead(read, sources, threads=1, most=CHECKS_AHEAD))
+    return check_table([found_row(source, name, fields) for source, samples in found for name, fields in samples])
 
 
 def check_threshold(options: CheckOptions) -> float | None:

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -36,10 +35,17 @@ from tasks.gathering import embedding_schema
 from tasks.models import EmbedOptions, ModelSpec
 from tasks.sharding import Source
 from tasks.storage import write_parquet
+from tasks.timeouts import ahead
 from tasks.video.frames import embedder_input
 
 if TYPE_CHECKING:
     import torch
+
+# Sources are read this many batches ahead of the model: the next batch is ready when the model is,
+# and a task of thousands of files at a large input size never holds all their inputs at once.
+BATCHES_AHEAD = 2
+
+R = TypeVar("R")
 
 
 def preprocess(image: Image.Image, input_size: int) -> np.ndarray:
@@ -71,12 +77,16 @@ def embed_sources(
             options.decode_timeout,
         )
 
-    # An image is read and decoded when its read is called, here in the pool's threads: Pillow
-    # releases the GIL while decoding and resizing, so threads overlap I/O and decode. A range's
-    # frames are decoded as they are taken, in order, so a long video streams in bounded memory.
-    with ThreadPoolExecutor(max_workers=max(1, options.num_threads)) as pool:
-        inputs = (result for found in pool.map(read, sources) for _, result in found)
-        return [name for source in sources for name in source.names()], *embed_inputs(inputs, model, options)
+    # An image is read and decoded when its read is called, here in `ahead`'s threads: Pillow
+    # releases the GIL while decoding and resizing, so threads overlap I/O, decode and the model. A
+    # range's frames are decoded as they are taken, in order, so a long video streams in bounded memory.
+    inputs = (result for found in read_ahead(read, sources, options) for _, result in found)
+    return [name for source in sources for name in source.names()], *embed_inputs(inputs, model, options)
+
+
+def read_ahead(read: Callable[[Source], R], sources: list[Source], options: EmbedOptions) -> Iterator[R]:
+    """read(source) for each source, in order, made by the decoding threads ahead of the model."""
+    return ahead(read, sources, options.num_threads, BATCHES_AHEAD * options.batch_size)
 
 
 def embed_inputs(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import av
@@ -35,7 +34,7 @@ from prefect import task
 from upath import UPath
 
 from tasks.decoding import CheckOptions, check_table, check_threshold, found_row, inspect_image, source_extension
-from tasks.embedding import embed_inputs, embed_pieces_with, embedding_column, preprocess
+from tasks.embedding import embed_inputs, embed_pieces_with, embedding_column, preprocess, read_ahead
 from tasks.models import EmbedOptions, ModelSpec
 from tasks.sharding import Source
 from tasks.video.frames import embedder_input
@@ -72,16 +71,15 @@ def check_and_embed(
         image = functools.partial(inspect_image_for_model, extension=extension, check=check, input_size=size)
         return source.read(input_dir, image, frame, check.decode_timeout)
 
-    def inputs(pool: ThreadPoolExecutor) -> Iterator[np.ndarray | str]:
+    def inputs() -> Iterator[np.ndarray | str]:
         # The rows are kept as the model's inputs are taken, so both stay in the sources' order.
-        for source, found in zip(sources, pool.map(read, sources)):
+        for source, found in zip(sources, read_ahead(read, sources, embed)):
             for name, result in found:
                 fields, model_input = (result, result) if isinstance(result, str) else result
                 rows.append(found_row(source, name, fields))
                 yield model_input
 
-    with ThreadPoolExecutor(max_workers=max(1, embed.num_threads)) as pool:
-        vectors, errors, seconds = embed_inputs(inputs(pool), model, embed)
+    vectors, errors, seconds = embed_inputs(inputs(), model, embed)
     return check_table(rows).append_column("embedding", embedding_column(vectors, errors)), seconds
 
 
