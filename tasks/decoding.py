@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import io
 from collections.abc import Iterable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,8 +204,9 @@ def check_files(input_dir: UPath, sources: list[Source], options: CheckOptions) 
         )
 
     # One thread reads and decodes the next files while this one makes the rows (and a range's frames).
-    found = zip(sources, ahead(read, sources, threads=1, most=CHECKS_AHEAD))
-    return check_table([found_row(source, name, fields) for source, samples in found for name, fields in samples])
+    with closing(ahead(read, sources, threads=1, most=CHECKS_AHEAD)) as read_sources:  # closed, its thread stops
+        found = zip(sources, read_sources)
+        return check_table([found_row(source, name, fields) for source, samples in found for name, fields in samples])
 
 
 def check_threshold(options: CheckOptions) -> float | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
@@ -80,8 +81,9 @@ def embed_sources(
     # An image is read and decoded when its read is called, here in `ahead`'s threads: Pillow
     # releases the GIL while decoding and resizing, so threads overlap I/O, decode and the model. A
     # range's frames are decoded as they are taken, in order, so a long video streams in bounded memory.
-    inputs = (result for found in read_ahead(read, sources, options) for _, result in found)
-    return [name for source in sources for name in source.names()], *embed_inputs(inputs, model, options)
+    with closing(read_ahead(read, sources, options)) as read_sources:  # closed, its threads stop
+        inputs = (result for found in read_sources for _, result in found)
+        return [name for source in sources for name in source.names()], *embed_inputs(inputs, model, options)
 
 
 def read_ahead(read: Callable[[Source], R], sources: list[Source], options: EmbedOptions) -> Iterator[R]:

@@ -24,7 +24,8 @@ decodes fully and the model is known before the check (flows/options.py: embeds_
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import closing
 from typing import TYPE_CHECKING
 
 import av
@@ -71,15 +72,16 @@ def check_and_embed(
         image = functools.partial(inspect_image_for_model, extension=extension, check=check, input_size=size)
         return source.read(input_dir, image, frame, check.decode_timeout)
 
-    def inputs() -> Iterator[np.ndarray | str]:
+    def inputs(read_sources: Iterator[Iterable[tuple[str, Inspected | str]]]) -> Iterator[np.ndarray | str]:
         # The rows are kept as the model's inputs are taken, so both stay in the sources' order.
-        for source, found in zip(sources, read_ahead(read, sources, embed)):
+        for source, found in zip(sources, read_sources):
             for name, result in found:
                 fields, model_input = (result, result) if isinstance(result, str) else result
                 rows.append(found_row(source, name, fields))
                 yield model_input
 
-    vectors, errors, seconds = embed_inputs(inputs(), model, embed)
+    with closing(read_ahead(read, sources, embed)) as read_sources:  # closed, its threads stop
+        vectors, errors, seconds = embed_inputs(inputs(read_sources), model, embed)
     return check_table(rows).append_column("embedding", embedding_column(vectors, errors)), seconds
 
 
