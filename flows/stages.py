@@ -54,7 +54,7 @@ from tasks.report.settings import ReportInputs
 from tasks.report.views import StartedViews, start_views
 from tasks.selection.inputs import RunTables
 from tasks.selection.tasks import select_samples, select_sequences, selected_filenames
-from tasks.sharding import Source, count_samples, stable_shards, video_shards
+from tasks.sharding import Batch, Source, count_samples, stable_shards, video_shards
 from tasks.storage import describe, read_parquet, write_parquet
 from tasks.video.frames import FrameRange
 from tasks.video.probe import corrupt_video_rows, probe_videos, read_videos
@@ -232,7 +232,7 @@ def batch_tasks(run: Run, task: Task, batches: Batches, gpu: bool = False, **fix
 
     def submit(i: int) -> PrefectFuture:
         with on_gpu(run) if gpu else nullcontext():
-            return task.submit(pieces=batches.pieces[i], out_paths=batches.paths[i], **fixed)
+            return task.submit(pieces=Batch(batches.pieces[i]), out_paths=batches.paths[i], **fixed)
 
     return in_turn(submit, len(batches.pieces), run.plan.slots)
 

@@ -32,12 +32,13 @@ import pyarrow as pa
 import xxhash
 from PIL import Image, ImageFile, ImageOps
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from upath import UPath
 
 from tasks.image_formats import extension_fits
 from tasks.image_metadata import METRICS_SCHEMA, image_metadata
 from tasks.listing import InputFile
-from tasks.sharding import Source
+from tasks.sharding import Batch, Source
 from tasks.storage import read_table, write_parquet
 from tasks.timeouts import ahead, within
 from tasks.video.quality import check_frame
@@ -224,9 +225,7 @@ def read_checks(paths: list[UPath]) -> pa.Table:
     return pa.concat_tables([read_table(path, columns=CHECK_SCHEMA.names) for path in paths])
 
 
-@task(name="decode-check", retries=2, retry_delay_seconds=1)
-def check_pieces(
-    input_dir: UPath, pieces: list[list[Source]], options: CheckOptions, out_paths: list[UPath]
-) -> list[UPath]:
+@task(name="decode-check", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def check_pieces(input_dir: UPath, pieces: Batch, options: CheckOptions, out_paths: list[UPath]) -> list[UPath]:
     """Check each piece of sources into its own Parquet file (see tasks/sharding.py)."""
     return [write_parquet(check_files(input_dir, files, options), out) for files, out in zip(pieces, out_paths)]

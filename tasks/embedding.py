@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing
 from typing import TYPE_CHECKING, TypeVar
 
@@ -29,12 +29,13 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from upath import UPath
 
 from tasks.decoding import CorruptImage, open_image
 from tasks.gathering import embedding_schema
 from tasks.models import EmbedOptions, ModelSpec
-from tasks.sharding import Source
+from tasks.sharding import Batch, Source
 from tasks.storage import write_parquet
 from tasks.timeouts import ahead
 from tasks.video.frames import embedder_input
@@ -149,7 +150,7 @@ def embeddings_table(
 
 
 def embed_pieces_with(
-    pieces: list[list[Source]],
+    pieces: Sequence[list[Source]],
     spec: ModelSpec,
     options: EmbedOptions,
     out_paths: list[UPath],
@@ -184,10 +185,10 @@ def warm_model(spec: ModelSpec, torch_threads: int) -> None:
     worker_model(spec, torch_threads)
 
 
-@task(name="embed-shard", retries=2, retry_delay_seconds=1)
+@task(name="embed-shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def embed_pieces(
     input_dir: UPath,
-    pieces: list[list[Source]],
+    pieces: Batch,
     spec: ModelSpec,
     options: EmbedOptions,
     out_paths: list[UPath],

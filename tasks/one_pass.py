@@ -32,12 +32,13 @@ import av
 import numpy as np
 import pyarrow as pa
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from upath import UPath
 
 from tasks.decoding import CheckOptions, check_table, check_threshold, found_row, inspect_image, source_extension
 from tasks.embedding import embed_inputs, embed_pieces_with, embedding_column, preprocess, read_ahead
 from tasks.models import EmbedOptions, ModelSpec
-from tasks.sharding import Source
+from tasks.sharding import Batch, Source
 from tasks.video.frames import embedder_input
 from tasks.video.quality import check_frame
 
@@ -85,10 +86,10 @@ def check_and_embed(
     return check_table(rows).append_column("embedding", embedding_column(vectors, errors)), seconds
 
 
-@task(name="check-embed", retries=2, retry_delay_seconds=1)
+@task(name="check-embed", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def check_embed_pieces(
     input_dir: UPath,
-    pieces: list[list[Source]],
+    pieces: Batch,
     spec: ModelSpec,
     check: CheckOptions,
     embed: EmbedOptions,

@@ -16,7 +16,8 @@ Glossary, from small to large:
   of a shard that earlier results cover are reused, so the last shard of a folder that grows at
   its end (files named by time) is not computed again whole every run; the new sources are cut
   into pieces for every task slot.
-- batch: the pieces one task computes (`pack_pieces`); the flow's `Batches`.
+- batch: the pieces one task computes (`pack_pieces`); the flow's `Batches`, and the `Batch` a
+  task is given.
 
     >>> [len(shard) for shard in stable_shards(list("abcdefgh"), str, shard_size=4, n_workers=2)]
     [4, 1, 3]
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -34,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
+from dask.tokenize import tokenize
 from upath import UPath
 
 from tasks.caching import prefix_keys, shard_key
@@ -257,6 +259,26 @@ def pack_pieces(sizes: list[int], slots: int, shard_size: int) -> list[list[int]
         batches.append(sorted(batch))
         rest -= load
     return batches
+
+
+class Batch(Sequence[list[Source]]):
+    """A batch's pieces, handed to its task as one value. Prefect walks a task's lists, tuples,
+    dicts and dataclasses element by element, three times a task (for futures in them, the task's
+    inputs and its cache key): 0.2 to 0.3 s of a 2-core machine for a task of 2,000 files. A value
+    of a type it does not know it passes whole. Its own wrapper for this, `quote`, is a named
+    tuple, which Dask's task arguments turn into a plain one."""
+
+    def __init__(self, pieces: list[list[Source]]) -> None:
+        self._pieces = pieces
+
+    def __getitem__(self, index: int) -> list[Source]:
+        return self._pieces[index]
+
+    def __len__(self) -> int:
+        return len(self._pieces)
+
+    def __dask_tokenize__(self) -> tuple:
+        return ("Batch", tokenize(self._pieces))
 
 
 def count_samples(shard: list[Source]) -> int:

@@ -1,9 +1,11 @@
 import pyarrow as pa
+from dask.tokenize import tokenize
+from prefect.utilities.collections import visit_collection
 
 from tasks import decoding
 from tasks.caching import shard_key
 from tasks.listing import InputFile
-from tasks.sharding import LARGEST_BATCH, MIN_PIECE, pack_pieces, plan_pieces, stable_shards
+from tasks.sharding import LARGEST_BATCH, MIN_PIECE, Batch, pack_pieces, plan_pieces, stable_shards
 from tests.options import check_options
 
 
@@ -116,3 +118,20 @@ def test_a_task_takes_at_most_largest_batch_shards():
     assert [len(task) for task in tasks[:3]] == [LARGEST_BATCH] * 3
     assert sum(len(task) for task in tasks) == 1000 and len(tasks[-1]) == 1
     assert pack_pieces([], slots=2, shard_size=256) == []
+
+
+def test_a_batch_reaches_prefect_as_one_value():
+    files = [InputFile(f"{i}.jpg", 0, 1, "0.0") for i in range(2000)]
+    pieces = [files[:1500], files[1500:]]
+    walked_list, walked_batch = [], []
+    visit_collection({"pieces": pieces}, walked_list.append)
+    visit_collection({"pieces": Batch(pieces)}, walked_batch.append)
+    # Prefect walks a list of files file by file, field by field; a batch is one value to it.
+    assert len(walked_list) > 2000 * 4 and len(walked_batch) == 3  # the dict, its key, the batch
+    batch = Batch(pieces)
+    assert len(batch) == 2 and list(batch) == pieces and batch[1] == files[1500:]
+    assert (
+        tokenize(batch)
+        == tokenize(Batch([files[:1500], files[1500:]]))
+        != tokenize(Batch([files[:1499], files[1499:]]))
+    )
