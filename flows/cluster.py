@@ -30,7 +30,7 @@ from distributed.utils import import_term
 from prefect_dask import DaskTaskRunner
 
 from flows.config import ThresherConfig
-from flows.worker_server import start_worker_server
+from flows.worker_server import LEFT_OUT_OF_WORKER_ENVIRON, start_worker_server
 
 SPEC_DIR = Path(__file__).parent / "clusters"
 WORKER_SETUP = "flows.worker_setup"  # the preload module of the workers a run starts
@@ -69,17 +69,14 @@ class ClusterPlan:
 
     def task_runner(self) -> DaskTaskRunner:
         """A runner on the existing scheduler, or on the local cluster spec sized to this machine."""
-        # Dask's nannies give their workers MALLOC_TRIM_THRESHOLD_, which turns glibc's adaptive
-        # mmap threshold off: every large buffer (a decoded photo, a batch's activations) is then
-        # mapped and unmapped anew. Its page faults took 38% of the CPU and halved the one pass's
-        # images/s (check and embed, 500x375 JPEGs, 2 cores), so the workers this run starts go
-        # without it.
-        # The worker processes this run starts end fast (flows/worker_setup.py); never the run's own
-        # process, which holds the workers of dask.cluster=local-threads.
+        # The workers go without some of the environment Dask's nannies give them (see
+        # LEFT_OUT_OF_WORKER_ENVIRON). The worker processes this run starts end fast
+        # (flows/worker_setup.py); never the run's own process, which holds the workers of
+        # dask.cluster=local-threads.
         preload = [name for name in dask.config.get("distributed.worker.preload", []) if name != WORKER_SETUP]
         dask.config.set(
             {
-                "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                **{f"distributed.nanny.pre-spawn-environ.{name}": None for name in LEFT_OUT_OF_WORKER_ENVIRON},
                 "distributed.worker.preload": [*preload, WORKER_SETUP] if self.own_workers else preload,
             }
         )

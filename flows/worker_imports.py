@@ -20,6 +20,8 @@ from pathlib import Path
 import dask
 import yaml
 
+from flows.worker_server import LEFT_OUT_OF_WORKER_ENVIRON
+
 # The environment each nanny sets before it starts a worker (see distributed.Nanny), set here
 # before the imports below: a forked worker has the server's environment, and libraries such as
 # OpenBLAS read theirs as they load. Dask's defaults for it are read as `import distributed` reads
@@ -29,7 +31,11 @@ dask.config.update_defaults(
     yaml.safe_load((Path(importlib.util.find_spec("distributed").origin).parent / "distributed.yaml").read_text())
 )
 os.environ.update(
-    {key: str(value) for key, value in dask.config.get("distributed.nanny.pre-spawn-environ").items() if value}
+    {
+        key: str(value)
+        for key, value in dask.config.get("distributed.nanny.pre-spawn-environ").items()
+        if value and key not in LEFT_OUT_OF_WORKER_ENVIRON
+    }
 )
 
 WORKER_MODULES = (

@@ -15,6 +15,13 @@ import threading
 
 WORKER_IMPORTS = "flows.worker_imports"
 
+# Dask's nannies give their workers MALLOC_TRIM_THRESHOLD_, which turns glibc's adaptive mmap
+# threshold off: every large buffer (a decoded photo, a batch's activations) is then mapped and
+# unmapped anew. Its page faults took 38% of the CPU and halved the one pass's images/s (check and
+# embed, 500x375 JPEGs, 2 cores), so the workers a run starts, and the server they fork from, go
+# without it (flows/cluster.py, flows/worker_imports.py).
+LEFT_OUT_OF_WORKER_ENVIRON = ("MALLOC_TRIM_THRESHOLD_",)
+
 
 @functools.cache  # once per process
 def start_worker_server() -> None:

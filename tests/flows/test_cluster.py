@@ -55,18 +55,21 @@ def test_the_fast_exit_preload_goes_to_worker_processes_only_and_keeps_the_users
         assert preloads("dask.cluster=local-threads") == ["users.own"]
 
 
-def worker_state() -> tuple[bool, str | None]:
+def worker_state() -> tuple[bool, str | None, str | None]:
     print("a worker's log line", file=sys.stderr, flush=True)
-    return "timm" in sys.modules and "tasks.one_pass" in sys.modules, os.environ.get("THRESHER_TEST_LATE")
+    imported = "timm" in sys.modules and "tasks.one_pass" in sys.modules
+    return imported, os.environ.get("THRESHER_TEST_LATE"), os.environ.get("MALLOC_TRIM_THRESHOLD_")
 
 
 def test_own_workers_fork_from_a_server_that_has_imported_their_stages(tmp_path, monkeypatch, capfd):
     keys = [f"input_dir={tmp_path}", f"output_dir={tmp_path}", "stopping_condition.n_samples=1", "dask.n_workers=1"]
     plan = cluster_plan(validate_config(parse_overrides(keys)))
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     start_worker_server()  # as the command starts: before the environment below is set
     monkeypatch.setenv("THRESHER_TEST_LATE", "set")
     with plan.task_runner() as runner:
-        # A worker started afresh would import torch and timm only for its first model.
-        assert list(runner.client.run(worker_state).values()) == [(True, "set")]
+        # A worker started afresh would import torch and timm only for its first model; neither the
+        # worker nor the server it forks from has the malloc trimming that Dask's nannies set.
+        assert list(runner.client.run(worker_state).values()) == [(True, "set", None)]
     # What the workers write to stderr reaches this process's stderr (a run's log file).
     assert "a worker's log line" in capfd.readouterr().err
