@@ -13,10 +13,24 @@ import sys
 from flows.worker_server import start_worker_server
 
 
+def starts_own_workers(arguments: list[str]) -> bool:
+    """Whether the command is a run on workers of its own: `run`, naming no scheduler. Overrides are
+    read as flows/overrides.py reads them (spaces around a key do not count, the last of a key wins,
+    an empty `dask.address` is a local cluster), but without its imports, which would hold up the
+    server's start."""
+    if arguments[:1] != ["run"]:
+        return False
+    address = ""
+    for argument in arguments[1:]:
+        key, sep, value = argument.partition("=")
+        if sep and key.strip() == "dask.address":
+            address = value
+    return not address.strip().strip("'\"")  # '' and "" are YAML's empty strings
+
+
 def entry() -> None:
     """`flows.cli.main`, then the process's end."""
-    arguments = sys.argv[1:]
-    if arguments[:1] == ["run"] and not any(a.startswith("dask.address=") for a in arguments):
+    if starts_own_workers(sys.argv[1:]):
         start_worker_server()
     from flows.cli import main
 

@@ -5,6 +5,7 @@ import dask
 import pytest
 
 from flows.cluster import WORKER_SETUP, cluster_plan, load_cluster_spec
+from flows.entry import starts_own_workers
 from flows.overrides import parse_overrides
 from flows.validation import validate_config
 from flows.worker_server import start_worker_server
@@ -73,3 +74,19 @@ def test_own_workers_fork_from_a_server_that_has_imported_their_stages(tmp_path,
         assert list(runner.client.run(worker_state).values()) == [(True, "set", None)]
     # What the workers write to stderr reaches this process's stderr (a run's log file).
     assert "a worker's log line" in capfd.readouterr().err
+
+
+def test_the_command_starts_the_worker_server_only_for_a_run_on_its_own_workers():
+    def own(*overrides: str) -> bool:
+        return starts_own_workers(["run", "input_dir=in", *overrides])
+
+    assert own() and own("dask.n_workers=2") and own("dask.address=") and own("dask.address=''")
+    assert not own("dask.address=tcp://scheduler:8786") and not own(" dask.address =tcp://scheduler:8786")
+    # The last of a key wins, as in the run's config.
+    assert own("dask.address=tcp://scheduler:8786", "dask.address=")
+    assert not own("dask.address=", "dask.address=tcp://scheduler:8786")
+    # Overrides read as the config reads them name the same cluster.
+    for overrides in (["dask.address=tcp://scheduler:8786", "dask.address="], [" dask.address =tcp://s:1"]):
+        address = parse_overrides(overrides).get("dask", {}).get("address", "")
+        assert own(*overrides) == (not address)
+    assert not starts_own_workers(["server", "stop"]) and not starts_own_workers([])
