@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image
 from upath import UPath
 
 from tasks import decoding, listing
@@ -74,6 +75,23 @@ def test_one_pass_reads_and_decodes_each_image_once(mixed, monkeypatch):
     check_and_embed(UPath(root), images, model, check_options(), embed_options())
     # every file is read once; all but the PNG named .jpg (refused from its header) are decoded once
     assert calls == {"read": len(images), "decode": len(images) - 1}
+
+
+def test_a_decode_over_its_time_limit_is_left_behind_and_the_others_are_embedded(tmp_path):
+    for name in ("chelsea_00.jpg", "coffee_01.jpg", "rocket_02.jpg"):
+        shutil.copy(EXAMPLES / "objects" / name, tmp_path / name)
+    # A real slow decode: 6000x6000 of deflated zeros is 100 kB on disk and a 36 MP decode.
+    save(Image.new("L", (6000, 6000)), tmp_path / "b_slow.png")
+    files = list_images(UPath(tmp_path))
+    model = load_backbone("efficientnet-lite0", 32, None, 1, "cpu")
+    options = check_options(decode_timeout=0.02)
+    table, _ = check_and_embed(UPath(tmp_path), files, model, options, embed_options(batch_size=2))
+    rows = {row["filename"]: row for row in table.to_pylist()}
+    slow = rows.pop("b_slow.png")
+    # The row a timed-out decode gives, with the file's hash; the files after it go on.
+    assert slow["error"] == "decoding timed out: gave up after 0.02 s (corruptness_check.decode_timeout)"
+    assert slow["content_hash"] and slow["embedding"] is None
+    assert len(rows) == 3 and all(row["error"] is None and row["embedding"] for row in rows.values())
 
 
 def test_a_piece_of_the_one_pass_reads_as_a_check_table(mixed, tmp_path):
