@@ -1,13 +1,15 @@
 """Check stage: how long `check_files` (decode, hash, image metadata) takes per image, in one
-process, on the bundled example images and on a synthetic set of 640x480 JPEGs, and what the
-image metadata (tasks/image_metadata.py) adds to it.
+process, on the bundled example images and on a synthetic set of 640x480 JPEGs; what the image
+metadata (tasks/image_metadata.py) adds to it; and what a thread per decode for its time limit
+(`tasks.timeouts.within` outside `ahead`, as every decode ran before) would add.
 
     .venv/bin/python -m benchmarks.check [--n 200] [--repeat 15]
 
 Prints, per set, the best of `repeat` timings of one `check_files` call over the whole set (the
-best, since the work is fixed and the rest is noise from other processes), with the metadata and
-without it (its functions replaced by no-ops), the two runs alternating so that both meet the same
-load. Not part of the test suite.
+best, since the work is fixed and the rest is noise from other processes): as it runs, without the
+metadata (its functions replaced by no-ops), and with a thread per decode (the files checked one
+after another in the caller's thread, each decode handed to a thread of its own). The variants
+alternate so that all meet the same load. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 from upath import UPath
@@ -25,21 +29,36 @@ from tests.images import picture, save
 from tests.options import check_options
 
 
-def best_seconds(root: Path, repeat: int) -> tuple[int, float, float]:
-    """(files, best seconds with the image metadata, best seconds without)."""
+@contextmanager
+def replaced(name: str, stand_in: Callable) -> AbstractContextManager:
+    """tasks.decoding's `name` replaced by `stand_in` meanwhile."""
+    measured = getattr(decoding, name)
+    setattr(decoding, name, stand_in)
+    try:
+        yield
+    finally:
+        setattr(decoding, name, measured)
+
+
+VARIANTS: dict[str, Callable[[], AbstractContextManager]] = {
+    "as it runs": nullcontext,
+    "without the metadata": lambda: replaced("image_metadata", lambda image: {}),
+    "a thread per decode": lambda: replaced("ahead", lambda function, items, threads, most: map(function, items)),
+}
+
+
+def best_seconds(root: Path, repeat: int) -> tuple[int, dict[str, float]]:
+    """(files, each variant's best seconds)."""
     files = list_images(UPath(root))
     options = check_options()
-    measured = decoding.image_metadata
-    timings: dict[bool, list[float]] = {True: [], False: []}
+    timings: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(repeat):
-        for with_metadata in (True, False):
-            if not with_metadata:
-                decoding.image_metadata = lambda image: {}
-            start = time.perf_counter()
-            decoding.check_files(UPath(root), files, options)
-            timings[with_metadata].append(time.perf_counter() - start)
-            decoding.image_metadata = measured
-    return len(files), min(timings[True]), min(timings[False])
+        for name, variant in VARIANTS.items():
+            with variant():
+                start = time.perf_counter()
+                decoding.check_files(UPath(root), files, options)
+                timings[name].append(time.perf_counter() - start)
+    return len(files), {name: min(seconds) for name, seconds in timings.items()}
 
 
 def main() -> None:
@@ -51,11 +70,12 @@ def main() -> None:
         for i in range(args.n):
             save(picture(i, (640, 480)), Path(folder) / f"img_{i:04d}.jpg", quality=90)
         for name, root in (("examples/images", Path("examples/images")), (f"{args.n} x 640x480 JPEG", Path(folder))):
-            count, seconds, without = best_seconds(root, args.repeat)
-            print(
-                f"{name}: {count} files, {1000 * seconds / count:.2f} ms/file, without the metadata "
-                f"{1000 * without / count:.2f} ms/file: x{seconds / without:.3f}"
-            )
+            count, best = best_seconds(root, args.repeat)
+            now = best["as it runs"]
+            print(f"{name}: {count} files, {1000 * now / count:.2f} ms/file as it runs")
+            for variant, seconds in best.items():
+                if variant != "as it runs":
+                    print(f"  {variant}: {1000 * seconds / count:.2f} ms/file (as it runs takes x{now / seconds:.3f})")
 
 
 if __name__ == "__main__":
