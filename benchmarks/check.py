@@ -30,7 +30,7 @@ from tests.options import check_options
 
 
 @contextmanager
-def replaced(name: str, stand_in: Callable) -> AbstractContextManager:
+def replaced(name: str, stand_in: Callable) -> Iterator[None]:
     """tasks.decoding's `name` replaced by `stand_in` meanwhile."""
     measured = getattr(decoding, name)
     setattr(decoding, name, stand_in)
