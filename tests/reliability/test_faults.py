@@ -80,7 +80,7 @@ def clean_run(tmp_path_factory, dask_address):
     return root / "in", root / "clean" / "run"
 
 
-def test_a_run_killed_at_each_stage_resumes_to_the_clean_result(clean_run, tmp_path):
+def test_a_run_killed_at_each_stage_resumes_to_the_clean_result(clean_run, tmp_path, prefect_home):
     source, clean = clean_run
     shared, out = tmp_path / "shared", tmp_path / "out"
     shared.mkdir()
@@ -96,8 +96,10 @@ def test_a_run_killed_at_each_stage_resumes_to_the_clean_result(clean_run, tmp_p
         "dask.cluster=local-threads",
         *OPTIONS,
     ]
-    # Each run starts its own temporary Prefect server, as a user's does: a killed run takes it down with it.
+    # The runs report to the shared local Prefect server, as a user's do: started by the first run in
+    # the test's own Prefect home, it outlives the killed runs (flows/server.py) and stops with the test.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(prefect_home)
     # Each run resumes the one killed before it: while checking and embedding, while writing outputs.
     markers = {
         "check-embed": lambda: any((cache / "check-embed").glob("*.parquet")),
@@ -106,7 +108,7 @@ def test_a_run_killed_at_each_stage_resumes_to_the_clean_result(clean_run, tmp_p
     for stage, marker in markers.items():
         log = tmp_path / f"killed-in-{stage}.log"
         with log.open("w") as output:
-            # A process group of its own: the kill takes the whole run (its Prefect server too).
+            # A process group of its own: the kill takes the whole run, not the shared server.
             process = subprocess.Popen(
                 command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
             )
