@@ -142,9 +142,12 @@ def import_umap() -> ModuleType:
         import umap
         from numba.core.dispatcher import Dispatcher
 
-        for name, module in list(sys.modules.items()):
+        # Copies, as Python's docs advise: another thread's imports (a report plot's, a task's) can
+        # add modules while this loops, and list() over the live dict raised "dictionary changed
+        # size during iteration" in a run.
+        for name, module in sys.modules.copy().items():
             if name.startswith("umap."):
-                for value in list(vars(module).values()):
+                for value in vars(module).copy().values():
                     if isinstance(value, Dispatcher):
                         value.enable_caching()
     return umap

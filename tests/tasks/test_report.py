@@ -526,7 +526,7 @@ from numba.core.dispatcher import Dispatcher
 from tasks.report.views import import_umap, pca_2d, umap_2d
 
 def counts():
-    functions = [v for n, m in list(sys.modules.items()) if n.startswith("umap.") for v in vars(m).values()
+    functions = [v for n, m in sys.modules.copy().items() if n.startswith("umap.") for v in vars(m).values()
                  if isinstance(v, Dispatcher)]
     return [sum(len(f.stats.cache_hits) for f in functions), sum(len(f.stats.cache_misses) for f in functions)]
 
