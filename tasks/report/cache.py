@@ -155,7 +155,8 @@ class ReportCache:
         or started on `executor`, the plots side by side; `finish` waits for those."""
         drawing = []
         for plot in plots:
-            stored = self.root / "plots" / f"{content_key(plot.draw.__name__, *plot.inputs)}.png" if self.root else None
+            key = content_key(plot.draw.__name__, *plot.inputs)
+            stored = self.root / "plots" / f"{key}{Path(plot.name).suffix}" if self.root else None
             if stored is not None and stored.exists():
                 copy(stored, plots_dir / plot.name)
             else:

@@ -16,8 +16,11 @@ from tasks.storage import atomic_target, describe, is_local, read_bytes
 ARTIFACT_PREFIX = "thresher-report"
 
 
+MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg"}  # of the plot files (tasks/report/plots.py)
+
+
 def _data_uri(path: UPath) -> str:
-    return "data:image/png;base64," + base64.b64encode(read_bytes(path)).decode("ascii")
+    return f"data:{MEDIA_TYPES[path.suffix]};base64," + base64.b64encode(read_bytes(path)).decode("ascii")
 
 
 def _number(value: float | int | None, digits: int = 3) -> str:

@@ -117,11 +117,11 @@ def test_a_pair_shows_the_retained_image_left_in_the_selected_colour_and_a_missi
     plot_pair(
         {"retained": "kept.jpg", "removed": "gone.jpg", "distance": 0.5},
         thumbnails.subset(["kept.jpg", "gone.jpg"]),
-        tmp_path / "pair.png",
+        tmp_path / "pair.jpg",
     )
-    with Image.open(tmp_path / "pair.png") as image:
+    with Image.open(tmp_path / "pair.jpg") as image:
         width, height = image.size
-        assert image.format == "PNG" and width > 2 * height > 0
+        assert image.format == "JPEG" and width > 2 * height > 0
         pixels = np.asarray(image.convert("RGB")).astype(int)
     left, right = pixels[:, : width // 2], pixels[:, width // 2 :]
     orange = np.array(Image.new("RGB", (1, 1), COLOURS["selected"]).getpixel((0, 0)))
@@ -341,7 +341,7 @@ def _plot_files(plots: dict) -> list[str]:
     return [name for value in values for name in (value if not isinstance(value, str) else [value])]
 
 
-def test_every_referenced_plot_exists_and_is_a_valid_png(run):
+def test_every_referenced_plot_exists_charts_as_pngs_and_image_pairs_as_jpegs(run):
     run_dir, _ = run
     plots = json.loads((run_dir / "report.json").read_text())["plots"]
     expected = {
@@ -350,7 +350,7 @@ def test_every_referenced_plot_exists_and_is_a_valid_png(run):
         "scatter_pca.png",
         "scatter_pca_no_overlay.png",
         *(f"scatter_umap_k_{k}{suffix}.png" for k in (5, 15, 50) for suffix in ("", "_no_overlay")),
-        *(f"filter_decision_{i}.png" for i in range(4)),
+        *(f"filter_decision_{i}.jpg" for i in range(4)),
         "video_timelines.png",
         "datapool_growth.png",
     }
@@ -358,8 +358,17 @@ def test_every_referenced_plot_exists_and_is_a_valid_png(run):
     assert {p.name for p in (run_dir / "plots").iterdir()} == set(_plot_files(plots))
     for name in _plot_files(plots):
         with Image.open(run_dir / "plots" / name) as image:
-            assert image.format == "PNG"
+            assert image.format == {".png": "PNG", ".jpg": "JPEG"}[Path(name).suffix]
             image.verify()
+
+
+def test_the_pdf_holds_each_image_pair_as_the_jpeg_file_itself(run):
+    # weasyprint decodes and compresses a PNG again for the PDF; a JPEG it copies (DCTDecode)
+    run_dir, _ = run
+    pdf = (run_dir / "report.pdf").read_bytes()
+    pairs = sorted((run_dir / "plots").glob("*.jpg"))
+    assert len(pairs) >= 4 and all(pair.read_bytes() in pdf for pair in pairs)
+    assert pdf.count(b"/DCTDecode") >= len(pairs)
 
 
 def test_pdf_has_every_section_and_the_numbers_of_the_json(run):
@@ -411,7 +420,10 @@ def test_html_is_self_contained(run):
     run_dir, _ = run
     html = (run_dir / "report.html").read_text()
     sources = re.findall(r'src="([^"]*)"', html)
-    assert len(sources) >= 10 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) >= 10 and all(
+        s.startswith(("data:image/png;base64,", "data:image/jpeg;base64,")) for s in sources
+    )
+    assert any(s.startswith("data:image/jpeg;base64,") for s in sources)  # the image pairs
     assert "<link" not in html and "url(" not in html
 
 
@@ -621,7 +633,7 @@ def test_a_changed_image_redraws_the_plots_that_show_it(inputs, tmp_path):
     save(picture(99), images / shown, format="JPEG", quality=90)
     second = _build(inputs, tmp_path / "second", cache_dir=cache, config=config, settings=settings)
     before, after = _pngs(tmp_path / "first"), _pngs(tmp_path / "second")
-    assert after["filter_decision_0.png"] != before["filter_decision_0.png"]
+    assert after["filter_decision_0.jpg"] != before["filter_decision_0.jpg"]
     unchanged = [name for name in before if name.startswith(("distance", "nn_", "video", "datapool"))]
     assert unchanged and all(after[name] == before[name] for name in unchanged)
     assert second["example_pairs"] == first["example_pairs"]
