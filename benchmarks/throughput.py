@@ -4,15 +4,16 @@ Makes N ImageNet-size JPEGs (500x375, quality 90) from the example photos (rando
 and colour shifts, so none is a duplicate), then measures:
 
 - the ceiling: a full decode of every file on all cores (one process per core, `open_image`, as
-  the check decodes), and the default model (EfficientNet-Lite0 at input_size 64, batches of 16)
-  on all cores (one single-threaded process per core, as the local cluster runs). The per-image
+  the check decodes), and the default model (EfficientNet-Lite0 at input_size 64, in Thresher's
+  batches of 32 or a script's of 16) on all cores (one single-threaded process per core, as the local cluster runs). The per-image
   work a run must do is one decode and one forward pass, so its ceiling is
   1 / (1 / decode rate + 1 / model rate); the model both as Thresher runs it (tasks.backbones:
   batch norms fused, channels-last) and plainly, as a user's script would;
 - the README's example run, cold, against a minimal script that imports torch, builds the model and
   embeds the same images (each a new process);
 - a cold `thresher run` with default settings (a new process, an empty cache and output folder)
-  by this checkout and, with --baseline, by another checkout (its own .venv), alternately;
+  by this checkout and, with --baseline, by another checkout (its own .venv), alternately, in
+  rounds (--repeat), the ceiling measured again at the start of each round;
   per run: the wall time, the time until its first console line, the console's line count,
   report.json's stage rates, the check + embed rate against the ceiling, and the whole run's
   images/s. The Prefect server is whatever a user's run gets (PREFECT_API_URL is unset).
@@ -253,12 +254,6 @@ def main() -> None:
         start = time.perf_counter()
         paths = make_photos(work / "photos", args.n, cores)
         print(f"{args.n} photos {SIZE[0]}x{SIZE[1]} made in {time.perf_counter() - start:.0f} s; {cores} cores")
-        top = ceiling(paths, cores)
-        print(
-            f"ceiling: full decode {top['decode']:.0f} images/s, model {top['model']:.0f} images/s, "
-            f"both {top['ceiling']:.0f} images/s; with the plain model {top['plain_model']:.0f} and "
-            f"{top['plain_ceiling']:.0f} images/s"
-        )
         example = readme_example(HERE, work)
         print(
             f"README example: {example['run']['wall']:.1f} s cold, {example['run']['lines']} console lines; "
@@ -267,12 +262,21 @@ def main() -> None:
         )
         checkouts = {"this": HERE, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
         runs: dict[str, list[dict]] = {name: [] for name in checkouts}
+        tops = []
         for i in range(args.repeat):
+            # Measured before each round: this machine's speed drifts by a third within minutes, so
+            # each run is set against the ceiling measured next to it.
+            tops.append(ceiling(paths, cores))
             for name, code in checkouts.items():
                 runs[name].append(cold_run(code, work / "photos", work, f"{name}-{i}"))
-        for name, done in runs.items():
-            for run in done:
-                show(name, run, args.n, top)
+        for i, top in enumerate(tops):
+            print(
+                f"\nround {i + 1}: ceiling: full decode {top['decode']:.0f} images/s, model {top['model']:.0f} "
+                f"images/s, both {top['ceiling']:.0f} images/s; with the plain model {top['plain_model']:.0f} "
+                f"and {top['plain_ceiling']:.0f} images/s"
+            )
+            for name, done in runs.items():
+                show(name, done[i], args.n, top)
         if args.baseline:
             this = min(r["wall"] for r in runs["this"])
             base = min(r["wall"] for r in runs["baseline"])
