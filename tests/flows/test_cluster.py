@@ -3,8 +3,9 @@ import sys
 
 import dask
 import pytest
+from distributed import Worker
 
-from flows.cluster import WORKER_SETUP, cluster_plan, load_cluster_spec
+from flows.cluster import PROFILE_SETTING, WORKER_SETUP, cluster_plan, load_cluster_spec
 from flows.entry import starts_own_workers
 from flows.overrides import parse_overrides
 from flows.validation import validate_config
@@ -56,24 +57,35 @@ def test_the_fast_exit_preload_goes_to_worker_processes_only_and_keeps_the_users
         assert preloads("dask.cluster=local-threads") == ["users.own"]
 
 
-def worker_state() -> tuple[bool, str | None, str | None]:
+def worker_state(dask_worker: Worker) -> tuple[bool, str | None, str | None, bool]:
     print("a worker's log line", file=sys.stderr, flush=True)
     imported = "timm" in sys.modules and "tasks.one_pass" in sys.modules
-    return imported, os.environ.get("THRESHER_TEST_LATE"), os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    profiled = "profile" in dask_worker.periodic_callbacks  # Client.run passes the worker by name
+    return imported, os.environ.get("THRESHER_TEST_LATE"), os.environ.get("MALLOC_TRIM_THRESHOLD_"), profiled
 
 
 def test_own_workers_fork_from_a_server_that_has_imported_their_stages(tmp_path, monkeypatch, capfd):
     keys = [f"input_dir={tmp_path}", f"output_dir={tmp_path}", "stopping_condition.n_samples=1", "dask.n_workers=1"]
     plan = cluster_plan(validate_config(parse_overrides(keys)))
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.delenv(PROFILE_SETTING, raising=False)
     start_worker_server()  # as the command starts: before the environment below is set
     monkeypatch.setenv("THRESHER_TEST_LATE", "set")
-    with plan.task_runner() as runner:
+    with dask.config.set({"distributed.worker.profile.enabled": True}), plan.task_runner() as runner:
         # A worker started afresh would import torch and timm only for its first model; neither the
-        # worker nor the server it forks from has the malloc trimming that Dask's nannies set.
-        assert list(runner.client.run(worker_state).values()) == [(True, "set", None)]
+        # worker nor the server it forks from has the malloc trimming that Dask's nannies set, and
+        # the worker runs without Dask's profiler.
+        assert list(runner.client.run(worker_state).values()) == [(True, "set", None, False)]
     # What the workers write to stderr reaches this process's stderr (a run's log file).
     assert "a worker's log line" in capfd.readouterr().err
+
+
+def test_own_workers_keep_dasks_profiler_when_its_variable_asks_for_it(tmp_path, monkeypatch):
+    keys = [f"input_dir={tmp_path}", f"output_dir={tmp_path}", "stopping_condition.n_samples=1", "dask.n_workers=1"]
+    plan = cluster_plan(validate_config(parse_overrides(keys)))
+    monkeypatch.setenv(PROFILE_SETTING, "True")  # as dask read it, here set directly
+    with dask.config.set({"distributed.worker.profile.enabled": True}), plan.task_runner() as runner:
+        assert [state[3] for state in runner.client.run(worker_state).values()] == [True]
 
 
 def test_the_command_starts_the_worker_server_only_for_a_run_on_its_own_workers():
