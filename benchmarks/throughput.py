@@ -5,9 +5,9 @@ and colour shifts, so none is a duplicate), then measures:
 
 - the ceiling: a full decode of every file on all cores (one process per core, `open_image`, as
   the check decodes), and the default model (EfficientNet-Lite0 at input_size 64, in Thresher's
-  batches of 32 or a script's of 16) on all cores (one single-threaded process per core, as the local cluster runs). The per-image
-  work a run must do is one decode and one forward pass, so its ceiling is
-  1 / (1 / decode rate + 1 / model rate); the model both as Thresher runs it (tasks.backbones:
+  batches of 32 or a script's of 16) on all cores (one single-threaded process per core, as the
+  local cluster runs). The per-image work a run must do is one decode and one forward pass, so its
+  ceiling is 1 / (1 / decode rate + 1 / model rate); the model both as Thresher runs it (tasks.backbones:
   batch norms fused, channels-last) and plainly, as a user's script would;
 - the README's example run, cold, against a minimal script that imports torch, builds the model and
   embeds the same images (each a new process);
