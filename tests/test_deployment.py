@@ -1,6 +1,7 @@
 """The service topology without Docker: a real `prefect server`, a `dask scheduler` with two
 `dask worker` processes, a process work pool and worker, the deployments of
-`deployments/prefect.yaml`, and runs started with `prefect deployment run --param ...`."""
+`deployments/prefect.yaml`, and runs started with `prefect deployment run --param ...`; the
+services read infra/dask.yaml, as the image's do."""
 
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from distributed import Client
 
 from tests.images import picture, save
 
@@ -57,6 +59,7 @@ def service(tmp_path_factory):
         PREFECT_LOGGING_EXTRA_LOGGERS="tasks,flows",
         THRESHER_HOME=str(ROOT),
         THRESHER_DASK_ADDRESS=scheduler,
+        DASK_CONFIG=str(ROOT / "infra" / "dask.yaml"),  # as the image has it in /etc/dask
     )
     logs = open(root / "services.log", "w")
     processes = [
@@ -120,6 +123,15 @@ def service(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 process.kill()
         logs.close()
+
+
+def test_the_services_workers_run_without_dasks_profiler_and_malloc_trimming(service):
+    def state(dask_worker) -> tuple[bool, str | None]:  # Client.run passes the worker by name
+        return "profile" in dask_worker.periodic_callbacks, os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+    with Client(service["env"]["THRESHER_DASK_ADDRESS"], timeout="30s") as client:
+        client.wait_for_workers(2, timeout=60)
+        assert list(client.run(state).values()) == [(False, None)] * 2
 
 
 def _deployment_run(service, *params: str) -> dict:

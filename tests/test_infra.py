@@ -24,6 +24,8 @@ def test_dockerfile_is_multi_stage_non_root_and_locked():
     text = (ROOT / "images" / "Dockerfile").read_text()
     assert "FROM runtime AS cpu" in text and "FROM runtime AS cuda" in text
     assert text.count("uv sync --locked") >= 3 and "USER 1000" in text
+    # The Dask workers' settings, which tests/test_deployment.py gives its workers the same way.
+    assert "COPY infra/dask.yaml /etc/dask/" in text
 
 
 def test_compose_file_is_valid_and_has_the_topology():
