@@ -109,7 +109,9 @@ def start_server(timeout: float) -> ServerState:
     with open(log_path(), "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-            + ["--no-services", "--analytics-off"],  # a server for runs to report to, not a scheduler
+            # Its services record the runs' task runs from their events, for the UI; no schedules
+            # run here (deployments report to their own server), so neither does the scheduler.
+            + ["--no-scheduler", "--no-late-runs", "--analytics-off"],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -1,11 +1,13 @@
 """The local Prefect server that runs share (flows/server.py), started for real in a PREFECT_HOME
 of the test's own and stopped at its end."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import copy_context
 
 import httpx
 import psutil
+from prefect import flow, task
 
 from flows.cli import prefect_api
 from flows.server import healthy, log_path, read_state, server_status, shared_server, stop_server
@@ -27,6 +29,9 @@ def test_runs_share_one_server_until_it_is_stopped(prefect_home):
         from prefect.settings import PREFECT_API_URL
 
         assert ui == first.url and PREFECT_API_URL.value() == first.api_url
+        # and its UI shows each run's tasks: the server records them from the runs' events
+        flow_run = one_task_flow(return_state=True).state_details.flow_run_id
+        assert recorded_task_runs(first.api_url, str(flow_run)) == ["double-it"]
 
     assert stop_server() == f"Stopped the local Prefect server at {first.url}."
     assert not psutil.pid_exists(first.pid) and read_state() is None
@@ -44,6 +49,27 @@ def test_a_run_falls_back_to_a_temporary_server_when_none_can_start(prefect_serv
     out = capsys.readouterr().out
     assert "this run starts a temporary one" in out and str(log_path()) in out
     assert read_state() is None
+
+
+@task(name="double-it")
+def double(value: int) -> int:
+    return 2 * value
+
+
+@flow
+def one_task_flow() -> int:
+    return double(21)
+
+
+def recorded_task_runs(api_url: str, flow_run: str, timeout: float = 30) -> list[str]:
+    """The names of the flow run's task runs once the server has recorded any (it does so from the
+    run's events, asynchronously), or none after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = httpx.post(f"{api_url}/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run]}}}).json()
+        if found or time.monotonic() > deadline:
+            return sorted(run["name"].rsplit("-", 1)[0] for run in found)
+        time.sleep(0.5)
 
 
 def healthy_api(api_url: str) -> bool:
