@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.backbones import build_backbone, load_backbone, load_checkpoint
+from tasks.backbones import SameConv, build_backbone, for_cpu_inference, load_backbone, load_checkpoint
 from tasks.embedding import embed_sources
 from tasks.listing import InputFile
 from tests.images import camera_and_phone_files, save, truncated
@@ -104,6 +104,20 @@ def test_the_flow_module_does_not_load_the_model_libraries():
         [sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+def test_the_cpu_model_pads_inside_its_convolutions_and_embeds_as_built():
+    from timm.layers import Conv2dSame
+
+    built = build_backbone("efficientnet-lite0", 32, 1).eval()
+    fast = for_cpu_inference(built)
+    kinds = [type(module) for module in fast.modules()]
+    assert Conv2dSame not in kinds and kinds.count(SameConv) == 5  # the stem and 4 strided depthwise convs
+    # SAME pads both sides alike at odd sizes, one side more at even ones
+    for size in (63, 64, 97):
+        x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.inference_mode():
+            assert torch.allclose(fast(x.contiguous(memory_format=torch.channels_last)), built(x), atol=1e-4)
 
 
 def test_seeded_backbones_built_at_once_in_threads_are_identical():
