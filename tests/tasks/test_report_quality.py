@@ -42,7 +42,8 @@ def clusters(sizes: list[int], d: int = 8, spread: float = 0.05, seed: int = 0) 
 def test_a_selection_with_one_sample_per_class_beats_random_picks_of_imbalanced_classes():
     x, labels = clusters([500] + [20] * 9)
     one_each = np.array([np.flatnonzero(labels == c)[0] for c in range(10)])
-    result = probe_budget(x, labels, one_each, np.arange(len(x)), seed=0)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    result = probe_budget(unit, labels, one_each, np.arange(len(x)), seed=0)
     # random picks of 10 come mostly from the large class and miss most small ones
     assert result["selection"] == 1.0 and result["n_samples"] == 10 and len(result["random"]) == 5
     assert max(result["random"]) < 0.95 and result["random_std"] > 0
