@@ -142,10 +142,12 @@ class SameConv(torch.nn.Conv2d):
     much, plus whole strides, and drops the outputs those strides add."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from timm.layers.padding import get_same_padding  # loaded with the model (see _efficientnet_lite0)
+
         padding, kept = [], []
         for size, kernel, stride, dilation in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
             outputs = -(-size // stride)
-            total = max((outputs - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+            total = get_same_padding(size, kernel, stride, dilation)
             before, after = total // 2, total - total // 2
             dropped = -(-(after - before) // stride)
             padding.append(before + stride * dropped)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import mimetypes
 
 import jinja2
 import yaml
@@ -16,11 +17,10 @@ from tasks.storage import atomic_target, describe, is_local, read_bytes
 ARTIFACT_PREFIX = "thresher-report"
 
 
-MEDIA_TYPES = {".png": "image/png", ".jpg": "image/jpeg"}  # of the plot files (tasks/report/plots.py)
-
-
 def _data_uri(path: UPath) -> str:
-    return f"data:{MEDIA_TYPES[path.suffix]};base64," + base64.b64encode(read_bytes(path)).decode("ascii")
+    """A plot file (PNG or JPEG, tasks/report/plots.py) as a data URI of its media type."""
+    media_type, _ = mimetypes.guess_type(path.name)
+    return f"data:{media_type};base64," + base64.b64encode(read_bytes(path)).decode("ascii")
 
 
 def _number(value: float | int | None, digits: int = 3) -> str:
