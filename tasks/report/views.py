@@ -126,6 +126,16 @@ def umap_2d(points: np.ndarray, k: int, seed: int, pca: np.ndarray, previous: np
     return model.fit_transform(points).astype(np.float32)
 
 
+def umaps_2d(
+    points: np.ndarray, neighbours: dict[str, int], seed: int, pca: np.ndarray, previous: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """`umap_2d` of the points for each view at its k, one after another, each continuing its
+    `previous` layout if it has one. One task for all: its process imports umap once (numba,
+    pynndescent, scikit-learn: 2 s of CPU), where a task per view paid that in two or three worker
+    processes while the report's numbers needed the same cores."""
+    return {view: umap_2d(points, k, seed, pca, previous.get(view)) for view, k in neighbours.items()}
+
+
 _UMAP_IMPORT = threading.Lock()
 
 
@@ -184,7 +194,7 @@ class PendingViews:
     n_points: int
     umap_points: int
     neighbours: dict[str, tuple[int, int]]  # view key -> (k asked for, k used)
-    xy: dict[str, np.ndarray | Future]
+    xy: dict[str, np.ndarray]  # the PCA, or every view when they came from the cache
     continued: dict[str, int]  # view key -> points that kept their place from the previous layout
     cache: ReportCache
     key: str | None = (
@@ -192,9 +202,10 @@ class PendingViews:
     )
     layout: str | None = None  # the name of the dataset's latest layout in the cache
     ids: np.ndarray | None = None  # point_ids of the UMAP points
+    umaps: Future | None = None  # the running `umaps_2d`, when there is one
 
     def result(self) -> list[dict]:
-        xy = {key: value.result() if isinstance(value, Future) else value for key, value in self.xy.items()}
+        xy = self.xy | (self.umaps.result() if self.umaps is not None else {})
         if self.key is not None:
             self.cache.store_arrays(
                 self.key, xy | {"continued": np.array([self.continued[v] for v in self.neighbours])}
@@ -221,7 +232,7 @@ def start_embedding_views(
     dataset: str = "",
 ) -> PendingViews:
     """PCA of the scatter points, and UMAP at each k of UMAP_NEIGHBOURS on their first UMAP_POINTS
-    started side by side on `executor`; from the cache when it holds the projections of the same
+    started on `executor` (`umaps_2d`); from the cache when it holds the projections of the same
     points. With a cache, each UMAP continues the latest layout of `dataset` (see ReportCache.previous_layout),
     so that successive runs over a growing dataset show it alike, at a quarter of the cost."""
     n = len(points)
@@ -234,17 +245,17 @@ def start_embedding_views(
     if stored is not None:
         continued = dict(zip(neighbours, stored.pop("continued").tolist()))
         return PendingViews(n, umap_n, neighbours, stored, continued, cache)
-    xy: dict[str, np.ndarray | Future] = {"pca": pca_2d(points)}
+    xy = {"pca": pca_2d(points)}
     layout = content_key("layout", dataset, seed) if cache.root and neighbours else None
     ids = point_ids(points[:umap_n]) if layout else None
     previous = cache.previous_layout(layout, ids) if layout else {}
     start = xy["pca"] if umap_n == n else pca_2d(points[:umap_n])
-    for view, (_, used) in neighbours.items():
-        xy[view] = executor.submit(umap_2d, points[:umap_n], used, seed, start, previous.get(view))
+    used = {view: k for view, (_, k) in neighbours.items()}
+    umaps = executor.submit(umaps_2d, points[:umap_n], used, seed, start, previous) if used else None
     continued = {
         view: int(np.count_nonzero(~np.isnan(previous[view][:, 0]))) if view in previous else 0 for view in neighbours
     }
-    return PendingViews(n, umap_n, neighbours, xy, continued, cache, key, layout, ids)
+    return PendingViews(n, umap_n, neighbours, xy, continued, cache, key, layout, ids, umaps)
 
 
 @dataclass

@@ -320,7 +320,7 @@ def test_on_a_cluster_the_report_is_the_same_as_in_one_process(inputs, run, tmp_
     assert {key: report[key] for key in REUSED} == {key: data["report"][key] for key in REUSED}
     assert _pngs(tmp_path / "cluster") == _pngs(run_dir)
     ran = [key_split(task["key"]) for task in stream.data]
-    assert ran.count("umap_2d") == 3 and ran.count("plot_scatter") == 8 and ran.count("plot_pair") == 4
+    assert ran.count("umaps_2d") == 1 and ran.count("plot_scatter") == 8 and ran.count("plot_pair") == 4
 
 
 def test_views_started_before_the_selection_give_the_same_report(inputs, run, tmp_path):
