@@ -12,10 +12,11 @@ the selected samples and on each of PROBE_SEEDS uniform random subsets of the sa
 on the evaluation samples outside its training set. The evaluation samples are all candidates, or a
 seeded sample of EVAL_ROWS of them at scale. A training set of one class predicts that class.
 Budgets: the run's k, the prefixes k/8, k/4 and k/2 of the selection order (what a smaller
-`n_samples` would have picked for a greedy method), and 2k and 4k (at most N/2) from re-running the
-run's method, seed and `min_distance` with more samples (the datapool counting as selected), when
-that is cheap (N x their sum x d <= RERUN_COST) and the run selected single samples, not video
-sequences. The probe trains on this run's samples only, not on the datapool's.
+`n_samples` would have picked for a greedy method), and 2k and 4k (at most N/2) from selecting more
+with the run's method, seed and `min_distance` (the datapool counting as selected; a greedy method
+goes on from the run's picks), when that is cheap (N x their sum x d <= RERUN_COST) and the run
+selected single samples, not video sequences. The probe trains on this run's samples only, not on
+the datapool's.
 
 Label-free measures, for the selection and the same random subsets, each with the datapool's
 samples counted as selected: over query samples (all candidates, or a seeded sample of at most
@@ -166,17 +167,24 @@ def probe_budgets(k: int, n: int, d: int, sequences: bool) -> tuple[list[int], l
     return smaller, larger
 
 
-def rerun(vectors: np.ndarray, budgets: list[int], run: RunSelection) -> dict[int, np.ndarray]:
-    """The run's method selecting the largest budget afresh, once: a greedy selection of any smaller
-    size is a prefix of it (and a prefix of a random subset is a random subset). A budget that
-    `min_distance` stops short of is left out, and all are for a selection by strategies (selecting
-    again would read their inputs again)."""
+def rerun(vectors: np.ndarray, chosen: np.ndarray, budgets: list[int], run: RunSelection) -> dict[int, np.ndarray]:
+    """The run's method selecting the largest budget, once: a greedy selection of any smaller size
+    is a prefix of it (and a prefix of a random subset is a random subset). A greedy method
+    continues from the run's picks (`chosen`), which it would pick first again, so only the picks
+    beyond them are computed: at 4,000 x 1,280 and twice the run's 1,200, 0.63 s instead of 1.0 to
+    1.2 s, the same rows. A budget that `min_distance` stops short of is left out, and all are for
+    a selection by strategies (selecting again would read their inputs again)."""
     if not budgets or run.options.form is not None:
         return {}
-    options = run.options
-    picks = select(
-        vectors, options.method, max(budgets), options.min_distance, run.centers, options.seed, options.device
-    ).indices
+    options, largest = run.options, max(budgets)
+    if options.method == "random":
+        picks = select(vectors, "random", largest, None, run.centers, options.seed, options.device).indices
+    else:
+        earlier = vectors[chosen] if run.centers is None else np.vstack([run.centers, vectors[chosen]])
+        more = select(
+            vectors, options.method, largest - len(chosen), options.min_distance, earlier, options.seed, options.device
+        ).indices
+        picks = np.concatenate([chosen, more])
     return {budget: picks[:budget] for budget in budgets if budget <= len(picks)}
 
 
@@ -186,7 +194,7 @@ def probe_comparison(vectors: np.ndarray, labels: np.ndarray, chosen: np.ndarray
     smaller, larger = probe_budgets(len(chosen), n, d, run.options.sequence_length > 1)
     eval_rows = _sample(n, EVAL_ROWS, run.options.seed, 1)
     trained = [(budget, chosen[:budget], "prefix") for budget in smaller] + [(len(chosen), chosen, "run")]
-    trained += [(budget, rows, "re-run") for budget, rows in rerun(vectors, larger, run).items()]
+    trained += [(budget, rows, "re-run") for budget, rows in rerun(vectors, chosen, larger, run).items()]
     unit = _unit(vectors)  # once, not for every fit and score: 0.25-0.4 s of 4 s at 4,000 x 1,280
     budgets = []
     for _, rows, source in trained:

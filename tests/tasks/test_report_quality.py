@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
+import tasks.report.quality
 from tasks.report.advice import calibrate_min_distance, how_many, lower_bounds
-from tasks.report.quality import RunSelection, label_free, probe_budget, probe_comparison
+from tasks.report.quality import RunSelection, label_free, probe_budget, probe_comparison, rerun
 from tasks.selection.methods import select
 from tasks.selection.tasks import SelectOptions
 
@@ -60,6 +61,24 @@ def test_the_probe_runs_at_smaller_budgets_as_prefixes_and_at_larger_ones_by_sel
     assert budgets == [(5, "prefix"), (10, "prefix"), (20, "prefix"), (40, "run"), (80, "re-run"), (160, "re-run")]
     assert comparison["n_classes"] == 3 and comparison["eval_exact"] and comparison["n_eval"] == len(x)
     assert all(0.0 <= b["selection"] <= 1.0 and len(b["random"]) == 5 for b in comparison["budgets"])
+
+
+@pytest.mark.parametrize("method", ["coreset", "typical_coreset"])
+@pytest.mark.parametrize("datapool", [False, True])
+def test_the_larger_budgets_go_on_from_the_run_s_picks_and_equal_a_selection_afresh(method, datapool, monkeypatch):
+    x, _ = clusters([150, 150, 150], d=6, spread=1.0, seed=2)
+    centers = x[::50] + 0.5 if datapool else None
+    chosen = select(x, method, 40, None, centers, seed=3).indices
+    run = RunSelection(SelectOptions(method, 40, None, True, 3, "cpu", 1), centers)
+    asked, original = [], tasks.report.quality.select
+    monkeypatch.setattr(
+        tasks.report.quality, "select", lambda v, m, n, *rest: asked.append(n) or original(v, m, n, *rest)
+    )
+    picks = rerun(x, chosen, [80, 160], run)
+    afresh = select(x, method, 160, None, centers, seed=3).indices
+    assert asked == [120]  # only the picks beyond the run's 40
+    np.testing.assert_array_equal(picks[160], afresh)
+    np.testing.assert_array_equal(picks[80], afresh[:80])
 
 
 @pytest.mark.parametrize("seed", range(4))
