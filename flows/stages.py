@@ -352,11 +352,13 @@ def start_report_views(run: Run, centers: UPath | None, replacing: Future | None
     while the flow writes, updates the pool and computes the report's numbers. Not during the
     selection: its BLAS threads and the projections on the same cores slowed it 5 to 20 times at
     4,000 samples on two cores. Not while this run's workers are being replaced: the report starts
-    them then, on the new ones."""
+    them then, on the new ones. On a run's own new workers the UMAPs run in one task, on a warm
+    cluster's side by side (see tasks.report.views.start_embedding_views)."""
     if replacing is not None:
         return None
     vectors = load_embeddings(run.embeddings_path, run.config.normalize_embeddings)[2]
-    return start_views(vectors, report_settings(run.config), centers, run.cache, cluster_executor())
+    settings = report_settings(run.config)
+    return start_views(vectors, settings, centers, run.cache, cluster_executor(), spread=not run.plan.own_workers)
 
 
 def select(run: Run, log: RunLog, centers: UPath | None) -> dict:

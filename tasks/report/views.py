@@ -130,9 +130,7 @@ def umaps_2d(
     points: np.ndarray, neighbours: dict[str, int], seed: int, pca: np.ndarray, previous: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
     """`umap_2d` of the points for each view at its k, one after another, each continuing its
-    `previous` layout if it has one. One task for all: its process imports umap once (numba,
-    pynndescent, scikit-learn: 2 s of CPU), where a task per view paid that in two or three worker
-    processes while the report's numbers needed the same cores."""
+    `previous` layout if it has one."""
     return {view: umap_2d(points, k, seed, pca, previous.get(view)) for view, k in neighbours.items()}
 
 
@@ -202,10 +200,12 @@ class PendingViews:
     )
     layout: str | None = None  # the name of the dataset's latest layout in the cache
     ids: np.ndarray | None = None  # point_ids of the UMAP points
-    umaps: Future | None = None  # the running `umaps_2d`, when there is one
+    umaps: tuple[Future, ...] = ()  # the running `umaps_2d` tasks
 
     def result(self) -> list[dict]:
-        xy = self.xy | (self.umaps.result() if self.umaps is not None else {})
+        xy = dict(self.xy)
+        for umaps in self.umaps:
+            xy |= umaps.result()
         if self.key is not None:
             self.cache.store_arrays(
                 self.key, xy | {"continued": np.array([self.continued[v] for v in self.neighbours])}
@@ -230,11 +230,20 @@ def start_embedding_views(
     cache: ReportCache = ReportCache(),
     executor: Executor = InProcess(),
     dataset: str = "",
+    spread: bool = False,
 ) -> PendingViews:
     """PCA of the scatter points, and UMAP at each k of UMAP_NEIGHBOURS on their first UMAP_POINTS
-    started on `executor` (`umaps_2d`); from the cache when it holds the projections of the same
-    points. With a cache, each UMAP continues the latest layout of `dataset` (see ReportCache.previous_layout),
-    so that successive runs over a growing dataset show it alike, at a quarter of the cost."""
+    started on `executor`; from the cache when it holds the projections of the same points.
+
+    The UMAPs run in one task, one after another: its worker imports umap once (numba, pynndescent,
+    scikit-learn: 2 s of CPU), where a task per view paid that in two or three workers of a new
+    cluster while the report's numbers needed the same cores (a cold 4,000-photo run's report took
+    0.6 s longer on 2 cores). With `spread`, for a warm cluster whose workers keep umap imported
+    from run to run, they run side by side, a task per view.
+
+    With a cache, each UMAP continues the latest layout of `dataset` (see
+    ReportCache.previous_layout), so that successive runs over a growing dataset show it alike, at a
+    quarter of the cost."""
     n = len(points)
     umap_n = min(n, UMAP_POINTS)
     if n < 2:
@@ -251,7 +260,8 @@ def start_embedding_views(
     previous = cache.previous_layout(layout, ids) if layout else {}
     start = xy["pca"] if umap_n == n else pca_2d(points[:umap_n])
     used = {view: k for view, (_, k) in neighbours.items()}
-    umaps = executor.submit(umaps_2d, points[:umap_n], used, seed, start, previous) if used else None
+    groups = [{view: k} for view, k in used.items()] if spread else [used]
+    umaps = tuple(executor.submit(umaps_2d, points[:umap_n], group, seed, start, previous) for group in groups if group)
     continued = {
         view: int(np.count_nonzero(~np.isnan(previous[view][:, 0]))) if view in previous else 0 for view in neighbours
     }
@@ -282,11 +292,12 @@ def start_views(
     datapool_embeddings_path: UPath | None = None,
     cache_dir: UPath | None = None,
     executor: Executor = InProcess(),
+    spread: bool = False,
 ) -> StartedViews | None:
     """Start the projections of the views of this run's samples (`vectors`, normalized as the
-    report's numbers are) among the datapool's, on `executor`. They need only the embeddings, so a
-    flow starts them before it selects. None for a run with no samples of its own (nothing new for
-    the datapool): it has nothing to show there."""
+    report's numbers are) among the datapool's, on `executor` (`spread`: see start_embedding_views).
+    They need only the embeddings, so a flow starts them before it selects. None for a run with no
+    samples of its own (nothing new for the datapool): it has nothing to show there."""
     if not len(vectors):
         return None
     datapool = load_embeddings(datapool_embeddings_path, settings.normalize)[2] if datapool_embeddings_path else None
@@ -297,5 +308,7 @@ def start_views(
         rows,
         len(vectors),
         n_total,
-        start_embedding_views(points, settings.seed, ReportCache.under(cache_dir), executor, settings.input_dir),
+        start_embedding_views(
+            points, settings.seed, ReportCache.under(cache_dir), executor, settings.input_dir, spread
+        ),
     )

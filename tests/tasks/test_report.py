@@ -323,6 +323,27 @@ def test_on_a_cluster_the_report_is_the_same_as_in_one_process(inputs, run, tmp_
     assert ran.count("umaps_2d") == 1 and ran.count("plot_scatter") == 8 and ran.count("plot_pair") == 4
 
 
+def test_on_a_warm_cluster_the_umaps_run_side_by_side_and_give_the_same_views(inputs):
+    """A service's workers keep umap imported from run to run: a task per view there, one task on new workers."""
+    normalized = load_embeddings(inputs["embeddings_path"], normalize=True)[2]
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+        get_task_stream(client) as stream,
+    ):
+        spread = start_views(normalized, inputs["settings"], executor=client.get_executor(pure=False), spread=True)
+        side_by_side = spread.pending.result()
+    together = start_views(normalized, inputs["settings"]).pending.result()
+    assert [key_split(task["key"]) for task in stream.data].count("umaps_2d") == 3
+    assert (
+        [view["key"] for view in side_by_side]
+        == [view["key"] for view in together]
+        == ["pca", "umap_k_5", "umap_k_15", "umap_k_50"]
+    )
+    for ours, theirs in zip(side_by_side, together):
+        np.testing.assert_array_equal(ours["xy"], theirs["xy"])
+
+
 def test_views_started_before_the_selection_give_the_same_report(inputs, run, tmp_path):
     """The flow's way: it starts the projections from the embeddings alone, before selecting."""
     normalized = load_embeddings(inputs["embeddings_path"], normalize=True)[2]
