@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from dask.utils import key_split
 from distributed import Client
 
 from flows.cli import main
@@ -129,32 +130,39 @@ def test_a_worker_killed_mid_run_is_retried_to_the_same_result(clean_run, tmp_pa
     source, clean = clean_run
     shared = tmp_path / "shared"
     killed: list[int] = []
+    ended = threading.Event()
 
-    def kill_a_busy_worker_once_embedding_starts() -> None:
+    def kill_a_busy_worker_once_embedding_starts(client: Client) -> None:
         wait_for(lambda: any((shared / ".thresher-cache" / "check-embed").glob("*.parquet")))
-        with Client(dask_address) as client:
-            busy = [worker for worker, tasks in client.processing().items() if tasks]
-            if busy:  # else the run has moved past its shard tasks already, and the test fails below
+        # Until the run ends; the test fails below if no worker was busy with a shard meanwhile.
+        while not ended.is_set():
+            processing = client.processing().items()
+            busy = [worker for worker, keys in processing if any(key_split(k) == "check_embed_pieces" for k in keys)]
+            if busy:
                 pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
                 os.kill(pid, signal.SIGKILL)  # mid-shard; the nanny starts a new worker process
                 killed.append(pid)
+                return
+            time.sleep(0.01)
 
-    killer = threading.Thread(target=kill_a_busy_worker_once_embedding_starts, daemon=True)
-    killer.start()
-    assert (
-        main(
-            [
-                "run",
-                f"dask.address={dask_address}",
-                f"input_dir={source}",
-                f"output_dir={tmp_path / 'out'}",
-                f"shared_dir={shared}",
-                *OPTIONS,
-            ]
-        )
-        == 0
-    )
-    killer.join(timeout=60)
+    run = [
+        "run",
+        f"dask.address={dask_address}",
+        f"input_dir={source}",
+        f"output_dir={tmp_path / 'out'}",
+        f"shared_dir={shared}",
+        *OPTIONS,
+    ]
+    # Connected before the run, and polling: the shard tasks of 13 files are short, and a client
+    # that connected once the first result was written once found none left.
+    with Client(dask_address) as client:
+        killer = threading.Thread(target=kill_a_busy_worker_once_embedding_starts, args=(client,), daemon=True)
+        killer.start()
+        try:
+            assert main(run) == 0
+        finally:
+            ended.set()
+            killer.join(timeout=60)
     assert killed, "no worker was busy with a shard to kill"
     assert_same_outputs(tmp_path / "out" / "run", clean)
 
