@@ -261,7 +261,11 @@ def start_embedding_views(
     start = xy["pca"] if umap_n == n else pca_2d(points[:umap_n])
     used = {view: k for view, (_, k) in neighbours.items()}
     groups = [{view: k} for view, k in used.items()] if spread else [used]
-    umaps = tuple(executor.submit(umaps_2d, points[:umap_n], group, seed, start, previous) for group in groups if group)
+    umaps = tuple(
+        executor.submit(umaps_2d, points[:umap_n], group, seed, start, {v: previous[v] for v in group if v in previous})
+        for group in groups
+        if group
+    )
     continued = {
         view: int(np.count_nonzero(~np.isnan(previous[view][:, 0]))) if view in previous else 0 for view in neighbours
     }
