@@ -35,7 +35,7 @@ from tasks.report.plots import COLOURS, plot_pair
 from tasks.report.previews import Thumbnails
 from tasks.report.render import artifacts
 from tasks.report.settings import PACKAGE, InProcess, ReportInputs
-from tasks.report.views import pca_2d, start_views, umap_2d
+from tasks.report.views import pca_2d, start_views, umap_2d, umaps_2d
 from tasks.selection.tasks import SelectOptions, select_samples, selected_filenames
 from tasks.storage import write_parquet
 from tests.images import picture, save, truncated
@@ -550,6 +550,18 @@ def test_a_continued_umap_keeps_the_old_points_in_place():
     assert procrustes(first, continued[:300])[2] < procrustes(first, afresh[:300])[2] / 4
 
 
+def test_the_views_share_one_neighbour_search_and_are_the_umaps_of_their_own_k(monkeypatch):
+    rng = np.random.default_rng(4)
+    points = (rng.normal(size=(8, 16))[rng.integers(0, 8, 400)] + 0.3 * rng.normal(size=(400, 16))).astype(np.float32)
+    pca = pca_2d(points)
+    original, searched = tasks.report.views._knn, []
+    monkeypatch.setattr(tasks.report.views, "_knn", lambda points, k: searched.append(k) or original(points, k))
+    together = umaps_2d(points, {"umap_k_5": 5, "umap_k_15": 15}, 0, pca, {}, nearest=50)
+    assert searched == [50]
+    for view, k in (("umap_k_5", 5), ("umap_k_15", 15)):
+        np.testing.assert_array_equal(together[view], umap_2d(points, k, 0, pca))
+
+
 # A fresh process runs one UMAP and reports how often, meanwhile, numba found umap's compiled
 # functions in its cache and how often it compiled them (umap compiles a few at its import).
 UMAP_IN_A_NEW_PROCESS = """
@@ -605,8 +617,8 @@ def _umap_starts(monkeypatch) -> list[bool]:
     monkeypatch.setattr(
         tasks.report.views,
         "umap_2d",
-        lambda points, k, seed, pca, previous=None: (
-            starts.append(previous is not None) or original(points, k, seed, pca, previous)
+        lambda points, k, seed, pca, previous=None, knn=None: (
+            starts.append(previous is not None) or original(points, k, seed, pca, previous, knn)
         ),
     )
     return starts
