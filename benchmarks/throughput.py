@@ -15,7 +15,7 @@ and colour shifts, so none is a duplicate), then measures:
   by this checkout and, with --baseline, by another checkout (its own .venv), alternately, in
   rounds (--repeat), the ceiling measured again at the start of each round;
   per run: the wall time, the time until its first console line, the console's line count,
-  report.json's stage rates, the check + embed rate against the ceiling, and the whole run's
+  report.json's stage rates, the report's own time, the check + embed rate against the ceiling, and the whole run's
   images/s. The Prefect server is whatever a user's run gets (PREFECT_API_URL is unset).
 
     uv run python -m benchmarks.throughput --n 4000 --baseline /work/base
@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -186,9 +187,12 @@ def cold_run(code: Path, input_dir: Path, work: Path, name: str) -> dict:
     code_ = process.wait()
     wall = time.perf_counter() - start
     assert code_ == 0, f"{name}: thresher run exited {code_}"
-    report = json.loads((out / "run" / "report.json").read_text())
+    path = out / "run" / "report.json"
+    report = json.loads(path.read_text())
     stages = {s["stage"]: s for s in report["stages"]}
-    return {"wall": wall, "first_line": first, "lines": lines, "stages": stages}
+    # The job's end is the report's start; report.json is the report's last file.
+    report_seconds = path.stat().st_mtime - datetime.fromisoformat(report["job"]["finished"]).timestamp()
+    return {"wall": wall, "first_line": first, "lines": lines, "stages": stages, "report": report_seconds}
 
 
 MINIMAL = """
@@ -235,6 +239,7 @@ def show(name: str, run: dict, n: int, top: dict[str, float]) -> None:
     print(f"  first console line after {run['first_line']:.1f} s; {run['lines']} console lines")
     for stage, row in run["stages"].items():
         print(f"  {stage:<16} {row['seconds']:8.2f} s  {row.get('items_per_second') or 0:8.1f} items/s")
+    print(f"  report               {run['report']:.2f} s")
     print(f"  stages' sum {sum(r['seconds'] for r in run['stages'].values()):.1f} s; the rest (start, report, end)")
     print(
         f"  check + embed: {rate:.1f} images/s = {rate / top['ceiling']:.2f} x the ceiling, "
