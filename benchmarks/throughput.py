@@ -15,8 +15,9 @@ and colour shifts, so none is a duplicate), then measures:
   by this checkout and, with --baseline, by another checkout (its own .venv), alternately, in
   rounds (--repeat), the ceiling measured again at the start of each round;
   per run: the wall time, the time until its first console line, the console's line count,
-  report.json's stage rates, the report's own time, the check + embed rate against the ceiling, and the whole run's
-  images/s. The Prefect server is whatever a user's run gets (PREFECT_API_URL is unset).
+  report.json's stage rates, the report's own time, the check + embed rate against the ceiling,
+  and the whole run's images/s. The Prefect server is whatever a user's run gets (PREFECT_API_URL
+  is unset).
 
     uv run python -m benchmarks.throughput --n 4000 --baseline /work/base
 
@@ -239,7 +240,7 @@ def show(name: str, run: dict, n: int, top: dict[str, float]) -> None:
     print(f"  first console line after {run['first_line']:.1f} s; {run['lines']} console lines")
     for stage, row in run["stages"].items():
         print(f"  {stage:<16} {row['seconds']:8.2f} s  {row.get('items_per_second') or 0:8.1f} items/s")
-    print(f"  report               {run['report']:.2f} s")
+    print(f"  {'report':<16} {run['report']:8.2f} s")
     print(f"  stages' sum {sum(r['seconds'] for r in run['stages'].values()):.1f} s; the rest (start, report, end)")
     print(
         f"  check + embed: {rate:.1f} images/s = {rate / top['ceiling']:.2f} x the ceiling, "
