@@ -30,7 +30,7 @@ from distributed.utils import import_term
 from prefect_dask import DaskTaskRunner
 
 from flows.config import ThresherConfig
-from flows.worker_server import LEFT_OUT_OF_WORKER_ENVIRON, start_worker_server
+from flows.worker_server import LEFT_OUT_OF_WORKER_ENVIRON, WORKER_IMPORTS, start_worker_server
 
 SPEC_DIR = Path(__file__).parent / "clusters"
 WORKER_SETUP = "flows.worker_setup"  # the preload module of the workers a run starts
@@ -79,8 +79,14 @@ class ClusterPlan:
         # The workers go without some of the environment Dask's nannies give them (see
         # LEFT_OUT_OF_WORKER_ENVIRON). The worker processes this run starts end fast
         # (flows/worker_setup.py); never the run's own process, which holds the workers of
-        # dask.cluster=local-threads.
-        preload = [name for name in dask.config.get("distributed.worker.preload", []) if name != WORKER_SETUP]
+        # dask.cluster=local-threads. Nor do they preload the service workers' imports (a setting of
+        # infra/dask.yaml): they have what the server imported, and the report's libraries would
+        # delay their start.
+        preload = [
+            name
+            for name in dask.config.get("distributed.worker.preload", [])
+            if name not in (WORKER_SETUP, WORKER_IMPORTS)
+        ]
         dask.config.set(
             {
                 **{f"distributed.nanny.pre-spawn-environ.{name}": None for name in LEFT_OUT_OF_WORKER_ENVIRON},

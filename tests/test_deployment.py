@@ -3,6 +3,7 @@
 `deployments/prefect.yaml`, and runs started with `prefect deployment run --param ...`; the
 services read infra/dask.yaml, as the image's do."""
 
+import gc
 import json
 import os
 import re
@@ -125,13 +126,17 @@ def service(tmp_path_factory):
         logs.close()
 
 
-def test_the_services_workers_run_without_dasks_profiler_and_malloc_trimming(service):
-    def state(dask_worker) -> tuple[bool, str | None]:  # Client.run passes the worker by name
-        return "profile" in dask_worker.periodic_callbacks, os.environ.get("MALLOC_TRIM_THRESHOLD_")
+def test_the_services_workers_preload_their_libraries_frozen_without_dasks_profiler_and_malloc_trimming(service):
+    def state(dask_worker) -> tuple[bool, str | None, bool]:  # Client.run passes the worker by name
+        # The stages' and the report's libraries imported before the first task, and frozen out of
+        # the collector's passes, which run again (flows/worker_imports.py).
+        imported = all(name in sys.modules for name in ("timm", "tasks.one_pass", "matplotlib", "umap"))
+        frozen = imported and gc.get_freeze_count() > 100_000 and gc.isenabled()
+        return "profile" in dask_worker.periodic_callbacks, os.environ.get("MALLOC_TRIM_THRESHOLD_"), frozen
 
     with Client(service["env"]["THRESHER_DASK_ADDRESS"], timeout="30s") as client:
         client.wait_for_workers(2, timeout=60)
-        assert list(client.run(state).values()) == [(False, None)] * 2
+        assert list(client.run(state).values()) == [(False, None, True)] * 2
 
 
 def _deployment_run(service, *params: str) -> dict:

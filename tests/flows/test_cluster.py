@@ -1,3 +1,4 @@
+import gc
 import os
 import sys
 
@@ -9,7 +10,7 @@ from flows.cluster import PROFILE_SETTING, WORKER_SETUP, cluster_plan, load_clus
 from flows.entry import starts_own_workers
 from flows.overrides import parse_overrides
 from flows.validation import validate_config
-from flows.worker_server import start_worker_server
+from flows.worker_server import WORKER_IMPORTS, start_worker_server
 
 
 def test_local_spec_is_one_single_threaded_process_per_core():
@@ -50,7 +51,9 @@ def test_the_fast_exit_preload_goes_to_worker_processes_only_and_keeps_the_users
         cluster_plan(validate_config(parse_overrides(keys))).task_runner()
         return dask.config.get("distributed.worker.preload")
 
-    with dask.config.set({"distributed.worker.preload": ["users.own"]}):
+    # The service workers' preload (infra/dask.yaml, which a run in the image reads too) is not the
+    # workers' of a run: they fork from a server that imported the stages.
+    with dask.config.set({"distributed.worker.preload": ["users.own", WORKER_IMPORTS]}):
         assert preloads() == ["users.own", WORKER_SETUP]
         assert preloads() == ["users.own", WORKER_SETUP]  # set once however many runs
         # The workers of local-threads are the run's own process, whose stderr must stay.
@@ -59,7 +62,10 @@ def test_the_fast_exit_preload_goes_to_worker_processes_only_and_keeps_the_users
 
 def worker_state(dask_worker: Worker) -> tuple[bool, str | None, str | None, bool]:
     print("a worker's log line", file=sys.stderr, flush=True)
-    imported = "timm" in sys.modules and "tasks.one_pass" in sys.modules
+    # The stages' modules, frozen out of the collector's passes, which run again (tasks/imports.py);
+    # not the report's libraries, which only its tasks import.
+    frozen = gc.get_freeze_count() > 100_000 and gc.isenabled()
+    imported = "timm" in sys.modules and "tasks.one_pass" in sys.modules and "umap" not in sys.modules and frozen
     profiled = "profile" in dask_worker.periodic_callbacks  # Client.run passes the worker by name
     return imported, os.environ.get("THRESHER_TEST_LATE"), os.environ.get("MALLOC_TRIM_THRESHOLD_"), profiled
 
