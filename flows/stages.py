@@ -46,6 +46,7 @@ from tasks.dumping import dump_names, dump_shard
 from tasks.embedding import embed_pieces, warm_model
 from tasks.embeddings_csv import read_embeddings_csv
 from tasks.gathering import from_embeddings_csv, gather_embeddings, load_embeddings
+from tasks.imports import frozen_imports
 from tasks.listing import InputFile, is_video, list_datasource, read_relevant_filenames
 from tasks.models import EmbedOptions, ModelSpec
 from tasks.one_pass import check_embed_pieces
@@ -99,11 +100,12 @@ def import_report_libraries() -> None:
     """Import the report's libraries in a thread, from the run's start: 2 to 4 s of this process's
     time, spent while it waits (for its workers to start, then to check and embed) rather than in
     the report, which every run ends with. The report imports them as before; a module this thread
-    is still importing makes it wait."""
+    is still importing makes it wait. They last the process's life (tasks/imports.py)."""
 
     def load() -> None:
-        for name in REPORT_LIBRARIES:
-            importlib.import_module(name)
+        with frozen_imports():
+            for name in REPORT_LIBRARIES:
+                importlib.import_module(name)
 
     threading.Thread(target=load, name="report-imports", daemon=True).start()
 
