@@ -6,7 +6,11 @@ figures compare the runs' own work, not process start-up. The workers get the se
 settings (infra/dask.yaml, which the image installs): with Dask's defaults instead (malloc
 trimming, statistical profiler), in 3 alternating invocations of 2,000 images and three +10%
 runs each, the first run took 1.12 to 1.33 times as long and the +10% runs 1.05 to 1.07 times
-(their mean). Prints wall times and ratios, and per run the part before the report
+(their mean). The same file has them preload the stages' and the report's libraries, kept out of
+the garbage collector's passes (flows/worker_imports.py): in two invocations alternating with two of
+222debb, which had not, the +10% runs took 2.6 and 2.9 s against 3.4 and 4.3 s, and the unchanged
+ones 0.8 s against 1.2 and 1.5 s (with fontTools below 4.68 as well, see pyproject.toml).
+Prints wall times and ratios, and per run the part before the report
 (report.json's job duration) and the rest: the report and the flow's own overhead.
 
 Two parts of that overhead were measured so, and are why flows/curate.py runs the pipeline as it
