@@ -74,4 +74,4 @@ def dask_setup(worker: Worker) -> None:
 
     with frozen_imports():
         importlib.import_module("tasks.report.plots")
-        import_umap()
+    import_umap()  # frozen as it imports
