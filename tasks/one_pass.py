@@ -3,9 +3,10 @@
 The check must decode an image fully to call it usable (tasks/decoding.py); that decode also gives
 the model its input, resized as the embedder resizes (tasks/embedding.py: preprocess), and a video
 frame's input comes from the decoder's scaler (embedder_input), as when embedding on its own.
-Threads decode the next files while the model embeds the last batch. A piece's table is its check
-table with an `embedding` column (null for an unusable sample): dedup reads the check's columns
-(decoding.read_checks) and gathering the embeddings of the samples left ok (tasks/gathering.py).
+Threads read and decode the next files ahead of the model (on a CPU, decoding and the model take
+turns: tasks/embedding.py, Turns). A piece's table is its check table with an `embedding` column
+(null for an unusable sample): dedup reads the check's columns (decoding.read_checks) and gathering
+the embeddings of the samples left ok (tasks/gathering.py).
 
 Duplicates are embedded too: one is known as such only once every piece is checked. That costs a
 model call per duplicate, against a decode saved for every file. The pass runs when the check
@@ -36,7 +37,7 @@ from prefect.cache_policies import NO_CACHE
 from upath import UPath
 
 from tasks.decoding import CheckOptions, check_table, check_threshold, found_row, inspect_image, source_extension
-from tasks.embedding import embed_inputs, embed_pieces_with, embedding_column, preprocess, read_ahead
+from tasks.embedding import Turns, embed_inputs, embed_pieces_with, embedding_column, preprocess, read_ahead
 from tasks.models import EmbedOptions, ModelSpec
 from tasks.sharding import Batch, Source
 from tasks.video.frames import embedder_input
@@ -48,7 +49,10 @@ if TYPE_CHECKING:
 Inspected = tuple[dict, np.ndarray | str]  # what the check found, and the model's input or why there is none
 
 
-def inspect_image_for_model(data: bytes, extension: str | None, check: CheckOptions, input_size: int) -> Inspected:
+def inspect_image_for_model(
+    data: bytes, extension: str | None, check: CheckOptions, input_size: int, turns: Turns
+) -> Inspected:
+    turns.wait()
     found, image = inspect_image(data, extension, check)
     return found, (found["error"] if image is None else preprocess(image, input_size))
 
@@ -66,11 +70,14 @@ def check_and_embed(
     assert check.full_decode, "one pass needs the check's full decode"
     frame = functools.partial(inspect_frame_for_model, threshold=check_threshold(check), input_size=embed.input_size)
     rows: list[dict] = []
+    turns = Turns()
 
     def read(source: Source) -> list[tuple[str, Inspected | str]] | Iterator[tuple[str, Inspected | str]]:
         extension = source_extension(source, check)
         size = embed.input_size
-        image = functools.partial(inspect_image_for_model, extension=extension, check=check, input_size=size)
+        image = functools.partial(
+            inspect_image_for_model, extension=extension, check=check, input_size=size, turns=turns
+        )
         return source.read(input_dir, image, frame, check.decode_timeout)
 
     def inputs(read_sources: Iterator[Iterable[tuple[str, Inspected | str]]]) -> Iterator[np.ndarray | str]:
@@ -82,7 +89,7 @@ def check_and_embed(
                 yield model_input
 
     with closing(read_ahead(read, sources, embed)) as read_sources:  # closed, its threads stop
-        vectors, errors, seconds = embed_inputs(inputs(read_sources), model, embed)
+        vectors, errors, seconds = embed_inputs(inputs(read_sources), model, embed, turns)
     return check_table(rows).append_column("embedding", embedding_column(vectors, errors)), seconds
 
 

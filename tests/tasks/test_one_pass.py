@@ -1,4 +1,5 @@
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from PIL import Image
 from upath import UPath
 
-from tasks import decoding, listing
+from tasks import backbones, decoding, listing
 from tasks.backbones import load_backbone
 from tasks.decoding import CHECK_SCHEMA, check_files, open_image, read_checks
 from tasks.embedding import embed_sources
@@ -75,6 +76,36 @@ def test_one_pass_reads_and_decodes_each_image_once(mixed, monkeypatch):
     check_and_embed(UPath(root), images, model, check_options(), embed_options())
     # every file is read once; all but the PNG named .jpg (refused from its header) are decoded once
     assert calls == {"read": len(images), "decode": len(images) - 1}
+
+
+@pytest.mark.parametrize("one_pass", [True, False], ids=["check and embed", "embed"])
+def test_images_are_not_decoded_while_the_model_computes_a_batch_on_the_cpu(mixed, monkeypatch, one_pass):
+    """The model and the decoding thread take turns (tasks.embedding.Turns). A decode may begin
+    just as a turn begins, but the thread starts no other: untaken, it decodes ahead meanwhile."""
+    root, sources = mixed
+    images = [s for s in sources if isinstance(s, InputFile)] * 4
+    spans: dict[str, list[tuple[float, float]]] = {"decode": [], "model": []}
+
+    def timed(name, function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spans[name].append((start, time.perf_counter()))
+
+        return wrapper
+
+    monkeypatch.setattr(decoding, "decode", timed("decode", decoding.decode))
+    monkeypatch.setattr(backbones, "forward", timed("model", backbones.forward))
+    model = load_backbone("efficientnet-lite0", 32, None, 1, "cpu")
+    if one_pass:
+        check_and_embed(UPath(root), images, model, check_options(), embed_options(batch_size=4))
+    else:
+        embed_sources(UPath(root), images, model, embed_options(batch_size=4))
+    assert len(spans["model"]) >= 5 and len(spans["decode"]) >= 20
+    begun = [sum(start < decode < end for decode, _ in spans["decode"]) for start, end in spans["model"]]
+    assert max(begun) <= 1, begun
 
 
 def test_a_decode_over_its_time_limit_is_left_behind_and_the_others_are_embedded(tmp_path):
