@@ -197,9 +197,8 @@ def cold_run(code: Path, input_dir: Path, work: Path, name: str) -> dict:
 
 
 MINIMAL = """
-import sys, time
+import sys
 from pathlib import Path
-start = time.perf_counter()
 import numpy as np, torch
 from PIL import Image
 from tasks.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
@@ -214,7 +213,6 @@ for path in paths:
 x = (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
 with torch.inference_mode():
     model(x / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-print(time.perf_counter() - start)
 """
 
 
