@@ -85,10 +85,9 @@ def preprocess(image: Image.Image, input_size: int) -> np.ndarray:
     return np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _image_input(data: bytes, options: EmbedOptions, turns: Turns | None = None) -> np.ndarray | str:
+def _image_input(data: bytes, options: EmbedOptions, turns: Turns) -> np.ndarray | str:
     least_size = None if options.full_decode else options.input_size
-    if turns is not None:
-        turns.wait()
+    turns.wait()
     try:
         image = open_image(data, options.max_pixels, timeout=options.decode_timeout, least_size=least_size)
         return preprocess(image, options.input_size)

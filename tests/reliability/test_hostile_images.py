@@ -3,6 +3,7 @@ and a whole run over the corpus accounts for every file."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -14,7 +15,7 @@ from PIL import Image
 
 from flows.cli import main
 from tasks.decoding import check_files, open_image
-from tasks.embedding import _image_input
+from tasks.embedding import Turns, _image_input
 from tasks.listing import InputFile, list_images
 from tasks.models import EmbedOptions
 from tests.images import picture, save
@@ -28,7 +29,8 @@ def load_image(path, max_pixels: int) -> Image.Image:
 
 def _load(input_dir, filename: str, options: EmbedOptions):
     """The embedder's input from a file, or why there is none, as the embed stage reads it."""
-    [(_, found)] = InputFile(filename, 0, 1, "0.0").read(input_dir, lambda data: _image_input(data, options), None)
+    image = functools.partial(_image_input, options=options, turns=Turns())
+    [(_, found)] = InputFile(filename, 0, 1, "0.0").read(input_dir, image, None)
     return found
 
 

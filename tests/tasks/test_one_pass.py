@@ -81,7 +81,8 @@ def test_one_pass_reads_and_decodes_each_image_once(mixed, monkeypatch):
 @pytest.mark.parametrize("one_pass", [True, False], ids=["check and embed", "embed"])
 def test_images_are_not_decoded_while_the_model_computes_a_batch_on_the_cpu(mixed, monkeypatch, one_pass):
     """The model and the decoding thread take turns (tasks.embedding.Turns). A decode may begin
-    just as a turn begins, but the thread starts no other: untaken, it decodes ahead meanwhile."""
+    just as the model's turn begins, but no other: without turns, the thread decodes the next
+    images meanwhile."""
     root, sources = mixed
     images = [s for s in sources if isinstance(s, InputFile)] * 4
     spans: dict[str, list[tuple[float, float]]] = {"decode": [], "model": []}
