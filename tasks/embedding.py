@@ -56,11 +56,12 @@ class Turns:
     the model computes a batch, rather than share the core with it. A task has a core of its own (a
     local cluster has a single-threaded worker per core, flows/cluster.py), and sliced on it by the
     system, each ran slower than alone: checking and embedding 1,000 photos on one core, the model
-    took 2.2 s, against 1.1 s with turns. The check + embed stage of a cold 4,000-photo run on 2
-    cores took 0.91 to 0.96 times as long with turns (benchmarks/throughput.py --baseline, 3
-    alternating rounds). Only the decode waits, not the file's read: a file from a bucket arrives
-    while the model computes. On a GPU the model takes no turn, and the cores decode while the
-    device computes."""
+    took 2.8 to 3.5 s, against 1.4 to 1.7 s with turns, and the photos went through at 234 against
+    268 images/s (benchmarks/turns.py, medians of 6 alternating rounds). The check + embed stage of
+    a cold 4,000-photo run on 2 cores took 0.91 to 0.96 times as long with turns
+    (benchmarks/throughput.py --baseline, 3 alternating rounds). Only the decode waits, not the
+    file's read: a file from a bucket arrives while the model computes. On a GPU the model takes no
+    turn, and the cores decode while the device computes."""
 
     def __init__(self) -> None:
         self._free = threading.Event()
